@@ -1,0 +1,213 @@
+"""Single-file checkpoints, and torchvision's Mask R-CNN state dicts.
+
+A project checkpoint is one ``torch.save`` file, readable with ``torch.load(weights_only=True)``:
+
+    {"format": "maskrcnn-ray/1", "model": state dict, "config": ModelConfig.to_dict(),
+     "categories": [{"id": int, "name": str}, ...]}   # class index k <-> categories[k - 1]
+
+A bare torchvision state dict (the COCO checkpoints' layout, old or new key names) is accepted
+too; its architecture and categories come from the caller, and as in torchvision its class
+index is the category id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+
+import torch
+
+from maskrcnn.config import ModelConfig, get_preset
+from maskrcnn.modeling import MaskRCNN, build_model
+from maskrcnn.storage import open_uri
+
+FORMAT = "maskrcnn-ray/1"
+# Layers whose shape depends on the number of classes: re-initialised when fine-tuning.
+CLASS_SPECIFIC = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with what to do about it."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: MaskRCNN
+    config: ModelConfig
+    # class index -> {"id": category id, "name": ...}; background (0) and unused indices absent
+    label_map: dict[int, dict]
+    model_hash: str
+    uri: str
+
+
+def convert_torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's legacy key names (its COCO checkpoints) -> the current layout, which is ours.
+
+    ``rpn.head.conv.weight`` -> ``rpn.head.conv.0.0.weight``, ``mask_head.mask_fcnN.*`` ->
+    ``mask_head.{N-1}.0.*``, ``fpn.inner_blocks.i.weight`` -> ``fpn.inner_blocks.i.0.weight``
+    (and layer_blocks); BatchNorm's ``num_batches_tracked`` counters are dropped (the trunk's
+    norm is frozen).
+    """
+    out = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        key = re.sub(r"^rpn\.head\.conv\.(weight|bias)$", r"rpn.head.conv.0.0.\1", key)
+        key = re.sub(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}", key)
+        key = re.sub(r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$", r"backbone.fpn.\1.\2.0.\3", key)
+        out[key] = value
+    return out
+
+
+def to_torchvision_state_dict(model: MaskRCNN) -> dict[str, torch.Tensor]:
+    """Our weights in torchvision's current layout: loads into ``maskrcnn_resnet50_fpn`` as is."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
+    try:
+        with open_uri(uri, "rb", storage_options=storage_options) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {uri} does not exist") from None
+    except Exception as exc:  # permission, network, bad bucket
+        raise CheckpointError(f"cannot read checkpoint {uri}: {type(exc).__name__}: {exc}") from None
+
+
+def read_checkpoint(uri: str, storage_options: dict | None = None) -> tuple[dict, str]:
+    """The raw checkpoint object and its content hash (``sha256:`` + 16 hex digits)."""
+    data = _read_bytes(uri, storage_options)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {uri} is not a readable PyTorch file ({type(exc).__name__}: {str(exc)[:200]}); "
+            "is it truncated or corrupt? Re-copy it, or point to a model.pt written by jobs.train"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {uri} holds a {type(obj).__name__}, not a checkpoint dict or a state dict")
+    return obj, digest
+
+
+def is_torchvision_state_dict(obj: dict) -> bool:
+    return "format" not in obj and any(str(k).startswith("backbone.body.") for k in obj)
+
+
+def num_classes_of(state: dict[str, torch.Tensor]) -> int:
+    weight = state.get("roi_heads.box_predictor.cls_score.weight")
+    if weight is None:
+        raise CheckpointError("state dict has no roi_heads.box_predictor.cls_score.weight: not a Mask R-CNN")
+    return int(weight.shape[0])
+
+
+def categories_from_coco(uri: str, storage_options: dict | None = None) -> list[dict]:
+    """The ``categories`` of a COCO JSON file: [{"id", "name"}], sorted by id."""
+    import json
+
+    try:
+        with open_uri(uri, "rb", storage_options=storage_options) as f:
+            data = json.load(f)
+        cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in data["categories"]]
+    except FileNotFoundError:
+        raise CheckpointError(f"categories file {uri} does not exist") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"categories file {uri} has no usable 'categories' list of {{id, name}}: {exc}") from None
+    return sorted(cats, key=lambda c: c["id"])
+
+
+def load_checkpoint(
+    uri: str,
+    *,
+    arch: str | None = None,
+    categories: list[dict] | None = None,
+    storage_options: dict | None = None,
+    config_overrides: dict | None = None,
+) -> LoadedCheckpoint:
+    """A ready model (eval mode, CPU) from a project checkpoint or a bare torchvision state dict.
+
+    ``config_overrides``: top-level ``ModelConfig`` sections to replace, e.g.
+    ``{"input": InputConfig(min_size=600)}`` or a changed ``roi_heads``.
+    """
+    obj, digest = read_checkpoint(uri, storage_options)
+    if is_torchvision_state_dict(obj):
+        if arch is None:
+            raise CheckpointError(
+                f"checkpoint {uri} is a bare torchvision state dict: name its architecture with --arch "
+                "(e.g. r50_fpn) and its classes with --categories (a COCO JSON)"
+            )
+        state = convert_torchvision_state_dict(obj)
+        config = get_preset(arch, num_classes=num_classes_of(state))
+        if categories is None:
+            raise CheckpointError(f"checkpoint {uri} is a bare torchvision state dict: name its classes with --categories (a COCO JSON)")
+        # torchvision's convention: the class index is the category id
+        label_map = {c["id"]: c for c in categories if 0 < c["id"] < config.num_classes}
+    elif obj.get("format") == FORMAT:
+        try:
+            config = ModelConfig.from_dict(obj["config"])
+            state = obj["model"]
+            cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in obj["categories"]]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {uri} is damaged: {exc}") from None
+        if arch is not None and arch != "auto":
+            preset = get_preset(arch)
+            if preset.backbone.name != config.backbone.name:
+                raise CheckpointError(
+                    f"checkpoint {uri} holds a {config.backbone.name} model, but --arch {arch} asks for {preset.backbone.name}; "
+                    "drop --arch (the checkpoint carries its own config)"
+                )
+        label_map = {k + 1: c for k, c in enumerate(cats)}
+        if len(cats) != config.num_classes - 1:
+            raise CheckpointError(f"checkpoint {uri} has {len(cats)} categories for {config.num_classes - 1} classes")
+    else:
+        raise CheckpointError(
+            f"checkpoint {uri} is neither a {FORMAT} checkpoint nor a torchvision Mask R-CNN state dict "
+            f"(top-level keys: {sorted(map(str, obj))[:5]})"
+        )
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    model = build_model(config)
+    load_state(model, state, uri)
+    model.eval()
+    return LoadedCheckpoint(model=model, config=config, label_map=label_map, model_hash=digest, uri=uri)
+
+
+def load_state(model: MaskRCNN, state: dict[str, torch.Tensor], uri: str = "state dict", skip_class_specific: bool = False) -> None:
+    """Strict load, with an error that says which layers disagree and what to do."""
+    own = model.state_dict()
+    if skip_class_specific:
+        state = {k: v for k, v in state.items() if not k.startswith(CLASS_SPECIFIC)}
+    missing = [k for k in own if k not in state and not (skip_class_specific and k.startswith(CLASS_SPECIFIC))]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if mismatched and all(k.startswith(CLASS_SPECIFIC) for k in mismatched):
+        raise CheckpointError(
+            f"checkpoint {uri} is for {num_classes_of(state)} classes (background included) but the model has "
+            f"{own['roi_heads.box_predictor.cls_score.weight'].shape[0]}; to train on other classes, start from it with "
+            "jobs.train --weights (its class-specific layers are then re-initialised)"
+        )
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"checkpoint {uri} does not fit the model: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} of another shape (e.g. {mismatched[:3]}); "
+            "is --arch the architecture it was trained with?"
+        )
+    model.load_state_dict(state, strict=not skip_class_specific)
+
+
+def save_checkpoint(uri: str, model: MaskRCNN, config: ModelConfig, categories: list[dict], storage_options: dict | None = None) -> None:
+    """Writes the single-file checkpoint; ``categories[k-1]`` names class index k."""
+    if len(categories) != config.num_classes - 1:
+        raise ValueError(f"{len(categories)} categories for a model with {config.num_classes - 1} classes")
+    payload = {
+        "format": FORMAT,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": config.to_dict(),
+        "categories": [{"id": int(c["id"]), "name": str(c["name"])} for c in categories],
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with open_uri(uri, "wb", storage_options=storage_options) as f:
+        f.write(buffer.getvalue())

@@ -1,0 +1,188 @@
+"""The model's one typed config, and its named presets.
+
+Only the builder (``maskrcnn.modeling.build_model``) reads a ``ModelConfig``; every module takes
+plain arguments. A config round-trips through ``to_dict``/``from_dict`` so checkpoints carry it
+as plain data (``torch.load(weights_only=True)`` reads it back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class BackboneConfig:
+    # "resnet50", "resnet101", "resnext101_32x8d", or "small" (a narrow ResNet for CPU training)
+    name: str = "resnet50"
+    # ResNet stages (1..4 = res2..res5) that train; torchvision's default freezes stem and res2.
+    trainable_layers: int = 3
+    # "frozen_bn" (the paper and torchvision, for pretrained trunks), "bn", or "gn" (from scratch).
+    norm: str = "frozen_bn"
+    fpn_channels: int = 256
+    # Widths and depth of the "small" trunk (ignored by the torchvision trunks).
+    small_widths: tuple[int, int, int, int] = (16, 32, 64, 128)
+    small_blocks: tuple[int, int, int, int] = (1, 1, 1, 1)
+
+
+@dataclass
+class AnchorConfig:
+    # One size per FPN level (P2..P6), three aspect ratios (h/w) at every level.
+    sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+
+@dataclass
+class RPNConfig:
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    score_thresh: float = 0.0
+    min_size: float = 1e-3
+
+
+@dataclass
+class RoIHeadsConfig:
+    # RoI feature extraction: "align" (RoIAlign, bilinear, no quantization) or "pool" (RoIPool).
+    pooler_type: str = "align"
+    sampling_ratio: int = 2
+    # torchvision's (and so the COCO checkpoints') RoIAlign samples without the half-pixel shift;
+    # detectron2's ROIAlignV2 sets it. Keep False to match torchvision's outputs.
+    aligned: bool = False
+    box_resolution: int = 7
+    mask_resolution: int = 14
+    # A proposal is positive (and gets a mask loss) at IoU >= fg_iou_thresh with a ground truth.
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    representation_size: int = 1024
+    # Inference
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+
+@dataclass
+class MaskHeadConfig:
+    enabled: bool = True
+    # "fcn": 4 x (3x3 conv, 256) + 2x deconv + 1x1 conv to 28x28 per-class masks.
+    head_type: str = "fcn"
+    conv_layers: tuple[int, ...] = (256, 256, 256, 256)
+    dilation: int = 1
+    # "sigmoid": per-class binary masks (the paper's default); "softmax": multinomial across classes.
+    loss_type: str = "sigmoid"
+    class_agnostic: bool = False
+
+
+@dataclass
+class InputConfig:
+    min_size: int = 800
+    max_size: int = 1333
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    size_divisible: int = 32
+
+
+@dataclass
+class ModelConfig:
+    # Number of classifier outputs, background included (index 0). For torchvision's COCO
+    # weights this is 91 and the class index is the COCO category id.
+    num_classes: int = 91
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data, "config")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"model config: {where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"model config: unknown field(s) {unknown} in {where}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value, f"{where}.{name}")
+        elif isinstance(default, tuple):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _r50_fpn() -> ModelConfig:
+    return ModelConfig()
+
+
+def _small() -> ModelConfig:
+    """A narrow ResNet-FPN that trains to useful masks in minutes on a 2-core CPU."""
+    return ModelConfig(
+        num_classes=4,
+        backbone=BackboneConfig(name="small", trainable_layers=5, norm="gn", fpn_channels=64),
+        anchors=AnchorConfig(sizes=(16, 32, 64, 128, 256)),
+        rpn=RPNConfig(
+            batch_size_per_image=128,
+            pre_nms_top_n_train=600,
+            post_nms_top_n_train=300,
+            pre_nms_top_n_test=300,
+            post_nms_top_n_test=100,
+        ),
+        roi_heads=RoIHeadsConfig(batch_size_per_image=128, representation_size=256, detections_per_img=50),
+        mask_head=MaskHeadConfig(conv_layers=(64, 64)),
+        input=InputConfig(min_size=256, max_size=384),
+    )
+
+
+def _r101_fpn() -> ModelConfig:
+    return ModelConfig(backbone=BackboneConfig(name="resnet101"))
+
+
+def _x101_32x8d_fpn() -> ModelConfig:
+    return ModelConfig(backbone=BackboneConfig(name="resnext101_32x8d"))
+
+
+PRESETS = {
+    "r50_fpn": _r50_fpn,
+    "r101_fpn": _r101_fpn,
+    "x101_32x8d_fpn": _x101_32x8d_fpn,
+    "small": _small,
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset's config; ``overrides`` replace top-level fields (e.g. ``num_classes``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]().replace(**overrides) if overrides else PRESETS[name]()

@@ -1,0 +1,370 @@
+"""A COCO-format instance-segmentation dataset read through fsspec (local paths or ``s3://``).
+
+N: instances of one image, H x W: the decoded image (after EXIF orientation), K: categories.
+
+``CocoDataset[i]`` is ``(image, target)``: ``image`` float32 ``(3, H, W)`` in [0, 1] at its
+decoded size (the model resizes), and ``target``:
+
+- ``boxes``    float32 ``(N, 4)`` x1, y1, x2, y2 in pixels (COCO's x, y, w, h with x2 = x + w),
+  clipped to the image;
+- ``labels``   int64 ``(N,)`` contiguous class index 1..K; index k is ``dataset.categories[k - 1]``
+  (categories sorted by id), 0 is the background;
+- ``masks``    uint8 ``(N, H, W)`` of 0 and 1;
+- ``image_id`` int, the COCO image id;
+- ``area``     float32 ``(N,)`` COCO's ``area`` (mask pixels where the file has none);
+- ``iscrowd``  int64 ``(N,)``, all 0: crowd regions are left out of training targets.
+
+Crowd and degenerate annotations stay in ``dataset.coco``, the ground truth for evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import posixpath
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from maskrcnn.masks import annotation_to_mask, annotation_to_rle
+from maskrcnn.storage import filesystem, join_uri, open_uri
+
+__all__ = [
+    "AnnotationError",
+    "DegenerateAnnotationWarning",
+    "CocoDataset",
+    "collate_fn",
+    "decode_image",
+    "read_image",
+    "missing_images",
+]
+
+Target = dict[str, Any]
+Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
+
+
+class AnnotationError(ValueError):
+    """A malformed COCO annotation file; the message names the file and the offending entry."""
+
+
+class DegenerateAnnotationWarning(UserWarning):
+    """Annotations left out of training targets because their box or mask is empty."""
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded image bytes (JPEG, PNG, ...) -> float32 ``(3, H, W)`` RGB in [0, 1].
+
+    EXIF orientation is applied, so H and W are the size a person sees.
+    """
+    with Image.open(io.BytesIO(data)) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> torch.Tensor:
+    """Read and decode one image from any URI; see :func:`decode_image`."""
+    with open_uri(uri, "rb", storage_options) as f:
+        data = f.read()
+    return decode_image(data)
+
+
+def collate_fn(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
+    """For ``DataLoader``: images differ in size, so a batch is two lists, not stacked tensors."""
+    images = [image for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _load_json(uri: str, storage_options: dict[str, Any] | None) -> dict:
+    with open_uri(uri, "rb", storage_options) as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AnnotationError(f"{uri}: not a JSON file ({error})") from None
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{uri}: expected a JSON object with 'images', 'annotations' and 'categories', got a {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise AnnotationError(f"{uri}: missing '{key}'; a COCO instances file needs 'images', 'annotations' and 'categories'")
+        if not isinstance(data[key], list):
+            raise AnnotationError(f"{uri}: '{key}' must be a list, got a {type(data[key]).__name__}")
+    return data
+
+
+class CocoDataset(torch.utils.data.Dataset):
+    """COCO instances (polygons, compressed or uncompressed RLE, iscrowd) for Mask R-CNN.
+
+    Args:
+        annotations_uri: the COCO JSON (local path, ``file://``, ``s3://``, ...).
+        images_uri: the folder or prefix the JSON's ``file_name``s are relative to.
+        storage_options: fsspec options for both URIs (e.g. s3fs ``key``/``secret``/``endpoint_url``).
+        transforms: ``(image, target) -> (image, target)``, applied after decoding.
+        min_area: an annotation whose mask has fewer pixels than this is degenerate.
+
+    Raises ``AnnotationError`` (a ``ValueError``) on a malformed file. Degenerate annotations
+    (box of zero or negative width or height after clipping to the image, or a mask under
+    ``min_area`` pixels) are left out of the targets with one ``DegenerateAnnotationWarning``.
+    """
+
+    def __init__(
+        self,
+        annotations_uri: str,
+        images_uri: str,
+        storage_options: dict[str, Any] | None = None,
+        transforms: Transform | None = None,
+        min_area: float = 1.0,
+    ) -> None:
+        self.annotations_uri = annotations_uri
+        self.images_uri = images_uri
+        self.storage_options = storage_options
+        self.transforms = transforms
+        self.min_area = min_area
+
+        data = _load_json(annotations_uri, storage_options)
+        images = self._check_images(data["images"])
+        categories = self._check_categories(data["categories"])
+        self._categories = [{"id": c["id"], "name": c["name"]} for c in sorted(categories.values(), key=lambda c: c["id"])]
+        self._category_id_to_class = {c["id"]: k + 1 for k, c in enumerate(self._categories)}
+        self._image_ids = [image["id"] for image in data["images"]]
+
+        # Training targets per image: the indices of the annotations kept.
+        self._targets: dict[int, list[dict]] = {image_id: [] for image_id in self._image_ids}
+        dropped: list[str] = []
+        seen_ids: set = set()
+        for index, ann in enumerate(data["annotations"]):
+            where = self._where(index, ann)
+            self._check_annotation(ann, where, images, categories, seen_ids)
+            image = images[ann["image_id"]]
+            height, width = image["height"], image["width"]
+            try:
+                rle = annotation_to_rle(ann["segmentation"], height, width)
+            except ValueError as error:
+                raise AnnotationError(f"{annotations_uri}: {where}: bad segmentation: {error}") from None
+            mask_pixels = None
+            if "area" not in ann:  # COCOeval filters ground truth by area
+                mask_pixels = float(mask_utils.area(rle))
+                ann["area"] = mask_pixels
+            ann.setdefault("iscrowd", 0)
+            if ann["iscrowd"]:
+                continue
+            x, y, w, h = ann["bbox"]
+            x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+            x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+            if mask_pixels is None:
+                mask_pixels = float(mask_utils.area(rle))
+            if x2 <= x1 or y2 <= y1 or mask_pixels < min_area:
+                dropped.append(where)
+                continue
+            self._targets[ann["image_id"]].append(ann)
+        self.num_dropped = len(dropped)
+        if dropped:
+            examples = ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+            warnings.warn(
+                f"dropped {len(dropped)} degenerate annotations in {annotations_uri} "
+                f"(empty box or mask, e.g. {examples}); they stay in the evaluation ground truth",
+                DegenerateAnnotationWarning,
+                stacklevel=2,
+            )
+
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+            coco.createIndex()
+        self._coco = coco
+
+    # -- validation ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _where(index: int, entry: Any, key: str = "annotations") -> str:
+        if isinstance(entry, dict) and "id" in entry:
+            return f"{key}[{index}] (id {entry['id']!r})"
+        return f"{key}[{index}]"
+
+    def _fail(self, where: str, problem: str) -> AnnotationError:
+        return AnnotationError(f"{self.annotations_uri}: {where}: {problem}")
+
+    def _check_images(self, images: list) -> dict[int, dict]:
+        by_id: dict[int, dict] = {}
+        for index, image in enumerate(images):
+            where = self._where(index, image, "images")
+            if not isinstance(image, dict):
+                raise self._fail(where, f"expected an object, got {type(image).__name__}")
+            if not _is_int(image.get("id")):
+                raise self._fail(where, "'id' must be an integer")
+            if image["id"] in by_id:
+                raise self._fail(where, f"duplicate image id {image['id']}")
+            file_name = image.get("file_name")
+            if not isinstance(file_name, str) or not file_name:
+                raise self._fail(where, "'file_name' must be a non-empty string")
+            for key in ("width", "height"):
+                if not _is_int(image.get(key)) or image[key] <= 0:
+                    raise self._fail(where, f"'{key}' must be a positive integer, got {image.get(key)!r}")
+            by_id[image["id"]] = image
+        return by_id
+
+    def _check_categories(self, categories: list) -> dict[int, dict]:
+        by_id: dict[int, dict] = {}
+        for index, category in enumerate(categories):
+            where = self._where(index, category, "categories")
+            if not isinstance(category, dict):
+                raise self._fail(where, f"expected an object, got {type(category).__name__}")
+            if not _is_int(category.get("id")):
+                raise self._fail(where, "'id' must be an integer")
+            if category["id"] in by_id:
+                raise self._fail(where, f"duplicate category id {category['id']}")
+            if not isinstance(category.get("name"), str):
+                raise self._fail(where, "'name' must be a string")
+            by_id[category["id"]] = category
+        if not by_id:
+            raise AnnotationError(f"{self.annotations_uri}: 'categories' is empty; name at least one class")
+        return by_id
+
+    def _check_annotation(self, ann: Any, where: str, images: dict, categories: dict, seen_ids: set) -> None:
+        if not isinstance(ann, dict):
+            raise self._fail(where, f"expected an object, got {type(ann).__name__}")
+        if not _is_int(ann.get("id")):
+            raise self._fail(where, "'id' must be an integer")
+        if ann["id"] in seen_ids:
+            raise self._fail(where, f"duplicate annotation id {ann['id']}")
+        seen_ids.add(ann["id"])
+        if ann.get("image_id") not in images:
+            raise self._fail(where, f"image_id {ann.get('image_id')!r} is not in 'images'")
+        if ann.get("category_id") not in categories:
+            raise self._fail(where, f"category_id {ann.get('category_id')!r} is not in 'categories'")
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise self._fail(where, f"'bbox' must be 4 finite numbers [x, y, width, height], got {bbox!r}")
+        if "segmentation" not in ann:
+            raise self._fail(where, "no 'segmentation'; Mask R-CNN needs a polygon or RLE mask per instance")
+        if ann.get("iscrowd", 0) not in (0, 1):
+            raise self._fail(where, f"'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
+        if "area" in ann and not _is_number(ann["area"]):
+            raise self._fail(where, f"'area' must be a finite number, got {ann['area']!r}")
+
+    # -- the dataset --------------------------------------------------------------------------
+
+    @property
+    def coco(self) -> COCO:
+        """The pycocotools ``COCO`` of the whole file (crowds included): evaluation's ground truth."""
+        return self._coco
+
+    @property
+    def categories(self) -> list[dict]:
+        """``[{"id": int, "name": str}, ...]`` sorted by id; class index k is ``categories[k - 1]``."""
+        return [dict(c) for c in self._categories]
+
+    @property
+    def num_classes(self) -> int:
+        """Classifier outputs, background included: K + 1."""
+        return len(self._categories) + 1
+
+    @property
+    def image_ids(self) -> list[int]:
+        """COCO image ids in dataset order (``dataset[i]`` is image ``image_ids[i]``)."""
+        return list(self._image_ids)
+
+    @property
+    def category_id_to_class(self) -> dict[int, int]:
+        """COCO category id -> contiguous class index (1..K)."""
+        return dict(self._category_id_to_class)
+
+    def class_to_category_id(self, labels: int | Iterable[int] | torch.Tensor) -> int | list[int]:
+        """Class index (1..K) -> COCO category id; an int for an int, a list for many."""
+        if isinstance(labels, torch.Tensor):
+            labels = labels.tolist()
+        if isinstance(labels, (int, np.integer)):
+            return self._categories[int(labels) - 1]["id"]
+        return [self._categories[int(label) - 1]["id"] for label in labels]
+
+    def image_uri(self, index: int) -> str:
+        """The URI of ``dataset[index]``'s image."""
+        return join_uri(self.images_uri, _relative_path(self._coco.imgs[self._image_ids[index]]["file_name"]))
+
+    def __len__(self) -> int:
+        return len(self._image_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        image_id = self._image_ids[index]
+        info = self._coco.imgs[image_id]
+        image = read_image(self.image_uri(index), self.storage_options)
+        height, width = image.shape[-2:]
+        if (height, width) != (info["height"], info["width"]):
+            raise AnnotationError(
+                f"{self.annotations_uri}: image id {image_id} ({info['file_name']}) decodes to "
+                f"{width}x{height} (after EXIF orientation) but the file says "
+                f"{info['width']}x{info['height']}; fix its width/height"
+            )
+        anns = self._targets[image_id]
+        if anns:
+            masks = np.stack([annotation_to_mask(a["segmentation"], height, width) for a in anns])
+            xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)  # xywh -> xyxy
+            boxes[:, 0::2].clamp_(0, width)
+            boxes[:, 1::2].clamp_(0, height)
+        else:
+            masks = np.zeros((0, height, width), dtype=np.uint8)
+            boxes = torch.zeros((0, 4), dtype=torch.float32)
+        target: Target = {
+            "boxes": boxes,
+            "labels": torch.tensor([self._category_id_to_class[a["category_id"]] for a in anns], dtype=torch.int64),
+            "masks": torch.from_numpy(masks),
+            "image_id": int(image_id),
+            "area": torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32),
+            "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    collate_fn = staticmethod(collate_fn)
+
+    def __repr__(self) -> str:
+        return (
+            f"CocoDataset({self.annotations_uri!r}, {self.images_uri!r}: "
+            f"{len(self)} images, {len(self._categories)} categories)"
+        )
+
+
+def missing_images(dataset: CocoDataset) -> list[str]:
+    """The ``file_name``s of ``dataset``'s images that do not exist under its ``images_uri``.
+
+    One recursive listing of the folder or prefix (a few paginated LIST requests on S3),
+    not one request per image, so a job can check a large dataset before it starts.
+    """
+    fs, root = filesystem(dataset.images_uri, dataset.storage_options)
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)  # a listing cached earlier in this process may predate an upload
+    try:
+        listed = fs.find(root)
+    except FileNotFoundError:
+        listed = []
+    prefix = root + "/" if root else ""
+    present = {path[len(prefix):] for path in listed if path.startswith(prefix)}
+    missing = []
+    for image_id in dataset.image_ids:
+        file_name = dataset.coco.imgs[image_id]["file_name"]
+        if _relative_path(file_name) not in present:
+            missing.append(file_name)
+    return missing
+
+
+def _relative_path(file_name: str) -> str:
+    """A ``file_name`` as a clean relative path: ``./a//b.png`` -> ``a/b.png``."""
+    return posixpath.normpath(file_name.lstrip("/"))

@@ -1,0 +1,161 @@
+"""COCO box and mask AP with pycocotools' COCOeval, the reference evaluator.
+
+N: detections of one image, H x W: the original image. A prediction is the model's output for
+one image, a dict of tensors: ``boxes`` float (N, 4) x1, y1, x2, y2 in the original image's
+pixels, ``scores`` float (N,), ``labels`` int64 (N,) class indices, and optionally ``masks``
+(N, H, W) bool at the original size (also accepted: (N, 1, H, W), and float probabilities,
+which are cut at 0.5 as in the paper).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from maskrcnn.masks import encode_masks
+
+__all__ = ["STAT_NAMES", "predictions_to_coco_results", "evaluate_coco", "evaluate_model"]
+
+logger = logging.getLogger(__name__)
+
+# The 12 numbers of COCOeval.summarize(), in its order.
+STAT_NAMES = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl",
+    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)  # fmt: skip
+
+ClassMap = Callable[[Any], Any] | Mapping[int, int] | Sequence[int] | None
+
+
+def _category_ids(labels: list[int], class_to_category_id: ClassMap) -> list[int]:
+    if class_to_category_id is None:  # torchvision's COCO weights: the class index is the id
+        return list(labels)
+    if callable(class_to_category_id):
+        mapped = class_to_category_id(labels)
+        return [int(v) for v in mapped]
+    return [int(class_to_category_id[label]) for label in labels]  # a mapping or a sequence
+
+
+def _binary_masks(masks: torch.Tensor) -> torch.Tensor:
+    if masks.dim() == 4 and masks.shape[1] == 1:  # (N, 1, H, W) -> (N, H, W)
+        masks = masks[:, 0]
+    if masks.dtype != torch.bool:
+        masks = masks > 0.5 if masks.is_floating_point() else masks != 0
+    return masks
+
+
+def predictions_to_coco_results(
+    predictions: Iterable[Mapping[str, torch.Tensor]],
+    image_ids: Iterable[int],
+    class_to_category_id: ClassMap = None,
+) -> list[dict]:
+    """Model outputs -> COCO result dicts, as ``COCO.loadRes`` takes them.
+
+    Each result: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score`` and, when the
+    prediction has masks, ``segmentation`` (RLE with str counts). ``class_to_category_id`` maps
+    class indices to category ids: a callable taking a list (e.g.
+    ``CocoDataset.class_to_category_id``), a mapping, a sequence, or None when the class index
+    is the category id (torchvision's COCO weights).
+    """
+    results = []
+    for prediction, image_id in zip(predictions, image_ids, strict=True):
+        boxes = prediction["boxes"].detach().to("cpu", torch.float64)
+        if boxes.shape[0] == 0:
+            continue
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()  # xyxy -> xywh
+        scores = prediction["scores"].detach().to("cpu").tolist()
+        category_ids = _category_ids(prediction["labels"].detach().to("cpu").tolist(), class_to_category_id)
+        rles = encode_masks(_binary_masks(prediction["masks"])) if "masks" in prediction else None
+        for k in range(len(xywh)):
+            result = {
+                "image_id": int(image_id),
+                "category_id": category_ids[k],
+                "bbox": [round(v, 3) for v in xywh[k]],
+                "score": float(scores[k]),
+            }
+            if rles is not None:
+                result["segmentation"] = rles[k]
+            results.append(result)
+    return results
+
+
+def _run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: Sequence[int] | None) -> tuple[list[float], str]:
+    """COCOeval's 12 stats and its printed summary for one IoU type."""
+    results = copy.deepcopy(results)  # loadRes writes ids and areas into the dicts
+    if iou_type == "segm":
+        # With a bbox present, loadRes would take each detection's area from its box; the
+        # area ranges (small/medium/large) of mask AP must use the mask's area.
+        for result in results:
+            result.pop("bbox", None)
+    else:
+        for result in results:
+            result.pop("segmentation", None)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v) for v in evaluator.stats], printed.getvalue()
+
+
+def evaluate_coco(
+    coco_gt: COCO,
+    results: list[dict],
+    image_ids: Sequence[int] | None = None,
+    iou_types: Sequence[str] = ("bbox", "segm"),
+) -> dict[str, Any]:
+    """COCO AP of ``results`` (from :func:`predictions_to_coco_results`) against ``coco_gt``.
+
+    Returns ``{iou_type}_AP``, ``_AP50``, ``_AP75`` (floats in [0, 1]) and ``{iou_type}_stats``,
+    COCOeval's 12 numbers in ``STAT_NAMES`` order (-1 where COCO leaves a stat undefined, e.g.
+    no small objects). ``image_ids`` restricts evaluation to those images (default: all of
+    ``coco_gt``'s). No detections, or no masks for ``segm``, give AP 0.0. COCOeval's printout is
+    logged at INFO on this module's logger, not printed.
+    """
+    metrics: dict[str, Any] = {}
+    for iou_type in iou_types:
+        usable = [r for r in results if iou_type != "segm" or "segmentation" in r]
+        if usable:
+            stats, summary = _run_cocoeval(coco_gt, usable, iou_type, image_ids)
+            logger.info("COCO %s evaluation:\n%s", iou_type, summary)
+        else:
+            stats = [0.0] * len(STAT_NAMES)
+            logger.info("COCO %s evaluation: no detections, AP 0.0", iou_type)
+        metrics[f"{iou_type}_AP"] = max(stats[0], 0.0)
+        metrics[f"{iou_type}_AP50"] = max(stats[1], 0.0)
+        metrics[f"{iou_type}_AP75"] = max(stats[2], 0.0)
+        metrics[f"{iou_type}_stats"] = stats
+    return metrics
+
+
+def evaluate_model(model: torch.nn.Module, dataset: Any, batch_size: int = 2, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Run ``model`` in eval mode over ``dataset`` (a ``CocoDataset``) and return
+    :func:`evaluate_coco`'s metrics against ``dataset.coco`` on the dataset's images.
+
+    ``model(list of (3, H, W) images)`` must return one prediction dict per image at the
+    image's own size. Masks are encoded batch by batch, so memory stays flat.
+    """
+    model.eval()
+    results: list[dict] = []
+    image_ids: list[int] = []
+    with torch.inference_mode():
+        for start in range(0, len(dataset), batch_size):
+            batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            images = [image.to(device) for image, _ in batch]
+            batch_ids = [int(target["image_id"]) for _, target in batch]
+            predictions = model(images)
+            results.extend(predictions_to_coco_results(predictions, batch_ids, dataset.class_to_category_id))
+            image_ids.extend(batch_ids)
+    return evaluate_coco(dataset.coco, results, image_ids=image_ids)

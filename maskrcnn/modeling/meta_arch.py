@@ -1,0 +1,70 @@
+"""The Mask R-CNN model: preprocess, backbone + FPN, RPN, RoI heads, postprocess.
+
+Input: a list of N float images (3, Hi, Wi) in [0, 1], any sizes. Output in eval mode: one dict
+per image with ``boxes`` (D, 4) x1, y1, x2, y2 in the input image's pixels, ``scores`` (D,),
+``labels`` (D,) class indices (0 is background and never returned) and ``masks`` (D, Hi, Wi)
+bool, best score first. In training mode, with targets, a dict of the loss terms.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from maskrcnn.modeling.postprocessing import postprocess_detections
+from maskrcnn.modeling.preprocessing import ImagePreprocessor
+
+
+class MaskRCNN(nn.Module):
+    def __init__(self, *, preprocessor: ImagePreprocessor, backbone: nn.Module, rpn: nn.Module, roi_heads: nn.Module):
+        super().__init__()
+        self.transform = preprocessor
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+
+    def forward(
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        *,
+        resized: bool = False,
+        original_sizes: list[tuple[int, int]] | None = None,
+        mask_threshold: float | None = 0.5,
+    ):
+        """``resized=True``: the images were already resized with ``preprocessing.resize_image``
+        (e.g. in CPU decode tasks); ``original_sizes`` then gives the sizes to map outputs back to."""
+        if self.training and targets is None:
+            raise ValueError("training mode needs targets: a dict with boxes, labels (and masks) per image")
+        if targets is not None:
+            _check_targets(targets, len(images), self.roi_heads.has_mask)
+        if original_sizes is None:
+            original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, targets = self.transform(images, targets, resized=resized)
+        features = list(self.backbone(batch.tensor).values())
+        gt_boxes = [t["boxes"] for t in targets] if targets is not None else None
+        proposals, rpn_losses = self.rpn(tuple(batch.tensor.shape[-2:]), batch.image_sizes, features, gt_boxes)
+        # RoI heads pool from P2..P5 only; P6 serves the RPN's largest anchors.
+        detections, head_losses = self.roi_heads(features[:-1], proposals, batch.image_sizes, targets)
+        if targets is not None:
+            return {**rpn_losses, **head_losses}
+        return [
+            postprocess_detections(det, resized_size, original_size, mask_threshold)
+            for det, resized_size, original_size in zip(detections, batch.image_sizes, original_sizes)
+        ]
+
+
+def _check_targets(targets: list[dict[str, Tensor]], num_images: int, needs_masks: bool) -> None:
+    if len(targets) != num_images:
+        raise ValueError(f"got {num_images} images but {len(targets)} targets")
+    for i, t in enumerate(targets):
+        boxes = t.get("boxes")
+        if boxes is None or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"targets[{i}]['boxes'] must be a (G, 4) tensor, got {None if boxes is None else tuple(boxes.shape)}")
+        if "labels" not in t:
+            raise ValueError(f"targets[{i}] has no 'labels'")
+        if needs_masks and "masks" not in t:
+            raise ValueError(f"targets[{i}] has no 'masks' (the model has a mask head)")
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if degenerate.any():
+            j = int(degenerate.nonzero()[0])
+            raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no positive width and height")

@@ -1,0 +1,8 @@
+from maskrcnn.modeling.roi_heads.box_head import FastRCNNPredictor, TwoMLPHead, fast_rcnn_inference, fast_rcnn_loss
+from maskrcnn.modeling.roi_heads.mask_head import MaskRCNNConvHead, MaskRCNNPredictor, mask_rcnn_inference, mask_rcnn_loss
+from maskrcnn.modeling.roi_heads.roi_heads import RoIHeads
+
+__all__ = [
+    "FastRCNNPredictor", "TwoMLPHead", "fast_rcnn_inference", "fast_rcnn_loss",
+    "MaskRCNNConvHead", "MaskRCNNPredictor", "mask_rcnn_inference", "mask_rcnn_loss", "RoIHeads",
+]

@@ -1,0 +1,85 @@
+"""Box branch: a 2-layer MLP on pooled RoI features, class scores and per-class box deltas.
+
+Shapes: R RoIs; C channels; S x S pooled size; K classes including background (index 0).
+The head only produces logits; the loss and inference are the free functions below it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import boxes as box_ops
+
+from maskrcnn.modeling.box_regression import BoxCoder
+
+
+class TwoMLPHead(nn.Module):
+    def __init__(self, in_channels: int, representation_size: int):
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(start_dim=1)  # (R, C, S, S) -> (R, C*S*S)
+        return F.relu(self.fc7(F.relu(self.fc6(x))))
+
+
+class FastRCNNPredictor(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.flatten(start_dim=1)
+        return self.cls_score(x), self.bbox_pred(x)  # (R, K), (R, K*4)
+
+
+def fast_rcnn_loss(
+    pred_class_logits: Tensor, pred_box_deltas: Tensor, gt_labels: Tensor, gt_deltas: Tensor
+) -> dict[str, Tensor]:
+    """Cross-entropy over all sampled RoIs; smooth-L1 (beta 1/9) on the deltas of the true class
+    of positive RoIs, normalised by the number of sampled RoIs."""
+    loss_cls = F.cross_entropy(pred_class_logits, gt_labels)
+    pos = torch.where(gt_labels > 0)[0]
+    # (R, K*4) -> (R, K, 4)
+    deltas = pred_box_deltas.reshape(pred_box_deltas.shape[0], -1, 4)
+    loss_box = F.smooth_l1_loss(deltas[pos, gt_labels[pos]], gt_deltas[pos], beta=1 / 9, reduction="sum")
+    return {"loss_classifier": loss_cls, "loss_box_reg": loss_box / max(gt_labels.numel(), 1)}
+
+
+def fast_rcnn_inference(
+    pred_class_logits: Tensor,
+    pred_box_deltas: Tensor,
+    proposals: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+    box_coder: BoxCoder,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per image: (D, 4) boxes, (D,) scores, (D,) labels after class-wise NMS, best first.
+
+    Each RoI yields one candidate per foreground class whose score passes ``score_thresh``.
+    """
+    num_classes = pred_class_logits.shape[-1]
+    boxes_per_image = [p.shape[0] for p in proposals]
+    # (R, K*4) on (R, 4) -> (R, K, 4)
+    pred_boxes = box_coder.decode(pred_box_deltas, torch.cat(proposals, dim=0))
+    pred_scores = F.softmax(pred_class_logits, -1)
+    results = []
+    for boxes, scores, size in zip(pred_boxes.split(boxes_per_image), pred_scores.split(boxes_per_image), image_sizes):
+        boxes = box_ops.clip_boxes_to_image(boxes, size)
+        labels = torch.arange(num_classes, device=boxes.device).view(1, -1).expand_as(scores)
+        # drop background, then (R, K-1, ...) -> (R*(K-1), ...)
+        boxes = boxes[:, 1:].reshape(-1, 4)
+        scores = scores[:, 1:].reshape(-1)
+        labels = labels[:, 1:].reshape(-1)
+        keep = torch.where(scores > score_thresh)[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        results.append((boxes[keep], scores[keep], labels[keep]))
+    return results

@@ -1,0 +1,146 @@
+"""RoI heads: sample proposals, run the box branch, then the mask branch on the boxes it keeps.
+
+Shapes: N images; P proposals of an image; G its ground-truth objects; D its detections.
+The two branches are separate methods; ``forward`` only sequences them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import boxes as box_ops
+
+from maskrcnn.modeling.box_regression import BoxCoder
+from maskrcnn.modeling.matcher import Matcher, sample_positives_negatives
+from maskrcnn.modeling.roi_heads.box_head import fast_rcnn_inference, fast_rcnn_loss
+from maskrcnn.modeling.roi_heads.mask_head import mask_rcnn_inference, mask_rcnn_loss, mask_targets
+
+
+class RoIHeads(nn.Module):
+    def __init__(
+        self,
+        *,
+        box_pooler: nn.Module,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        bbox_reg_weights: tuple[float, float, float, float],
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_img: int,
+        mask_pooler: nn.Module | None = None,
+        mask_head: nn.Module | None = None,
+        mask_predictor: nn.Module | None = None,
+        mask_loss_type: str = "sigmoid",
+    ):
+        super().__init__()
+        self.box_roi_pool = box_pooler
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.mask_roi_pool = mask_pooler
+        self.mask_head = mask_head
+        self.mask_predictor = mask_predictor
+        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.box_coder = BoxCoder(bbox_reg_weights)
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.mask_loss_type = mask_loss_type
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask_head is not None
+
+    def sample_proposals(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
+        """Adds the ground truth to the proposals, labels each by its best match and samples
+        ``batch_size_per_image`` of them with at most ``positive_fraction`` positives.
+
+        Per image: sampled (S, 4) proposals, (S,) matched gt index, (S,) class labels (0 background)
+        and (S, 4) regression targets.
+        """
+        sampled_proposals, sampled_matched, sampled_labels, sampled_deltas = [], [], [], []
+        for props, target in zip(proposals, targets):
+            gt_boxes = target["boxes"].to(props.dtype)
+            gt_labels = target["labels"]
+            props = torch.cat([props, gt_boxes])
+            if gt_boxes.numel() == 0:
+                matched = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
+                labels = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
+                gt_for_props = torch.zeros_like(props)
+            else:
+                matched = self.proposal_matcher(box_ops.box_iou(gt_boxes, props))
+                labels = gt_labels[matched.clamp(min=0)].to(torch.int64)
+                labels[matched == Matcher.BELOW_LOW] = 0
+                labels[matched == Matcher.BETWEEN] = -1
+                matched = matched.clamp(min=0)
+                gt_for_props = gt_boxes[matched]
+            pos, neg = sample_positives_negatives(labels, self.batch_size_per_image, self.positive_fraction)
+            keep = torch.where(pos | neg)[0]
+            sampled_proposals.append(props[keep])
+            sampled_matched.append(matched[keep])
+            sampled_labels.append(labels[keep])
+            sampled_deltas.append(self.box_coder.encode(gt_for_props[keep], props[keep]))
+        return sampled_proposals, sampled_matched, sampled_labels, sampled_deltas
+
+    def forward(
+        self,
+        features: list[Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if targets is not None:
+            return [], self.forward_train(features, proposals, image_sizes, targets)
+        return self.forward_inference(features, proposals, image_sizes), {}
+
+    def forward_train(self, features, proposals, image_sizes, targets) -> dict[str, Tensor]:
+        proposals, matched, labels, deltas = self.sample_proposals(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))
+        class_logits, box_deltas = self.box_predictor(box_features)
+        losses = fast_rcnn_loss(class_logits, box_deltas, torch.cat(labels), torch.cat(deltas))
+        if self.has_mask:
+            losses["loss_mask"] = self.mask_loss(features, proposals, matched, labels, image_sizes, targets)
+        return losses
+
+    def mask_loss(self, features, proposals, matched, labels, image_sizes, targets) -> Tensor:
+        """Lmask on the positive RoIs of the sampled ones."""
+        pos_props, pos_labels, pos_targets = [], [], []
+        for props, idx, lbl, target in zip(proposals, matched, labels, targets):
+            pos = torch.where(lbl > 0)[0]
+            pos_props.append(props[pos])
+            pos_labels.append(lbl[pos])
+            if pos.numel() == 0:
+                size = self.mask_predictor_size()
+                pos_targets.append(props.new_zeros((0, size, size)))
+            else:
+                pos_targets.append(mask_targets(target["masks"], props[pos], idx[pos], self.mask_predictor_size()))
+        logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, pos_props, image_sizes)))
+        return mask_rcnn_loss(logits, torch.cat(pos_labels), torch.cat(pos_targets), self.mask_loss_type)
+
+    def mask_predictor_size(self) -> int:
+        return self.mask_roi_pool.output_size[0] * 2
+
+    def forward_inference(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))
+        class_logits, box_deltas = self.box_predictor(box_features)
+        detections = fast_rcnn_inference(
+            class_logits, box_deltas, proposals, image_sizes, self.box_coder,
+            self.score_thresh, self.nms_thresh, self.detections_per_img,
+        )
+        results = [{"boxes": b, "scores": s, "labels": lb} for b, s, lb in detections]
+        if self.has_mask:
+            boxes = [r["boxes"] for r in results]
+            if sum(b.shape[0] for b in boxes) == 0:
+                size = self.mask_predictor_size()
+                for r in results:
+                    r["mask_probs"] = r["boxes"].new_zeros((0, size, size))
+                return results
+            logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_sizes)))
+            for r, probs in zip(results, mask_rcnn_inference(logits, [r["labels"] for r in results], self.mask_loss_type)):
+                r["mask_probs"] = probs
+        return results

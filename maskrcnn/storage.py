@@ -1,0 +1,95 @@
+"""Every URI the project reads or writes goes through here, so local paths, ``file://`` and
+``s3://`` (or any other fsspec protocol) behave the same.
+
+Credentials and the endpoint of an S3-compatible store come from the standard AWS variables
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``) or from
+``storage_options``, the fsspec convention (for s3fs: ``key``, ``secret``, ``endpoint_url``,
+``client_kwargs``, ...). Nothing here logs or prints the options: they may hold secrets.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import IO, Any
+
+import fsspec
+from fsspec.utils import get_protocol
+
+__all__ = ["filesystem", "open_uri", "join_uri"]
+
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def _s3_options(storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Fill the endpoint and region of ``s3://`` from the standard AWS variables.
+
+    botocore >= 1.31 reads ``AWS_ENDPOINT_URL`` by itself (the installed s3fs honours it), but
+    older ones do not, and no botocore reads ``AWS_REGION`` (only ``AWS_DEFAULT_REGION``). Naming
+    them explicitly also keys fsspec's instance cache on the endpoint, so a process that talks to
+    two endpoints one after the other never reuses a client made for the other.
+    """
+    options = dict(storage_options)
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    if "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+    if "region_name" not in client_kwargs and not os.environ.get("AWS_DEFAULT_REGION"):
+        region = os.environ.get("AWS_REGION")
+        if region:
+            client_kwargs["region_name"] = region
+    if client_kwargs:
+        options["client_kwargs"] = client_kwargs
+    return options
+
+
+def _options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    options = dict(storage_options or {})
+    if get_protocol(uri) in _S3_PROTOCOLS:
+        options = _s3_options(options)
+    return options
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem that serves ``uri`` and the path of ``uri`` on it (no protocol).
+
+    >>> fs, path = filesystem("/tmp/data")   # (LocalFileSystem, "/tmp/data")
+    """
+    return fsspec.core.url_to_fs(uri, **_options_for(uri, storage_options))
+
+
+def open_uri(uri: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> IO:
+    """Open ``uri`` (a local path, ``file://``, ``s3://``, ...); use it as a context manager.
+
+    Writing to a local path creates its missing parent folders, as writing to S3 needs none.
+    Text modes (``"r"``, ``"w"``) read and write UTF-8.
+    """
+    fs, path = filesystem(uri, storage_options)
+    if any(flag in mode for flag in "wax") and _is_local(fs):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    if "b" in mode:
+        return fs.open(path, mode)
+    return fs.open(path, mode, encoding="utf-8")
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``base`` with ``parts`` appended, separated by ``/``, for local paths and URIs alike.
+
+    Leading and trailing slashes of the parts are dropped, so a part never replaces the base
+    (unlike ``os.path.join`` with an absolute part): ``join_uri("s3://b/x/", "/y", "z.png")``
+    is ``"s3://b/x/y/z.png"``.
+    """
+    cleaned = [part.strip("/") for part in parts if part and part.strip("/")]
+    if not cleaned:
+        return base
+    if not base:
+        return posixpath.join(*cleaned)
+    if base.endswith("://"):  # a bare protocol, e.g. "s3://"
+        return base + "/".join(cleaned)
+    return "/".join([base.rstrip("/")] + cleaned)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols

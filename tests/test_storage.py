@@ -1,0 +1,101 @@
+"""maskrcnn.storage: one way to open local paths, file:// and s3:// URIs."""
+
+from __future__ import annotations
+
+import fsspec
+import pytest
+
+from maskrcnn.storage import _s3_options, filesystem, join_uri, open_uri
+
+
+@pytest.mark.parametrize(
+    "base, parts, expected",
+    [
+        ("/data/coco", ("images", "a.png"), "/data/coco/images/a.png"),
+        ("/data/coco/", ("/images/", "a.png"), "/data/coco/images/a.png"),
+        ("relative/dir", ("a.png",), "relative/dir/a.png"),
+        ("file:///tmp/x", ("y", "z.json"), "file:///tmp/x/y/z.json"),
+        ("s3://bucket", ("train", "annotations.json"), "s3://bucket/train/annotations.json"),
+        ("s3://bucket/prefix/", ("a/b.png",), "s3://bucket/prefix/a/b.png"),
+        ("s3://", ("bucket", "key"), "s3://bucket/key"),
+        ("s3://bucket/x", (), "s3://bucket/x"),
+        ("s3://bucket/x", ("", "/"), "s3://bucket/x"),
+        ("", ("a", "b"), "a/b"),
+    ],
+)
+def test_join_uri(base, parts, expected):
+    assert join_uri(base, *parts) == expected
+
+
+def test_open_uri_local_creates_parents_and_round_trips(tmp_path):
+    uri = str(tmp_path / "deep" / "er" / "file.bin")
+    with open_uri(uri, "wb") as f:
+        f.write(b"\x00\x01payload")
+    with open_uri(uri) as f:
+        assert f.read() == b"\x00\x01payload"
+    text_uri = "file://" + str(tmp_path / "other" / "note.txt")
+    with open_uri(text_uri, "w") as f:
+        f.write("héllo")
+    with open_uri(text_uri, "r") as f:
+        assert f.read() == "héllo"
+
+
+def test_filesystem_local(tmp_path):
+    fs, path = filesystem(str(tmp_path))
+    assert isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+    assert path == str(tmp_path)
+    fs, path = filesystem("file://" + str(tmp_path / "a"))
+    assert path == str(tmp_path / "a")
+
+
+def test_open_uri_missing_local_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        open_uri(str(tmp_path / "nope.json"))
+
+
+def test_s3_options_from_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env-endpoint:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    assert _s3_options({}) == {"client_kwargs": {"endpoint_url": "http://env-endpoint:9000", "region_name": "eu-west-3"}}
+    # Explicit options win over the environment, in either place s3fs accepts them.
+    assert _s3_options({"endpoint_url": "http://x"})["client_kwargs"] == {"region_name": "eu-west-3"}
+    explicit = {"client_kwargs": {"endpoint_url": "http://y", "region_name": "us-east-2"}}
+    assert _s3_options(explicit) == explicit
+    # The service-specific variable wins, as in botocore.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:9000")
+    assert _s3_options({})["client_kwargs"]["endpoint_url"] == "http://s3-only:9000"
+    # botocore reads AWS_DEFAULT_REGION itself: leave it to it.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
+    assert "region_name" not in _s3_options({})["client_kwargs"]
+
+
+def test_s3_round_trip_with_environment_only(s3_bucket):
+    """The endpoint and credentials come from the AWS variables the fixture set, nothing else."""
+    uri = join_uri(s3_bucket, "some/prefix", "blob.bin")
+    with open_uri(uri, "wb") as f:
+        f.write(b"bytes on s3")
+    with open_uri(uri) as f:
+        assert f.read() == b"bytes on s3"
+    fs, path = filesystem(uri)
+    assert path == uri[len("s3://"):]
+    assert fs.exists(path)
+
+
+def test_s3_with_storage_options(s3_bucket, s3_server):
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_server}}
+    uri = join_uri(s3_bucket, "x.txt")
+    with open_uri(uri, "w", storage_options=options) as f:
+        f.write("text")
+    with open_uri(uri, "r", storage_options=options) as f:
+        assert f.read() == "text"
+
+
+def test_errors_do_not_show_secrets(s3_bucket, s3_server):
+    secret = "do-not-print-this-secret"
+    options = {"key": "testing", "secret": secret, "client_kwargs": {"endpoint_url": s3_server}}
+    with pytest.raises(Exception) as info:
+        with open_uri(join_uri(s3_bucket, "missing.bin"), storage_options=options) as f:
+            f.read()
+    assert secret not in str(info.value) and secret not in repr(info.value)
