@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import warnings
@@ -148,6 +147,16 @@ def test_no_warning_without_degenerate_annotations(tmp_path):
         warnings.simplefilter("error", DegenerateAnnotationWarning)
         dataset = CocoDataset(*_write(tmp_path, document))
     assert dataset.num_dropped == 0
+
+
+def test_mask_emptier_than_its_area_is_dropped_when_read(tmp_path):
+    document = _document()
+    # A 2-point "polygon" encloses nothing, but the file claims 100 pixels: trusted at load time.
+    document["annotations"][0].update(segmentation=[[1, 1, 4, 4]], area=100.0)
+    dataset = _load(*_write(tmp_path, document))
+    _, target = dataset[0]
+    assert target["labels"].tolist() == [1]
+    assert target["masks"].shape == (1, H, W) and target["boxes"].shape == (1, 4) and target["area"].tolist() == [12.0]
 
 
 def _mutated(change):
