@@ -1,0 +1,340 @@
+"""Unit tests of the model's parts: hand-computed values, slow references, empty inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskrcnn.config import InputConfig, ModelConfig, get_preset
+from maskrcnn.modeling import build_model
+from maskrcnn.modeling.anchor_generator import AnchorGenerator
+from maskrcnn.modeling.box_regression import BoxCoder
+from maskrcnn.modeling.matcher import Matcher, sample_positives_negatives
+from maskrcnn.modeling.poolers import MultiScaleRoIPooler, assign_levels
+from maskrcnn.modeling.postprocessing import paste_masks
+from maskrcnn.modeling.preprocessing import batch_images, resize_image, resized_size
+from maskrcnn.modeling.roi_heads.box_head import fast_rcnn_loss
+from maskrcnn.modeling.roi_heads.mask_head import mask_rcnn_loss
+
+
+def _random_boxes(n, size=200.0, generator=None):
+    xy = torch.rand(n, 2, generator=generator) * size
+    wh = torch.rand(n, 2, generator=generator) * size / 2 + 1
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+# ---- box coder ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+def test_box_coder_round_trip(weights):
+    g = torch.Generator().manual_seed(0)
+    refs, gts = _random_boxes(50, generator=g), _random_boxes(50, generator=g)
+    coder = BoxCoder(weights)
+    decoded = coder.decode(coder.encode(gts, refs), refs)
+    assert decoded.shape == (50, 1, 4)
+    torch.testing.assert_close(decoded[:, 0], gts, atol=1e-3, rtol=1e-5)
+
+
+def test_box_coder_hand_computed():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    ref = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    gt = torch.tensor([[5.0, 0.0, 15.0, 40.0]])  # centre (10, 20) vs (5, 10); 1x width, 2x height
+    expected = torch.tensor([[10 * 5 / 10, 10 * 10 / 20, 5 * math.log(1.0), 5 * math.log(2.0)]])
+    torch.testing.assert_close(coder.encode(gt, ref), expected)
+
+
+def test_box_coder_clamps_huge_deltas():
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    out = coder.decode(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), torch.tensor([[0.0, 0.0, 16.0, 16.0]]))
+    assert torch.isfinite(out).all()
+    assert float(out[0, 0, 2] - out[0, 0, 0]) == pytest.approx(1000.0, rel=1e-4)
+
+
+# ---- matcher and sampler -----------------------------------------------------------------
+
+def test_matcher_thresholds_and_low_quality_matches():
+    # 2 gts x 4 predictions
+    iou = torch.tensor([[0.8, 0.5, 0.1, 0.0], [0.1, 0.2, 0.25, 0.05]])
+    assert Matcher(0.7, 0.3)(iou).tolist() == [0, Matcher.BETWEEN, Matcher.BELOW_LOW, Matcher.BELOW_LOW]
+    # gt 1's best prediction (index 2, IoU 0.25) keeps its match despite being under both thresholds
+    assert Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou).tolist() == [0, Matcher.BETWEEN, 1, Matcher.BELOW_LOW]
+
+
+def test_matcher_without_ground_truth():
+    assert Matcher(0.5, 0.5)(torch.zeros(0, 3)).tolist() == [Matcher.BELOW_LOW] * 3
+
+
+def test_sampler_respects_fraction_and_ignores():
+    labels = torch.tensor([1] * 10 + [0] * 100 + [-1] * 5)
+    pos, neg = sample_positives_negatives(labels, 16, 0.25)
+    assert int(pos.sum()) == 4 and int(neg.sum()) == 12
+    assert bool((labels[pos] >= 1).all()) and bool((labels[neg] == 0).all())
+    assert not bool((pos | neg)[-5:].any())
+
+
+# ---- anchors -------------------------------------------------------------------------------
+
+def test_anchor_generator_grid_and_shapes():
+    gen = AnchorGenerator(((32,),), ((0.5, 1.0, 2.0),))
+    feature = torch.zeros(1, 8, 2, 3)
+    (anchors,) = gen((16, 24), [feature])
+    assert anchors.shape == (2 * 3 * 3, 4)
+    # cell (0, 0), aspect 1: a 32x32 box centred on the origin
+    assert anchors[1].tolist() == [-16.0, -16.0, 16.0, 16.0]
+    # cell (row 1, col 2) is shifted by the stride (8, 8)
+    assert anchors[(1 * 3 + 2) * 3 + 1].tolist() == [-16.0 + 16, -16.0 + 8, 16.0 + 16, 16.0 + 8]
+
+
+# ---- RoIAlign against a slow float64 reference ---------------------------------------------
+
+def _bilinear(feature, y, x):
+    h, w = feature.shape[-2:]
+    if y < -1.0 or y > h or x < -1.0 or x > w:
+        return torch.zeros(feature.shape[0], dtype=feature.dtype)
+    y, x = max(y, 0.0), max(x, 0.0)
+    y0, x0 = int(math.floor(y)), int(math.floor(x))
+    if y0 >= h - 1:
+        y0 = y1 = h - 1
+        y = float(y0)
+    else:
+        y1 = y0 + 1
+    if x0 >= w - 1:
+        x0 = x1 = w - 1
+        x = float(x0)
+    else:
+        x1 = x0 + 1
+    ly, lx = y - y0, x - x0
+    return ((1 - ly) * (1 - lx) * feature[:, y0, x0] + (1 - ly) * lx * feature[:, y0, x1]
+            + ly * (1 - lx) * feature[:, y1, x0] + ly * lx * feature[:, y1, x1])
+
+
+def _roi_align_reference(feature, box, out, scale, sampling_ratio):
+    """The paper's RoIAlign: each bin averages sampling_ratio^2 bilinear samples, no rounding."""
+    x1, y1, x2, y2 = [float(v) * scale for v in box]
+    roi_w, roi_h = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
+    bin_w, bin_h = roi_w / out, roi_h / out
+    result = torch.zeros(feature.shape[0], out, out, dtype=torch.float64)
+    for i in range(out):
+        for j in range(out):
+            acc = torch.zeros(feature.shape[0], dtype=torch.float64)
+            for sy in range(sampling_ratio):
+                for sx in range(sampling_ratio):
+                    y = y1 + i * bin_h + (sy + 0.5) * bin_h / sampling_ratio
+                    x = x1 + j * bin_w + (sx + 0.5) * bin_w / sampling_ratio
+                    acc += _bilinear(feature, y, x)
+            result[:, i, j] = acc / sampling_ratio**2
+    return result
+
+
+def test_roi_align_matches_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    feature = torch.rand(1, 2, 6, 7, generator=g, dtype=torch.float64)
+    boxes = torch.tensor([[1.3, 2.2, 9.7, 10.1], [0.0, 0.0, 13.9, 11.9], [5.5, 3.25, 6.0, 4.0]], dtype=torch.float64)
+    pooler = MultiScaleRoIPooler(output_size=3, sampling_ratio=2)
+    # one level at stride 2: a 12x14 image
+    out = pooler([feature], [boxes], [(12, 14)])
+    assert out.shape == (3, 2, 3, 3)
+    for k in range(3):
+        torch.testing.assert_close(out[k], _roi_align_reference(feature[0], boxes[k], 3, 0.5, 2))
+
+
+def test_roi_align_gradcheck():
+    from torchvision.ops import roi_align
+
+    feature = torch.rand(1, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.7, 3.9, 4.2]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, (2, 2), 1.0, 2), (feature,))
+
+
+def test_pooler_empty_rois_and_level_assignment():
+    pooler = MultiScaleRoIPooler(output_size=7, sampling_ratio=2)
+    features = [torch.rand(1, 4, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+    out = pooler(features, [torch.zeros(0, 4)], [(64, 64)])
+    assert out.shape == (0, 4, 7, 7)
+    # FPN eq. 1: a 224x224 box goes to P4, 112 to P3, 56 and smaller to P2, 448+ to P5
+    boxes = torch.tensor([[0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 20, 20], [0, 0, 900, 900.0]])
+    assert assign_levels(boxes, 2, 5).tolist() == [2, 1, 0, 3]
+
+
+def test_roi_pool_variant_runs():
+    pooler = MultiScaleRoIPooler(output_size=7, sampling_ratio=2, pooler_type="pool")
+    features = [torch.rand(1, 4, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+    out = pooler(features, [torch.tensor([[3.0, 4.0, 40.0, 50.0]])], [(64, 64)])
+    assert out.shape == (1, 4, 7, 7)
+
+
+# ---- mask pasting against a direct computation ---------------------------------------------
+
+def _paste_direct(probs, box, height, width):
+    """One mask: pad by one pixel, expand the box to match, round it down to whole pixels,
+    resize with F.interpolate and copy the part inside the image."""
+    m = probs.shape[-1]
+    padded = F.pad(probs, (1, 1, 1, 1))
+    scale = (m + 2) / m
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    hw, hh = (box[2] - box[0]) / 2 * scale, (box[3] - box[1]) / 2 * scale
+    x0, y0, x1, y1 = [int(v) for v in (cx - hw, cy - hh, cx + hw, cy + hh)]
+    w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+    resized = F.interpolate(padded[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    out = torch.zeros(height, width)
+    for y in range(max(y0, 0), min(y0 + h, height)):
+        for x in range(max(x0, 0), min(x0 + w, width)):
+            out[y, x] = resized[y - y0, x - x0]
+    return out
+
+
+def test_paste_masks_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(4, 28, 28, generator=g)
+    boxes = torch.tensor([[3.2, 4.7, 30.1, 21.9], [-6.0, -3.0, 12.0, 50.0], [35.0, 20.0, 70.0, 44.0], [10.0, 10.0, 10.3, 10.2]])
+    pasted = paste_masks(probs, boxes, (40, 60), threshold=None)
+    assert pasted.shape == (4, 40, 60)
+    for k in range(4):
+        torch.testing.assert_close(pasted[k], _paste_direct(probs[k], boxes[k].tolist(), 40, 60), atol=1e-5, rtol=0)
+    binary = paste_masks(probs, boxes, (40, 60))
+    assert binary.dtype == torch.bool and torch.equal(binary, pasted >= 0.5)
+
+
+def test_paste_masks_empty():
+    assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (5, 7)).shape == (0, 5, 7)
+
+
+# ---- preprocessing -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("hw", [(480, 640), (300, 200), (1, 1), (100, 1000)])
+def test_resized_size_predicts_resize(hw):
+    image = torch.rand(3, *hw)
+    assert tuple(resize_image(image, 800, 1333).shape[-2:]) == resized_size(*hw, 800, 1333)
+
+
+def test_batch_images_pads_to_multiple():
+    batch = batch_images([torch.ones(3, 30, 50), torch.ones(3, 40, 20)], 32)
+    assert batch.tensor.shape == (2, 3, 64, 64)
+    assert batch.image_sizes == [(30, 50), (40, 20)]
+    assert float(batch.tensor[1, :, 40:].abs().sum()) == 0.0
+
+
+# ---- losses ------------------------------------------------------------------------------
+
+def test_fast_rcnn_loss_hand_computed():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    deltas = torch.zeros(2, 12)
+    deltas[1, 4:8] = torch.tensor([0.5, 0.0, 0.0, 0.0])  # class 1 of RoI 1
+    labels = torch.tensor([0, 1])
+    targets = torch.zeros(2, 4)
+    losses = fast_rcnn_loss(logits, deltas, labels, targets)
+    expected_cls = (F.cross_entropy(logits[:1], labels[:1]) + F.cross_entropy(logits[1:], labels[1:])) / 2
+    torch.testing.assert_close(losses["loss_classifier"], expected_cls)
+    # smooth L1 with beta 1/9 on 0.5 (linear part): 0.5 - 0.5/9, over 2 sampled RoIs
+    torch.testing.assert_close(losses["loss_box_reg"], torch.tensor((0.5 - 0.5 / 9) / 2))
+
+
+def test_mask_loss_uses_the_true_class_mask_only():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 2] = 10.0  # confident "on" for class 2
+    logits[0, 1] = -10.0  # confident "off" for class 1: must not matter for an RoI of class 2
+    target = torch.ones(1, 2, 2)
+    loss = mask_rcnn_loss(logits, torch.tensor([2]), target)
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-10.0)), rel=1e-4)
+
+
+def test_mask_loss_without_positives_is_zero_with_grad():
+    logits = torch.randn(0, 3, 28, 28, requires_grad=True)
+    loss = mask_rcnn_loss(logits, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 28, 28))
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+
+
+def _small_model(**overrides):
+    torch.manual_seed(0)
+    return build_model(get_preset("small", **overrides))
+
+
+def _target(boxes, labels, size):
+    masks = torch.zeros(len(boxes), *size, dtype=torch.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        masks[k, int(y1):int(y2), int(x1):int(x2)] = 1
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.int64), "masks": masks}
+
+
+def test_training_losses_on_empty_and_nonempty_targets():
+    model = _small_model()
+    model.train()
+    images = [torch.rand(3, 120, 160), torch.rand(3, 90, 70)]
+    targets = [_target([[10, 20, 60, 80], [50, 5, 120, 60]], [1, 3], (120, 160)), _target([], [], (90, 70))]
+    losses = model(images, targets)
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad is not None
+
+    model.zero_grad()
+    empty = model([images[1]], [targets[1]])
+    assert float(empty["loss_mask"]) == 0.0 and float(empty["loss_box_reg"]) == 0.0 and float(empty["loss_rpn_box_reg"]) == 0.0
+    assert float(empty["loss_classifier"]) > 0
+    sum(empty.values()).backward()
+
+
+def test_inference_outputs_original_sizes_and_sorted_scores():
+    model = _small_model()
+    model.roi_heads.score_thresh = 0.0
+    model.eval()
+    sizes = [(120, 160), (90, 70), (33, 300)]
+    with torch.inference_mode():
+        outputs = model([torch.rand(3, *s) for s in sizes])
+    for out, (h, w) in zip(outputs, sizes):
+        d = out["boxes"].shape[0]
+        assert out["masks"].shape == (d, h, w) and out["masks"].dtype == torch.bool
+        assert out["scores"].shape == (d,) and out["labels"].shape == (d,)
+        assert d <= model.roi_heads.detections_per_img
+        assert bool((out["labels"] >= 1).all())
+        assert bool((out["scores"][:-1] >= out["scores"][1:]).all())
+        assert bool((out["boxes"][:, 2] <= w + 1e-3).all()) and bool((out["boxes"][:, 3] <= h + 1e-3).all())
+
+
+def test_inference_with_no_detections():
+    model = _small_model()
+    model.roi_heads.score_thresh = 1.0
+    model.eval()
+    with torch.inference_mode():
+        (out,) = model([torch.rand(3, 50, 60)])
+    assert out["boxes"].shape == (0, 4) and out["masks"].shape == (0, 50, 60)
+
+
+def test_model_rejects_bad_inputs():
+    model = _small_model()
+    model.eval()
+    with pytest.raises(ValueError, match=r"images\[0\]"):
+        model([torch.rand(1, 10, 10)])
+    with pytest.raises(ValueError, match=r"images\[0\].*float"):
+        model([torch.zeros(3, 10, 10, dtype=torch.uint8)])
+    model.train()
+    with pytest.raises(ValueError, match="needs targets"):
+        model([torch.rand(3, 10, 10)])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\]\[0\]"):
+        model([torch.rand(3, 40, 40)], [_target([[10, 10, 5, 20]], [1], (40, 40))])
+
+
+# ---- config ------------------------------------------------------------------------------
+
+def test_config_round_trip_and_errors():
+    cfg = get_preset("small", num_classes=7)
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert isinstance(again.anchors.sizes, tuple)
+    with pytest.raises(ValueError, match="unknown model preset 'r51'.*r50_fpn"):
+        get_preset("r51")
+    bad = cfg.to_dict()
+    bad["rpn"]["nms_treshold"] = 0.5
+    with pytest.raises(ValueError, match=r"nms_treshold.*config\.rpn"):
+        ModelConfig.from_dict(bad)
+
+
+def test_every_preset_builds():
+    for name in ("r50_fpn", "r101_fpn", "x101_32x8d_fpn", "small"):
+        model = build_model(get_preset(name, num_classes=3))
+        assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    frozen = build_model(get_preset("r50_fpn"))
+    assert not frozen.backbone.body.conv1.weight.requires_grad
+    assert frozen.backbone.body.layer2[0].conv1.weight.requires_grad

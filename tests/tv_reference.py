@@ -1,0 +1,64 @@
+"""torchvision's Mask R-CNN with weights that give confident detections, for parity tests and benchmarks.
+
+Random weights prove little (no confident detections), and a randomly initialised ResNet with
+frozen BatchNorm diverges. So: calibrate BatchNorm statistics on the images, freeze the trunk,
+and train the rest for a few steps until the scores are confident.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+NUM_CLASSES = 3
+
+
+def synthetic_batch(generator: torch.Generator, count: int = 2, size=(200, 260)):
+    """Bright rectangles of two classes on dark noise, with exact masks."""
+    h, w = size
+    images, targets = [], []
+    for _ in range(count):
+        image = torch.rand(3, h, w, generator=generator) * 0.3
+        boxes, labels, masks = [], [], []
+        for k in range(3):
+            x = int(torch.randint(0, w - 80, (1,), generator=generator))
+            y = int(torch.randint(0, h - 80, (1,), generator=generator))
+            bw = int(torch.randint(30, 70, (1,), generator=generator))
+            bh = int(torch.randint(30, 70, (1,), generator=generator))
+            label = k % 2 + 1
+            mask = torch.zeros(h, w, dtype=torch.uint8)
+            mask[y:y + bh, x:x + bw] = 1
+            image[label - 1, y:y + bh, x:x + bw] = 0.9
+            boxes.append([x, y, x + bw, y + bh])
+            labels.append(label)
+            masks.append(mask)
+        images.append(image)
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels), "masks": torch.stack(masks)})
+    return images, targets
+
+
+def trained_torchvision_state(steps: int = 30, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=224, max_size=320)
+    images, targets = synthetic_batch(torch.Generator().manual_seed(seed + 1))
+    for module in model.backbone.body.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration batch
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        batch, _ = model.transform(images)
+        model.backbone.body(batch.tensors)
+    for param in model.backbone.body.parameters():
+        param.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9)
+    model.backbone.body.eval()
+    for _ in range(steps):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        optimizer.step()
+    model.eval()
+    return model.state_dict()
