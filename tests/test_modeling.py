@@ -338,3 +338,14 @@ def test_every_preset_builds():
     frozen = build_model(get_preset("r50_fpn"))
     assert not frozen.backbone.body.conv1.weight.requires_grad
     assert frozen.backbone.body.layer2[0].conv1.weight.requires_grad
+
+
+def test_paste_masks_in_chunks_equals_one_pass(monkeypatch):
+    import maskrcnn.modeling.postprocessing as post
+
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(7, 28, 28, generator=g)
+    boxes = _random_boxes(7, size=50.0, generator=g)
+    whole = paste_masks(probs, boxes, (60, 80), threshold=None)
+    monkeypatch.setattr(post, "_CHUNK_ELEMENTS", 60 * 80 * 2)  # 2 masks per chunk
+    torch.testing.assert_close(paste_masks(probs, boxes, (60, 80), threshold=None), whole)

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+_CHUNK_ELEMENTS = 1 << 26  # 64M floats (256 MB)
+
+
 def _expand_boxes(boxes: Tensor, scale: float) -> Tensor:
     w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
     h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
@@ -62,14 +65,17 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], 
     x0, y0 = boxes[:, 0], boxes[:, 1]
     w = (boxes[:, 2] - boxes[:, 0] + 1).clamp(min=1)
     h = (boxes[:, 3] - boxes[:, 1] + 1).clamp(min=1)
-    compute = torch.float32
-    wy = _interpolation_matrix(y0, h, src, height, compute)  # (D, H, M+2)
-    wx = _interpolation_matrix(x0, w, src, width, compute)  # (D, W, M+2)
-    # (D, H, M+2) @ (D, M+2, M+2) @ (D, M+2, W) -> (D, H, W)
-    pasted = torch.bmm(torch.bmm(wy, padded.to(compute)), wx.transpose(1, 2))
-    if threshold is None:
-        return pasted.to(mask_probs.dtype)
-    return pasted >= threshold
+    out = torch.empty((num, height, width), dtype=torch.bool if threshold is not None else mask_probs.dtype, device=mask_probs.device)
+    # chunks bound the float intermediate to ~_CHUNK_ELEMENTS whatever the image size
+    chunk = max(1, _CHUNK_ELEMENTS // max(height * width, 1))
+    for start in range(0, num, chunk):
+        sl = slice(start, start + chunk)
+        wy = _interpolation_matrix(y0[sl], h[sl], src, height, torch.float32)  # (d, H, M+2)
+        wx = _interpolation_matrix(x0[sl], w[sl], src, width, torch.float32)  # (d, W, M+2)
+        # (d, H, M+2) @ (d, M+2, M+2) @ (d, M+2, W) -> (d, H, W)
+        pasted = torch.bmm(torch.bmm(wy, padded[sl].float()), wx.transpose(1, 2))
+        out[sl] = pasted >= threshold if threshold is not None else pasted.to(out.dtype)
+    return out
 
 
 def postprocess_detections(
