@@ -44,6 +44,10 @@ def test_box_coder_hand_computed():
     torch.testing.assert_close(coder.encode(gt, ref), expected)
 
 
+def test_box_coder_decodes_no_boxes():
+    assert BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(torch.zeros(0, 12), torch.zeros(0, 4)).shape == (0, 3, 4)
+
+
 def test_box_coder_clamps_huge_deltas():
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
     out = coder.decode(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), torch.tensor([[0.0, 0.0, 16.0, 16.0]]))

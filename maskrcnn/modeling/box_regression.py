@@ -39,8 +39,6 @@ class BoxCoder:
     def decode(self, deltas: Tensor, reference_boxes: Tensor) -> Tensor:
         """(R, 4*K) deltas applied to (R, 4) reference boxes -> (R, K, 4) boxes."""
         reference_boxes = reference_boxes.to(deltas.dtype)
-        num_refs = reference_boxes.shape[0]
-        deltas = deltas.reshape(num_refs, -1)
         wx, wy, ww, wh = self.weights
         widths = reference_boxes[:, 2] - reference_boxes[:, 0]
         heights = reference_boxes[:, 3] - reference_boxes[:, 1]
