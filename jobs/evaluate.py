@@ -1,0 +1,238 @@
+"""``python -m jobs.evaluate``: COCO box and mask AP of a checkpoint on a COCO-format dataset.
+
+    python -m jobs.evaluate --checkpoint s3://bucket/run/model.pt \\
+        --annotations s3://bucket/val/annotations.json --images s3://bucket/val/images \\
+        [--output s3://bucket/run/eval.json]
+
+Prints the AP table and, with ``--output``, writes it as JSON. Evaluation runs in this process
+(on its GPU when it has one): on a cluster, ask for one with ``ray job submit
+--entrypoint-num-gpus 1 -- python -m jobs.evaluate ...``. Images are read and decoded by
+DataLoader workers while the model runs.
+
+The model's classes are mapped to the annotations' category ids through the checkpoint's own
+category list (a ``jobs.train`` checkpoint), or, for a bare torchvision state dict, as in
+torchvision: the class index is the category id (then ``--arch`` names its architecture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
+
+__all__ = ["main", "build_parser", "evaluate", "class_map_for"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.evaluate",
+        description="COCO box and mask AP (pycocotools' COCOeval) of a Mask R-CNN checkpoint on a COCO-format dataset. "
+        "Every URI may be a local path or s3:// (any fsspec URI).",
+    )
+    parser.add_argument("--checkpoint", required=True, metavar="URI", help="model.pt written by jobs.train, or a bare torchvision Mask R-CNN state dict")
+    parser.add_argument("--annotations", required=True, metavar="URI", help="COCO instances JSON, the ground truth")
+    parser.add_argument("--images", required=True, metavar="URI", help="folder or prefix that the JSON's file_names are relative to")
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="URI",
+        help="where to write the metrics as JSON: a .json file, or a folder (then <folder>/evaluation.json); default: print only",
+    )
+    parser.add_argument("--min-size", type=int, default=None, metavar="N", help="resize the shorter side to N before the model (default: the checkpoint's, 800 for r50_fpn)")
+    parser.add_argument("--max-size", type=int, default=None, metavar="N", help="cap the longer side at N (default: the checkpoint's, 1333 for r50_fpn)")
+    parser.add_argument(
+        "--arch",
+        default=None,
+        metavar="PRESET",
+        help="architecture of a bare torchvision state dict (e.g. r50_fpn); not needed for a jobs.train checkpoint",
+    )
+    parser.add_argument(
+        "--categories",
+        default=None,
+        metavar="URI",
+        help="COCO JSON naming a bare torchvision state dict's classes (class index = category id); default: --annotations",
+    )
+    parser.add_argument("--batch-size", type=int, default=2, metavar="N", help="images per forward pass (default 2)")
+    parser.add_argument("--loader-workers", type=int, default=2, metavar="N", help="DataLoader processes that read and decode images (default 2; 0 reads in this process)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default auto)")
+    add_storage_options(parser)
+    return parser
+
+
+def class_map_for(label_map: dict[int, dict], gt_category_ids: set[int], checkpoint_uri: str, annotations_uri: str) -> dict[int, int]:
+    """Class index -> category id, from a checkpoint's label map; refuses a model whose
+    categories share nothing with the ground truth, where AP would be a silent 0."""
+    class_map = {k: int(c["id"]) for k, c in label_map.items()}
+    if not set(class_map.values()) & gt_category_ids:
+        raise JobError(
+            f"the categories of {checkpoint_uri} (ids {sorted(class_map.values())[:10]}) share no id with those of {annotations_uri} "
+            f"(ids {sorted(gt_category_ids)[:10]}); evaluate a checkpoint trained on these categories"
+        )
+    return class_map
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset,
+    class_map: dict[int, int] | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 2,
+    loader_workers: int = 2,
+) -> dict[str, Any]:
+    """COCO box and mask AP of ``model`` on ``dataset`` (a ``CocoDataset``).
+
+    Like ``maskrcnn.evaluation.evaluate_model``, but images are read by DataLoader workers (an
+    ``s3://`` dataset is not read one image at a time) and class indices map to category ids
+    through ``class_map`` (default: the dataset's own categories). Detections of classes that
+    ``class_map`` lacks (e.g. torchvision's unused COCO indices) are dropped.
+    """
+    from maskrcnn.data import collate_fn
+    from maskrcnn.evaluation import evaluate_coco, predictions_to_coco_results
+
+    if class_map is None:
+        class_map = {k + 1: c["id"] for k, c in enumerate(dataset.categories)}
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers, collate_fn=collate_fn,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    was_training = model.training
+    model.eval()
+    results: list[dict] = []
+    image_ids: list[int] = []
+    try:
+        with torch.inference_mode():
+            for images, targets in loader:
+                predictions = model([image.to(device, non_blocking=True) for image in images])
+                ids = [int(t["image_id"]) for t in targets]
+                for prediction in predictions:
+                    keep = torch.tensor([int(label) in class_map for label in prediction["labels"].tolist()], dtype=torch.bool)
+                    if not bool(keep.all()):
+                        keep = keep.to(prediction["labels"].device)
+                        prediction.update({k: v[keep] for k, v in prediction.items() if isinstance(v, torch.Tensor)})
+                results.extend(predictions_to_coco_results(predictions, ids, class_map))
+                image_ids.extend(ids)
+    finally:
+        model.train(was_training)
+    metrics = evaluate_coco(dataset.coco, results, image_ids=image_ids)
+    metrics["num_images"] = len(image_ids)
+    metrics["num_detections"] = len(results)
+    return metrics
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise JobError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
+    return device
+
+
+def output_json_uri(output: str) -> str:
+    from maskrcnn.storage import join_uri
+
+    return output if output.lower().endswith(".json") else join_uri(output, "evaluation.json")
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    from maskrcnn.evaluation import STAT_NAMES
+
+    lines = [f"{'':6s}" + "".join(f"{name:>7s}" for name in STAT_NAMES)]
+    for iou_type in ("bbox", "segm"):
+        stats = metrics.get(f"{iou_type}_stats")
+        if stats is not None:
+            lines.append(f"{iou_type:6s}" + "".join(f"{v:7.3f}" for v in stats))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    storage_options = parse_storage_options(args.storage_options)
+    for name in ("min_size", "max_size", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.loader_workers < 0:
+        raise JobError(f"--loader-workers must be 0 or more, got {args.loader_workers}")
+    device = _resolve_device(args.device)
+
+    from maskrcnn.checkpoint import CheckpointError, categories_from_coco, load_checkpoint
+    from maskrcnn.data import AnnotationError, CocoDataset, missing_images
+
+    try:
+        dataset = CocoDataset(args.annotations, args.images, storage_options=storage_options)
+    except FileNotFoundError:
+        raise JobError(f"--annotations {args.annotations} does not exist") from None
+    except AnnotationError as exc:
+        raise JobError(f"--annotations: {exc}") from None
+    if len(dataset) == 0:
+        raise JobError(f"--annotations {args.annotations} lists no images; nothing to evaluate")
+    missing = missing_images(dataset)
+    if missing:
+        raise JobError(
+            f"{len(missing)} of the {len(dataset)} images named in {args.annotations} are missing under --images {args.images} "
+            f"(e.g. {', '.join(missing[:3])}); fix --images or the file_names"
+        )
+
+    try:
+        categories = None
+        if args.arch is not None:  # a bare torchvision state dict names its classes in a COCO file
+            categories = categories_from_coco(args.categories or args.annotations, storage_options)
+        loaded = load_checkpoint(args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options)
+    except CheckpointError as exc:
+        raise JobError(str(exc)) from None
+    except ValueError as exc:  # an unknown --arch preset
+        raise JobError(str(exc)) from None
+    if args.min_size is not None or args.max_size is not None:
+        # Same weights, another input size: rebuild from the changed config.
+        from maskrcnn.modeling import build_model
+
+        base = loaded.config.input
+        config = loaded.config.replace(
+            input=dataclasses.replace(base, min_size=args.min_size or base.min_size, max_size=args.max_size or base.max_size)
+        )
+        model = build_model(config)
+        model.load_state_dict(loaded.model.state_dict())
+        model.eval()
+        loaded.model, loaded.config = model, config
+    model = loaded.model.to(device)
+    class_map = class_map_for(loaded.label_map, {c["id"] for c in dataset.categories}, args.checkpoint, args.annotations)
+
+    started = time.perf_counter()
+    metrics = evaluate(model, dataset, class_map, device=device, batch_size=args.batch_size, loader_workers=args.loader_workers)
+    seconds = time.perf_counter() - started
+    report = {
+        "checkpoint": args.checkpoint,
+        "model": loaded.model_hash,
+        "annotations": args.annotations,
+        "images": args.images,
+        "min_size": loaded.config.input.min_size,
+        "max_size": loaded.config.input.max_size,
+        "seconds": round(seconds, 3),
+        **metrics,
+    }
+    print(format_table(metrics))
+    print(
+        f"box AP {metrics['bbox_AP']:.4f}  mask AP {metrics['segm_AP']:.4f}  "
+        f"({metrics['num_images']} images, {metrics['num_detections']} detections, {seconds:.1f} s on {device})"
+    )
+    if args.output:
+        from maskrcnn.storage import open_uri
+
+        uri = output_json_uri(args.output)
+        with open_uri(uri, "w", storage_options) as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {uri}")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

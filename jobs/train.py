@@ -1,0 +1,791 @@
+"""``python -m jobs.train``: train or fine-tune Mask R-CNN on a Ray cluster with Ray Train.
+
+    python -m jobs.train --annotations s3://b/train.json --images s3://b/train/ --output s3://b/runs/r1 \\
+        [--val-annotations s3://b/val.json --val-images s3://b/val/] [--weights URI] \\
+        [--num-workers 8 --use-gpu] [--epochs 12 | --max-steps N] [--batch-size 2]
+
+How it runs:
+
+- The driver (this process) checks the inputs before anything trains: the annotations parse and
+  name images that exist, the dataset is not empty, ``--weights`` is readable and fits the
+  architecture, ``--use-gpu`` has GPUs to use. Each problem stops the job with exit status 2
+  and a message naming it. The driver never reads an image.
+- A ``TorchTrainer`` starts ``--num-workers`` workers: DDP over gloo on CPUs, NCCL on GPUs.
+  Every worker reads the annotations itself and its own shard of the images (a per-epoch
+  shuffle split by world rank, as ``DistributedSampler`` does) through fsspec, in its own
+  DataLoader processes.
+- Learning rate: the linear scaling rule, 0.02 for 16 images per step, so
+  ``0.02 * batch_size * num_workers / 16``; linear warmup from ``--warmup-factor`` times that,
+  then x ``--lr-gamma`` at ``--lr-steps`` (2/3 and 8/9 of the run, detectron's 1x schedule).
+- On GPUs the forward pass runs under bf16 autocast (fp16 with a GradScaler where the GPU has
+  no bf16); on CPUs in fp32. ``--precision`` overrides.
+- ``--output`` holds the whole run (local or any fsspec URI, e.g. ``s3://``):
+  ``ray_train/`` (Ray Train's checkpoints, the last ``--keep-checkpoints``, each with the model,
+  optimizer, scheduler and step), ``metrics.jsonl`` (one JSON object per logged step,
+  evaluation and (re)start), ``metrics.png`` (the curves) and, at the end, ``model.pt``: the
+  single-file checkpoint that ``jobs.label`` and ``jobs.evaluate`` take as it is.
+- A worker that dies is replaced and training goes on from the latest checkpoint
+  (``--max-failures`` times). Running the same command again after the job itself died
+  resumes from the latest checkpoint in ``--output`` (Ray Train finds the run there by its
+  storage path and name); a run that had finished only rewrites ``model.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
+
+__all__ = ["main", "build_parser", "train_loop_per_worker", "train_step", "lr_factor", "shard_indices", "TrainPlan"]
+
+RUN_NAME = "ray_train"  # Ray Train's run folder inside --output
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "metrics.png"
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint folder
+REFERENCE_BATCH, REFERENCE_LR = 16, 0.02  # the paper's 8 GPUs x 2 images at lr 0.02
+LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to options that have a default worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.train",
+        description="Train or fine-tune Mask R-CNN with Ray Train (DDP across --num-workers workers). "
+        "Every URI may be a local path or s3:// (any fsspec URI). Rerunning the same command resumes "
+        "the run in --output from its latest checkpoint.",
+        formatter_class=_DefaultsFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--annotations", required=True, metavar="URI", help="training annotations, a COCO instances JSON; its categories are the model's classes")
+    data.add_argument("--images", required=True, metavar="URI", help="folder or prefix that the training JSON's file_names are relative to")
+    data.add_argument("--val-annotations", default=None, metavar="URI", help="COCO JSON to evaluate box and mask AP on at the end of every epoch and of the run")
+    data.add_argument("--val-images", default=None, metavar="URI", help="image root of --val-annotations (default: --images)")
+    data.add_argument("--output", required=True, metavar="URI", help="run folder: Ray Train checkpoints, metrics.jsonl, metrics.png and the final model.pt")
+    data.add_argument("--min-size", type=int, default=None, metavar="N", help="resize the shorter image side to N (default: the preset's or the --weights checkpoint's; 800 for r50_fpn)")
+    data.add_argument("--max-size", type=int, default=None, metavar="N", help="cap the longer image side at N (default: the preset's or checkpoint's; 1333 for r50_fpn)")
+    data.add_argument("--flip-prob", type=float, default=0.5, metavar="P", help="probability of a horizontal flip of a training image")
+    data.add_argument("--loader-workers", type=int, default=4, metavar="N", help="DataLoader processes per training worker that read and decode images (0: in the worker itself)")
+    add_storage_options(data)
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--arch", default=None, metavar="PRESET",
+        help="model preset: r50_fpn, r101_fpn, x101_32x8d_fpn or small (default: r50_fpn, or the --weights checkpoint's own architecture)",
+    )
+    model.add_argument(
+        "--weights", default=None, metavar="URI",
+        help="start from these weights: a jobs.train model.pt or a torchvision Mask R-CNN state dict (e.g. the COCO checkpoint); "
+        "when its classes differ from the annotations' categories, the class-specific layers are re-initialised (fine-tuning)",
+    )
+
+    schedule = parser.add_argument_group("schedule")
+    length = schedule.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, metavar="N", help="passes over the training set (default 12 when --max-steps is not given)")
+    length.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps to train for, instead of --epochs")
+    schedule.add_argument("--batch-size", type=int, default=2, metavar="N", help="images per worker per step; the total batch is N x --num-workers")
+    schedule.add_argument("--lr", type=float, default=None, metavar="F", help="peak learning rate (default: linear scaling rule, 0.02 x total batch / 16)")
+    schedule.add_argument("--warmup-steps", type=int, default=None, metavar="N", help="linear warmup steps (default: min(1000, a tenth of the run))")
+    schedule.add_argument("--warmup-factor", type=float, default=0.001, metavar="F", help="learning rate at step 0, as a fraction of --lr")
+    schedule.add_argument(
+        "--lr-steps", default="0.667,0.889", metavar="LIST",
+        help="comma-separated steps where the learning rate is multiplied by --lr-gamma; values below 1 are fractions of the run",
+    )
+    schedule.add_argument("--lr-gamma", type=float, default=0.1, metavar="F", help="learning rate decay factor at each of --lr-steps")
+    schedule.add_argument("--momentum", type=float, default=0.9, metavar="F", help="SGD momentum")
+    schedule.add_argument("--weight-decay", type=float, default=1e-4, metavar="F", help="SGD weight decay")
+    schedule.add_argument("--seed", type=int, default=0, help="seed of the data order and of new layers' initialisation")
+
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument("--num-workers", type=int, default=1, metavar="N", help="training workers (one GPU each with --use-gpu)")
+    cluster.add_argument("--use-gpu", action="store_true", help="train on GPUs (NCCL); fails before training when the cluster has none")
+    cluster.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="F", help="CPUs Ray reserves for each worker (its DataLoader processes run there too)")
+    cluster.add_argument(
+        "--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+        help="autocast precision of the forward pass; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
+    )
+
+    run = parser.add_argument_group("checkpoints and metrics")
+    run.add_argument("--checkpoint-every", type=int, default=500, metavar="N", help="save a Ray Train checkpoint every N steps, besides each epoch's end (0: at epoch ends only)")
+    run.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="Ray Train checkpoints kept in --output (the newest K)")
+    run.add_argument("--max-failures", type=int, default=3, metavar="N", help="times a failed worker group is restarted from the latest checkpoint (-1: always)")
+    run.add_argument("--log-every", type=int, default=20, metavar="N", help="print, report to Ray Train and record metrics every N steps")
+    run.add_argument("--eval-batch-size", type=int, default=2, metavar="N", help="images per forward pass when evaluating on --val-annotations")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# What the driver hands the workers
+
+
+class Hidden:
+    """A value kept out of logs: Ray Train records the train loop config for its dashboard,
+    and storage options may hold credentials."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+    __str__ = __repr__
+
+
+@dataclass
+class TrainPlan:
+    """Everything a worker needs, checked by the driver; plain data so Ray can ship it."""
+
+    annotations: str
+    images: str
+    output: str
+    model_config: dict
+    categories: list[dict]
+    total_steps: int
+    steps_per_epoch: int
+    batch_size: int
+    base_lr: float
+    warmup_steps: int
+    warmup_factor: float
+    lr_steps: list[int]
+    lr_gamma: float
+    momentum: float
+    weight_decay: float
+    seed: int
+    flip_prob: float
+    loader_workers: int
+    precision: str
+    checkpoint_every: int
+    log_every: int
+    val_annotations: str | None = None
+    val_images: str | None = None
+    eval_batch_size: int = 2
+    weights: str | None = None
+    # "project" or "torchvision"; with reinit_class_layers the class-specific layers stay fresh
+    weights_kind: str | None = None
+    reinit_class_layers: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared by the workers, the driver and benchmarks/train_step.py
+
+
+def lr_factor(step: int, warmup_steps: int, warmup_factor: float, lr_steps: list[int], gamma: float) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warmup from ``warmup_factor``
+    to 1 over ``warmup_steps``, then ``gamma`` per milestone passed (torchvision's reference)."""
+    factor = gamma ** sum(1 for milestone in lr_steps if step >= milestone)
+    if step < warmup_steps:
+        alpha = step / warmup_steps
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def resolve_lr_steps(text: str, total_steps: int) -> list[int]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise JobError(f"--lr-steps must be comma-separated numbers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise JobError(f"--lr-steps must be positive, got {text!r}")
+    return sorted(int(round(v * total_steps)) if v < 1 else int(v) for v in values)
+
+
+def shard_indices(num_items: int, world_size: int, rank: int, epoch: int, seed: int) -> list[int]:
+    """This rank's dataset indices for ``epoch``: one seeded shuffle per epoch, padded to a
+    multiple of ``world_size`` and dealt out by rank (``DistributedSampler``'s split), so every
+    rank has the same number of items and the ranks' shards do not overlap."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def steps_per_epoch(num_items: int, world_size: int, batch_size: int) -> int:
+    return math.ceil(math.ceil(num_items / world_size) / batch_size)
+
+
+def targets_to(targets: list[dict], device) -> list[dict]:
+    return [{k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in t.items()} for t in targets]
+
+
+def train_step(model, optimizer, images, targets, autocast_dtype=None, scaler=None) -> dict:
+    """One optimizer step on one batch: forward (under autocast when ``autocast_dtype`` is set),
+    backward, step. Returns the detached loss terms; reads no value back from the device."""
+    import torch
+
+    device_type = images[0].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss_dict = model(images, targets)
+    loss = sum(loss_dict.values())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach() for k, v in loss_dict.items()}
+
+
+def autocast_dtype_for(precision: str, device):
+    """The autocast dtype for ``--precision`` on ``device`` (None: fp32, no autocast)."""
+    import torch
+
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def read_metrics(output: str, storage_options: dict | None) -> list[dict]:
+    from maskrcnn.storage import join_uri, open_uri
+
+    try:
+        with open_uri(join_uri(output, METRICS_FILE), "r", storage_options) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+class MetricsLog:
+    """Rank 0's record of the run, rewritten whole to ``<output>/metrics.jsonl`` at each
+    checkpoint, evaluation and the end (object stores cannot append). On a resume, records
+    after the restored step are dropped: that stretch is trained again."""
+
+    def __init__(self, output: str, storage_options: dict | None, start_step: int) -> None:
+        self.uri = output
+        self.storage_options = storage_options
+        self.records = [r for r in read_metrics(output, storage_options) if r.get("step", 0) <= start_step]
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+
+    def flush(self) -> None:
+        from maskrcnn.storage import join_uri, open_uri
+
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        with open_uri(join_uri(self.uri, METRICS_FILE), "w", self.storage_options) as f:
+            f.write(text)
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop, run by every Ray Train worker
+
+
+def _log(message: str) -> None:
+    print(f"[jobs.train] {message}", flush=True)
+
+
+def _quiet_worker_logs() -> None:
+    """Keep the console to this job's own lines: COCOeval's summary (logged at INFO by
+    maskrcnn.evaluation) is in metrics.jsonl, and Ray 2.60's train context logs every
+    report's metrics at INFO under a logger named by its file path, out of LoggingConfig's reach."""
+    import logging
+
+    logging.getLogger("maskrcnn.evaluation").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: nothing to quiet
+        pass
+
+
+def _load_start_weights(model, plan: TrainPlan, storage_options) -> None:
+    from maskrcnn.checkpoint import convert_torchvision_state_dict, is_torchvision_state_dict, load_state, read_checkpoint
+
+    obj, _ = read_checkpoint(plan.weights, storage_options)
+    state = convert_torchvision_state_dict(obj) if is_torchvision_state_dict(obj) else obj["model"]
+    load_state(model, state, plan.weights, skip_class_specific=plan.reinit_class_layers)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import torch
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from maskrcnn.checkpoint import save_checkpoint
+    from maskrcnn.config import ModelConfig
+    from maskrcnn.data import CocoDataset, RandomHorizontalFlip, collate_fn
+    from maskrcnn.modeling import build_model
+    from maskrcnn.storage import join_uri
+
+    plan = TrainPlan(**config["plan"])
+    storage_options = config["storage_options"].value
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if isinstance(device, list):
+        device = device[0]
+    warnings.filterwarnings("ignore", message=".*degenerate annotations.*")  # the driver has said it once
+    _quiet_worker_logs()
+
+    dataset = CocoDataset(plan.annotations, plan.images, storage_options, transforms=RandomHorizontalFlip(plan.flip_prob) if plan.flip_prob > 0 else None)
+    model_config = ModelConfig.from_dict(plan.model_config)
+    torch.manual_seed(plan.seed)  # the same fresh layers on every rank
+    model = build_model(model_config)
+
+    checkpoint = ray.train.get_checkpoint()
+    resume_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume_state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        if resume_state["categories"] != plan.categories or resume_state["config"] != plan.model_config:
+            raise RuntimeError(
+                f"the run in {plan.output} was started with other categories or another model config than this command's; "
+                "use a new --output, or the original --annotations/--arch/--weights/--min-size/--max-size"
+            )
+        model.load_state_dict(resume_state["model"])
+    elif plan.weights and rank == 0:
+        # Only rank 0 reads the weights: DDP broadcasts rank 0's parameters and buffers to the
+        # other ranks when it wraps the model.
+        _load_start_weights(model, plan, storage_options)
+    start_step = int(resume_state["step"]) if resume_state else 0
+    _log(f"worker rank {rank}/{world_size} pid {os.getpid()} on {device}: starts at step {start_step} of {plan.total_steps}")
+
+    model = ray.train.torch.prepare_model(model)
+    bare_model = model.module if hasattr(model, "module") else model
+    params = [p for p in bare_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=plan.base_lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, plan.warmup_steps, plan.warmup_factor, plan.lr_steps, plan.lr_gamma)
+    )
+    autocast_dtype = autocast_dtype_for(plan.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    if resume_state:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+
+    metrics_log = MetricsLog(plan.output, storage_options, start_step) if rank == 0 else None
+    if metrics_log is not None:
+        metrics_log.add({"event": "start", "step": start_step, "total_steps": plan.total_steps, "world_size": world_size, "time": time.time()})
+        metrics_log.flush()
+    val_dataset = None
+    if plan.val_annotations and rank == 0:
+        val_dataset = CocoDataset(plan.val_annotations, plan.val_images, storage_options)
+
+    def save(step: int, metrics: dict) -> None:
+        """Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint."""
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        metrics_log.flush()
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(
+                {
+                    "format": "maskrcnn-ray/1",  # loads with maskrcnn.checkpoint.load_checkpoint too
+                    "model": {k: v.detach().cpu() for k, v in bare_model.state_dict().items()},
+                    "config": plan.model_config,
+                    "categories": plan.categories,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "step": step,
+                },
+                os.path.join(folder, CHECKPOINT_FILE),
+            )
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        _log(f"checkpoint at step {step}")
+
+    def evaluate_now(step: int, epoch: int) -> dict:
+        from jobs.evaluate import evaluate
+
+        started = time.perf_counter()
+        result = evaluate(bare_model, val_dataset, device=device, batch_size=plan.eval_batch_size, loader_workers=min(plan.loader_workers, 2))
+        summary = {k: v for k, v in result.items() if not k.endswith("_stats")}
+        metrics_log.add({"event": "eval", "step": step, "epoch": epoch, **result, "seconds": round(time.perf_counter() - started, 2)})
+        metrics_log.flush()
+        _log(f"eval at step {step} (epoch {epoch}): box AP {result['bbox_AP']:.4f}  mask AP {result['segm_AP']:.4f}  ({time.perf_counter() - started:.1f} s)")
+        return summary
+
+    step = last_record_step = start_step
+    model.train()
+    last_time = time.perf_counter()
+    while step < plan.total_steps:
+        epoch, skip_batches = divmod(step, plan.steps_per_epoch)
+        indices = shard_indices(len(dataset), world_size, rank, epoch, plan.seed)[skip_batches * plan.batch_size :]
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=plan.batch_size, sampler=indices, num_workers=plan.loader_workers,
+            collate_fn=collate_fn, pin_memory=device.type == "cuda",
+        )
+        for images, targets in loader:
+            images = [image.to(device, non_blocking=True) for image in images]
+            targets = targets_to(targets, device)
+            lr = optimizer.param_groups[0]["lr"]
+            losses = train_step(model, optimizer, images, targets, autocast_dtype, scaler)
+            scheduler.step()
+            step += 1
+            # One read-back per step, as torchvision's reference loop does. A diverged rank
+            # poisons every rank through the gradient all-reduce, so all of them stop here.
+            total = float(sum(losses.values()))
+            if not math.isfinite(total):
+                raise FloatingPointError(f"the loss is {total} at step {step} (rank {rank}); lower --lr or lengthen --warmup-steps")
+            epoch_end = step % plan.steps_per_epoch == 0
+            last = step >= plan.total_steps
+            checkpoint_due = epoch_end or last or (plan.checkpoint_every and step % plan.checkpoint_every == 0)
+            log_due = step % plan.log_every == 0 or checkpoint_due or step == start_step + 1
+            if not log_due:
+                continue
+            # Mean loss terms over the ranks, and the images all ranks took in this stretch.
+            values = torch.stack([losses[k].float() for k in LOSS_KEYS] + [torch.tensor(float(len(images)), device=device)])
+            if world_size > 1:
+                torch.distributed.all_reduce(values)
+            values = values.cpu()
+            loss_terms = {k: float(values[i]) / world_size for i, k in enumerate(LOSS_KEYS)}
+            now = time.perf_counter()
+            record = {
+                "step": step,
+                "epoch": step / plan.steps_per_epoch,
+                "loss": sum(loss_terms.values()),
+                **loss_terms,
+                "lr": lr,
+                # images per step (all ranks, this step's count) x steps since the last record / seconds
+                "images_per_s": float(values[-1]) * (step - last_record_step) / (now - last_time),
+                "time": time.time(),
+            }
+            last_time, last_record_step = now, step
+            if rank == 0:
+                metrics_log.add(record)
+                _log(
+                    f"step {step}/{plan.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
+                    f"(cls {loss_terms['loss_classifier']:.3f} box {loss_terms['loss_box_reg']:.3f} mask {loss_terms['loss_mask']:.3f} "
+                    f"obj {loss_terms['loss_objectness']:.3f} rpn {loss_terms['loss_rpn_box_reg']:.3f}) lr {lr:.5f} {record['images_per_s']:.1f} img/s"
+                )
+            report = {k: v for k, v in record.items() if k != "time"}
+            if (epoch_end or last) and val_dataset is not None:
+                report.update(evaluate_now(step, int(step // plan.steps_per_epoch)))
+                last_time = time.perf_counter()
+            if checkpoint_due:
+                save(step, report)
+                last_time = time.perf_counter()
+            else:
+                ray.train.report(report)
+            if last:
+                break
+
+    if rank == 0:
+        uri = join_uri(plan.output, MODEL_FILE)
+        save_checkpoint(uri, bare_model, model_config, plan.categories, storage_options)
+        metrics_log.add({"event": "end", "step": step, "model": uri, "time": time.time()})
+        metrics_log.flush()
+        _log(f"wrote {uri}")
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+
+
+def _check_dataset(annotations: str, images: str, storage_options, what: str):
+    from maskrcnn.data import AnnotationError, CocoDataset, missing_images
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dataset = CocoDataset(annotations, images, storage_options)
+    except FileNotFoundError:
+        raise JobError(f"--{what}annotations {annotations} does not exist") from None
+    except AnnotationError as exc:
+        raise JobError(f"--{what}annotations: {exc}") from None
+    except OSError as exc:
+        raise JobError(f"cannot read --{what}annotations {annotations}: {type(exc).__name__}: {exc}") from None
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    if len(dataset) == 0:
+        raise JobError(f"--{what}annotations {annotations} lists no images: the dataset is empty")
+    instances = sum(1 for a in dataset.coco.dataset["annotations"] if not a.get("iscrowd"))
+    if instances == 0:
+        raise JobError(f"--{what}annotations {annotations} has no (non-crowd) annotations: nothing to learn or evaluate")
+    missing = missing_images(dataset)
+    if missing:
+        raise JobError(
+            f"{len(missing)} of the {len(dataset)} images named in --{what}annotations {annotations} are missing under "
+            f"--{what}images {images} (e.g. {', '.join(missing[:3])}); fix the image root or the file_names"
+        )
+    return dataset
+
+
+def _resolve_model(args, categories: list[dict], storage_options) -> tuple[dict, str | None, bool]:
+    """The model config for this run, the kind of --weights, and whether the class-specific
+    layers start fresh; loads --weights once into the model to prove they fit."""
+    from maskrcnn.checkpoint import (
+        FORMAT,
+        CheckpointError,
+        convert_torchvision_state_dict,
+        is_torchvision_state_dict,
+        load_state,
+        num_classes_of,
+        read_checkpoint,
+    )
+    from maskrcnn.config import ModelConfig, get_preset
+    from maskrcnn.modeling import build_model
+
+    num_classes = len(categories) + 1
+    kind, reinit, state = None, False, None
+    try:
+        if args.weights is None:
+            config = get_preset(args.arch or "r50_fpn", num_classes=num_classes)
+        else:
+            obj, _ = read_checkpoint(args.weights, storage_options)
+            if is_torchvision_state_dict(obj):
+                kind = "torchvision"
+                state = convert_torchvision_state_dict(obj)
+                config = get_preset(args.arch or "r50_fpn", num_classes=num_classes)
+                # torchvision's class index is a category id; ours is the annotations' order
+                reinit = True
+                if num_classes_of(state) == num_classes:
+                    print("warning: --weights has as many classes as the annotations, but a torchvision state dict's classes are its "
+                          "own category ids: its class-specific layers are re-initialised", file=sys.stderr)
+            elif obj.get("format") == FORMAT:
+                kind = "project"
+                state = obj["model"]
+                config = ModelConfig.from_dict(obj["config"])
+                if args.arch is not None and get_preset(args.arch).backbone.name != config.backbone.name:
+                    raise JobError(
+                        f"--weights {args.weights} holds a {config.backbone.name} model but --arch {args.arch} asks for "
+                        f"{get_preset(args.arch).backbone.name}; drop --arch (the checkpoint carries its architecture)"
+                    )
+                same_classes = [(c["id"], c["name"]) for c in obj["categories"]] == [(c["id"], c["name"]) for c in categories]
+                reinit = not same_classes
+                config = config.replace(num_classes=num_classes)
+            else:
+                raise JobError(
+                    f"--weights {args.weights} is neither a jobs.train checkpoint nor a torchvision Mask R-CNN state dict "
+                    f"(top-level keys: {sorted(map(str, obj))[:5]})"
+                )
+    except CheckpointError as exc:
+        raise JobError(f"--weights: {exc}") from None
+    except ValueError as exc:  # an unknown --arch preset, a damaged config
+        raise JobError(str(exc)) from None
+    if args.min_size is not None or args.max_size is not None:
+        from dataclasses import replace
+
+        config = config.replace(input=replace(config.input, min_size=args.min_size or config.input.min_size, max_size=args.max_size or config.input.max_size))
+    if state is not None:
+        try:
+            load_state(build_model(config), state, args.weights, skip_class_specific=reinit)
+        except CheckpointError as exc:
+            raise JobError(f"--weights: {exc}") from None
+    return config.to_dict(), kind, reinit
+
+
+def _ray_storage(output: str, storage_options):
+    """``RunConfig``'s storage path and filesystem for ``--output``: a local folder as is; any
+    other URI through the same fsspec filesystem (credentials, endpoint) the rest of the job uses."""
+    from fsspec.utils import get_protocol
+
+    from maskrcnn.storage import filesystem
+
+    if get_protocol(output) in ("file", "local"):
+        return os.path.abspath(output.removeprefix("file://")), None
+    import pyarrow.fs
+
+    fs, path = filesystem(output, storage_options)
+    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _absolute(uri: str | None) -> str | None:
+    """A local path made absolute: Ray Train workers run in another working directory."""
+    from fsspec.utils import get_protocol
+
+    if uri is None or get_protocol(uri) not in ("file", "local"):
+        return uri
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
+def _validate_args(args) -> None:
+    positive = ("num_workers", "batch_size", "max_steps", "epochs", "min_size", "max_size", "log_every", "keep_checkpoints", "eval_batch_size")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("loader_workers", "checkpoint_every"):
+        if getattr(args, name) < 0:
+            raise JobError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.lr is not None and not args.lr > 0:
+        raise JobError(f"--lr must be positive, got {args.lr}")
+    if args.cpus_per_worker <= 0:
+        raise JobError(f"--cpus-per-worker must be positive, got {args.cpus_per_worker}")
+    if not 0 <= args.flip_prob <= 1:
+        raise JobError(f"--flip-prob must be in [0, 1], got {args.flip_prob}")
+    if args.val_images and not args.val_annotations:
+        raise JobError("--val-images needs --val-annotations")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise JobError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
+
+
+def _check_cluster(ray, args) -> None:
+    resources = ray.cluster_resources()
+    if args.use_gpu:
+        gpus = resources.get("GPU", 0)
+        if gpus < 1:
+            raise JobError(
+                f"--use-gpu, but the Ray cluster has no GPUs (its resources: {int(resources.get('CPU', 0))} CPUs, 0 GPUs); "
+                "drop --use-gpu to train on CPUs, or submit to a cluster with GPU nodes"
+            )
+        if gpus < args.num_workers:
+            print(f"warning: --num-workers {args.num_workers} with --use-gpu needs {args.num_workers} GPUs; the cluster has {gpus:g} now "
+                  "(the job waits for an autoscaler to add them)", file=sys.stderr)
+    elif resources.get("CPU", 0) < args.num_workers * args.cpus_per_worker:
+        print(f"warning: {args.num_workers} workers x {args.cpus_per_worker:g} CPUs; the cluster has {resources.get('CPU', 0):g} CPUs now "
+              "(the job waits for an autoscaler to add them)", file=sys.stderr)
+
+
+def plot_metrics(records: list[dict], uri: str, storage_options) -> bool:
+    """Loss terms, learning rate and AP against step, as a PNG at ``uri``; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("warning: matplotlib is not installed; no metrics plot", file=sys.stderr)
+        return False
+    import io
+
+    from maskrcnn.storage import open_uri
+
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if r.get("event") == "eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for key in ("loss",) + LOSS_KEYS:
+        axes[0].plot([r["step"] for r in steps], [r[key] for r in steps], label=key, linewidth=2 if key == "loss" else 1)
+    axes[0].set(title="training loss (mean over workers)", xlabel="step", yscale="log")
+    axes[0].legend(fontsize=8)
+    axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:purple")
+    axes[1].set(title="learning rate", xlabel="step")
+    twin = axes[1].twinx()
+    twin.plot([r["step"] for r in steps], [r["images_per_s"] for r in steps], color="tab:gray", alpha=0.6)
+    twin.set_ylabel("images/s (all workers)")
+    for key, label in (("bbox_AP", "box AP"), ("segm_AP", "mask AP"), ("bbox_AP50", "box AP50"), ("segm_AP50", "mask AP50")):
+        axes[2].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=label)
+    axes[2].set(title="COCO AP on --val-annotations", xlabel="step", ylim=(0, 1))
+    if evals:
+        axes[2].legend(fontsize=8)
+    else:
+        axes[2].text(0.5, 0.5, "no --val-annotations", ha="center", va="center", transform=axes[2].transAxes)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    with open_uri(uri, "wb", storage_options) as f:
+        f.write(buffer.getvalue())
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _validate_args(args)
+    for name in ("annotations", "images", "val_annotations", "val_images", "output", "weights"):
+        setattr(args, name, _absolute(getattr(args, name)))
+    storage_options = parse_storage_options(args.storage_options)
+    from maskrcnn.storage import join_uri
+
+    # -- inputs, checked before any worker starts --------------------------------------------
+    train_set = _check_dataset(args.annotations, args.images, storage_options, "")
+    val_images = args.val_images or args.images
+    if args.val_annotations:
+        _check_dataset(args.val_annotations, val_images, storage_options, "val-")
+    categories = train_set.categories
+    model_config, weights_kind, reinit = _resolve_model(args, categories, storage_options)
+    if args.weights is None and model_config["backbone"]["norm"] == "frozen_bn":
+        print(f"warning: training a {model_config['backbone']['name']} trunk with frozen BatchNorm from random weights; "
+              "start from --weights (e.g. torchvision's COCO checkpoint) for useful results", file=sys.stderr)
+
+    # -- the schedule ---------------------------------------------------------------------------
+    per_epoch = steps_per_epoch(len(train_set), args.num_workers, args.batch_size)
+    total_steps = args.max_steps or per_epoch * (args.epochs or 12)
+    total_batch = args.batch_size * args.num_workers
+    base_lr = args.lr or REFERENCE_LR * total_batch / REFERENCE_BATCH
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, total_steps // 10)
+    plan = TrainPlan(
+        annotations=args.annotations, images=args.images, output=args.output.rstrip("/"), model_config=model_config,
+        categories=categories, total_steps=total_steps, steps_per_epoch=per_epoch, batch_size=args.batch_size,
+        base_lr=base_lr, warmup_steps=warmup, warmup_factor=args.warmup_factor,
+        lr_steps=resolve_lr_steps(args.lr_steps, total_steps), lr_gamma=args.lr_gamma, momentum=args.momentum,
+        weight_decay=args.weight_decay, seed=args.seed, flip_prob=args.flip_prob, loader_workers=args.loader_workers,
+        precision=args.precision, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        val_annotations=args.val_annotations, val_images=val_images if args.val_annotations else None,
+        eval_batch_size=args.eval_batch_size, weights=args.weights, weights_kind=weights_kind, reinit_class_layers=reinit,
+    )
+    start = f"from {weights_kind} weights {args.weights}" + (" (class-specific layers re-initialised)" if reinit else "") if args.weights else "from scratch"
+    print(
+        f"[jobs.train] {len(train_set)} images, {len(categories)} categories; {args.num_workers} worker(s) x {args.batch_size} images; "
+        f"{total_steps} steps ({per_epoch} per epoch); lr {base_lr:g} (warmup {warmup}, x{args.lr_gamma:g} at {plan.lr_steps}); {start}",
+        flush=True,
+    )
+
+    # -- Ray Train ----------------------------------------------------------------------------
+    from jobs.common import init_ray
+
+    # Workers print to their stdout as is (one copy, in order), and pycocotools' printout
+    # stays inside evaluate_coco's redirect; Ray Train propagates this variable to them.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray = init_ray()
+    _check_cluster(ray, args)
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_filesystem = _ray_storage(plan.output, storage_options)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": asdict(plan), "storage_options": Hidden(storage_options)},
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=args.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=args.max_failures),
+            # Ray Train logs every report's metrics at INFO; the workers print their own lines.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    started = time.perf_counter()
+    try:
+        trainer.fit()
+    except Exception as exc:  # ray.train.TrainingFailedError: the workers' errors, retries spent
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
+
+    # -- the curves -----------------------------------------------------------------------------
+    records = read_metrics(plan.output, storage_options)
+    plot_uri = join_uri(plan.output, PLOT_FILE)
+    if plot_metrics(records, plot_uri, storage_options):
+        print(f"[jobs.train] wrote {plot_uri}")
+    evals = [r for r in records if r.get("event") == "eval"]
+    if evals:
+        print(f"[jobs.train] final box AP {evals[-1]['bbox_AP']:.4f}  mask AP {evals[-1]['segm_AP']:.4f}")
+    print(f"[jobs.train] done in {time.perf_counter() - started:.0f} s: {join_uri(plan.output, MODEL_FILE)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

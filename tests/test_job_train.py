@@ -1,0 +1,456 @@
+"""jobs.train and jobs.evaluate, run as users run them: ``python -m jobs.train ...`` subprocesses,
+each with its own local Ray (``RAY_ADDRESS=local``), on the ``small`` preset with small images.
+
+The slow tests train for real with 2 CPU workers (DDP over gloo): on the moto S3 server, through
+a killed worker and then a killed job, and from a torchvision-layout state dict. The fast ones
+pin the schedule, the sharding and the input checks that stop a job before it trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.common import JobError
+from jobs.train import build_parser, lr_factor, main, resolve_lr_steps, shard_indices, steps_per_epoch
+from maskrcnn.data.synthetic import make_sample_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+# Small images keep a 2-worker step near half a second on a 2-core CPU.
+SMALL = ["--arch", "small", "--min-size", "160", "--max-size", "240", "--loader-workers", "1"]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+class Job:
+    """A ``python -m jobs.X`` subprocess in its own session (so that it, its local Ray and its
+    workers can be killed together), its output collected line by line."""
+
+    def __init__(self, module: str, args: list[str], on_line=None, env: dict | None = None):
+        self.lines: list[str] = []
+        self.on_line = on_line
+        environment = dict(os.environ, RAY_ADDRESS="local", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1", **(env or {}))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, *args], cwd=REPO, env=environment, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self.on_line is not None:
+                self.on_line(self, line)
+
+    def kill(self) -> None:
+        """SIGKILL the job's whole process group: the driver and the local Ray it started."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.process.wait()
+            raise AssertionError(f"job did not finish in {timeout} s; its output:\n" + self.output) from None
+        finally:
+            self.reader.join(10)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+def run_job(module: str, args: list[str], timeout: float = 240, **kwargs) -> Job:
+    job = Job(module, args, **kwargs)
+    code = job.wait(timeout)
+    assert code == 0, f"python -m {module} exited {code}:\n{job.output[-6000:]}"
+    return job
+
+
+def read_metrics(uri: str) -> list[dict]:
+    from maskrcnn.storage import join_uri, open_uri
+
+    with open_uri(join_uri(uri, "metrics.jsonl"), "r") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def start_steps(output: str) -> list[int]:
+    """The step every training worker said it started at, in the order they said it."""
+    import re
+
+    return [int(m) for m in re.findall(r"rank \d+/\d+ pid \d+ on \w+: starts at step (\d+)", output)]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """24 training and 8 validation images of the synthetic shapes, on local disk."""
+    return make_sample_dataset(str(tmp_path_factory.mktemp("shapes")), {"train": 24, "val": 8}, seed=3)
+
+
+def train_args(shapes, output, *extra) -> list[str]:
+    (train_ann, train_img) = shapes["train"]
+    return ["--annotations", train_ann, "--images", train_img, "--output", str(output), "--num-workers", "2", *SMALL, *extra]
+
+
+# --------------------------------------------------------------------------------------------
+# Fast: schedule, sharding, command line
+
+
+def test_lr_schedule_warms_up_then_steps_down():
+    steps = resolve_lr_steps("0.667,0.889", 90)
+    assert steps == [60, 80]
+    factors = [lr_factor(s, 10, 0.001, steps, 0.1) for s in range(90)]
+    assert factors[0] == pytest.approx(0.001)
+    assert factors[5] == pytest.approx(0.001 * 0.5 + 0.5)
+    assert factors[10:60] == [1.0] * 50
+    assert factors[60] == pytest.approx(0.1) and factors[79] == pytest.approx(0.1)
+    assert factors[80] == pytest.approx(0.01)
+    assert resolve_lr_steps("120000,0.5", 160000) == [80000, 120000]  # absolute steps and fractions mix
+    with pytest.raises(JobError, match="--lr-steps"):
+        resolve_lr_steps("2/3", 90)
+
+
+@pytest.mark.parametrize("num_items,world_size", [(24, 2), (25, 2), (7, 3), (1, 4)])
+def test_shards_are_disjoint_equal_and_cover_the_dataset(num_items, world_size):
+    for epoch in (0, 1):
+        shards = [shard_indices(num_items, world_size, rank, epoch, seed=0) for rank in range(world_size)]
+        assert len({len(s) for s in shards}) == 1  # same number of steps on every rank
+        assert set().union(*map(set, shards)) == set(range(num_items))
+        if num_items % world_size == 0:
+            assert sum(map(len, shards)) == num_items  # no padding: no image twice
+    assert shard_indices(24, 2, 0, 0, 0) != shard_indices(24, 2, 0, 1, 0)  # reshuffled per epoch
+    assert steps_per_epoch(25, 2, 2) == 7  # ceil(ceil(25 / 2) / 2)
+
+
+def test_help_documents_every_option():
+    parser = build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in text
+        assert action.help, f"{action.option_strings} has no help"
+    for name in ("--annotations", "--images", "--output", "--val-annotations", "--val-images", "--arch", "--weights",
+                 "--num-workers", "--use-gpu", "--epochs", "--max-steps", "--batch-size", "--lr", "--min-size", "--max-size"):
+        assert name in text  # DESIGN.md's command line
+    from jobs.evaluate import build_parser as evaluate_parser
+
+    text = evaluate_parser().format_help()
+    for name in ("--checkpoint", "--annotations", "--images", "--output", "--min-size", "--max-size"):
+        assert name in text
+
+
+def test_train_step_runs_under_bf16_autocast():
+    """--precision bf16 (the GPU default) runs the model's forward under autocast; on a CPU here."""
+    from jobs.train import train_step
+    from maskrcnn.config import get_preset
+    from maskrcnn.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("small", num_classes=3)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    images = [torch.rand(3, 120, 160), torch.rand(3, 100, 140)]
+    masks = [torch.zeros(1, 120, 160, dtype=torch.uint8), torch.zeros(1, 100, 140, dtype=torch.uint8)]
+    masks[0][:, 20:60, 30:90] = 1
+    masks[1][:, 10:50, 10:40] = 1
+    targets = [
+        {"boxes": torch.tensor([[30.0, 20, 90, 60]]), "labels": torch.tensor([1]), "masks": masks[0]},
+        {"boxes": torch.tensor([[10.0, 10, 40, 50]]), "labels": torch.tensor([2]), "masks": masks[1]},
+    ]
+    losses = train_step(model, optimizer, images, targets, autocast_dtype=torch.bfloat16)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    from jobs.train import _absolute
+
+    monkeypatch.chdir(tmp_path)
+    assert _absolute("runs/r1") == str(tmp_path / "runs" / "r1")
+    assert _absolute("file:///data/x.json") == "/data/x.json"
+    assert _absolute("s3://bucket/runs/r1") == "s3://bucket/runs/r1"
+    assert _absolute(None) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Fast: bad input stops the job before training, naming the problem
+
+
+def _write_json(path: Path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_annotations_naming_missing_images_stop_the_job(shapes, tmp_path):
+    ann, images = shapes["train"]
+    data = json.loads(Path(ann).read_text())
+    data["images"][3]["file_name"] = "not-there.png"
+    bad = _write_json(tmp_path / "bad.json", data)
+    # As users see it: exit status 2, the reason on stderr, no traceback, no Ray started.
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--annotations", bad, "--images", images, "--output", str(tmp_path / "run"), *SMALL],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "1 of the 24 images" in result.stderr and "not-there.png" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Started a local Ray" not in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_dataset_stops_the_job(shapes, tmp_path):
+    ann, images = shapes["train"]
+    data = json.loads(Path(ann).read_text())
+    no_images = _write_json(tmp_path / "none.json", {**data, "images": [], "annotations": []})
+    with pytest.raises(JobError, match="lists no images: the dataset is empty"):
+        main(["--annotations", no_images, "--images", images, "--output", str(tmp_path / "run"), *SMALL])
+    no_instances = _write_json(tmp_path / "unlabelled.json", {**data, "annotations": []})
+    with pytest.raises(JobError, match="no \\(non-crowd\\) annotations"):
+        main(["--annotations", no_instances, "--images", images, "--output", str(tmp_path / "run"), *SMALL])
+    val_ann, val_images = shapes["val"]
+    with pytest.raises(JobError, match="--val-annotations .* does not exist"):
+        main(["--annotations", ann, "--images", images, "--val-annotations", str(tmp_path / "missing.json"),
+              "--val-images", val_images, "--output", str(tmp_path / "run"), *SMALL])
+
+
+def test_unreadable_weights_stop_the_job(shapes, tmp_path):
+    ann, images = shapes["train"]
+    base = ["--annotations", ann, "--images", images, "--output", str(tmp_path / "run"), *SMALL]
+    with pytest.raises(JobError, match="--weights: checkpoint .*nowhere.pt does not exist"):
+        main([*base, "--weights", str(tmp_path / "nowhere.pt")])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(JobError, match="not a readable PyTorch file"):
+        main([*base, "--weights", str(garbage)])
+    torch.save({"some": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(JobError, match="neither a jobs.train checkpoint nor a torchvision"):
+        main([*base, "--weights", str(tmp_path / "other.pt")])
+    # A torchvision state dict of another architecture: r50 weights into the small preset.
+    from maskrcnn.checkpoint import to_torchvision_state_dict
+    from maskrcnn.config import get_preset
+    from maskrcnn.modeling import build_model
+
+    small_state = to_torchvision_state_dict(build_model(get_preset("small")))
+    small_state["backbone.body.extra.weight"] = torch.zeros(1)
+    torch.save(small_state, tmp_path / "mismatch.pt")
+    with pytest.raises(JobError, match="does not fit the model"):
+        main([*base, "--weights", str(tmp_path / "mismatch.pt")])
+
+
+def test_use_gpu_without_gpus_stops_the_job(shapes, tmp_path, ray_local, monkeypatch):
+    if ray_local.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this machine has GPUs")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ann, images = shapes["train"]
+    with pytest.raises(JobError, match="--use-gpu, but the Ray cluster has no GPUs"):
+        main(["--annotations", ann, "--images", images, "--output", str(tmp_path / "run"), "--use-gpu", *SMALL])
+
+
+def test_evaluate_rejects_bad_input(shapes, tmp_path):
+    from jobs.evaluate import main as evaluate_main
+    from maskrcnn.checkpoint import save_checkpoint
+    from maskrcnn.config import get_preset
+    from maskrcnn.modeling import build_model
+
+    ann, images = shapes["val"]
+    with pytest.raises(JobError, match="nowhere.pt does not exist"):
+        evaluate_main(["--checkpoint", str(tmp_path / "nowhere.pt"), "--annotations", ann, "--images", images])
+    with pytest.raises(JobError, match="missing under --images"):
+        evaluate_main(["--checkpoint", str(tmp_path / "nowhere.pt"), "--annotations", ann, "--images", str(tmp_path)])
+    config = get_preset("small", num_classes=2)
+    save_checkpoint(str(tmp_path / "dogs.pt"), build_model(config), config, [{"id": 77, "name": "dog"}])
+    with pytest.raises(JobError, match="share no id"):
+        evaluate_main(["--checkpoint", str(tmp_path / "dogs.pt"), "--annotations", ann, "--images", images])
+
+
+def test_weights_decide_which_layers_start_fresh(shapes, tmp_path):
+    """A jobs.train checkpoint of the same categories loads whole; of other categories, or a
+    torchvision state dict, without the class-specific layers."""
+    from jobs.train import _resolve_model
+    from maskrcnn.checkpoint import save_checkpoint, to_torchvision_state_dict
+    from maskrcnn.config import get_preset
+    from maskrcnn.modeling import build_model
+
+    ann, images = shapes["train"]
+    categories = json.loads(Path(ann).read_text())["categories"]
+    categories = [{"id": c["id"], "name": c["name"]} for c in categories]
+    config = get_preset("small", num_classes=len(categories) + 1)
+    model = build_model(config)
+    save_checkpoint(str(tmp_path / "same.pt"), model, config, categories)
+    other = [{"id": 10 + c["id"], "name": "x" + c["name"]} for c in categories]
+    save_checkpoint(str(tmp_path / "other.pt"), model, config, other)
+    torch.save(to_torchvision_state_dict(model), tmp_path / "tv.pt")
+
+    def resolve(weights, *extra):
+        args = build_parser().parse_args(["--annotations", ann, "--images", images, "--output", "x", "--weights", str(weights), *extra])
+        return _resolve_model(args, categories, None)
+
+    config_dict, kind, reinit = resolve(tmp_path / "same.pt")
+    assert (kind, reinit, config_dict["backbone"]["name"]) == ("project", False, "small")  # the checkpoint names its architecture
+    assert resolve(tmp_path / "other.pt")[1:] == ("project", True)
+    assert resolve(tmp_path / "tv.pt", "--arch", "small")[1:] == ("torchvision", True)
+    with pytest.raises(JobError, match="drop --arch"):
+        resolve(tmp_path / "same.pt", "--arch", "r50_fpn")
+    assert resolve(tmp_path / "same.pt", "--min-size", "200")[0]["input"]["min_size"] == 200
+
+
+# --------------------------------------------------------------------------------------------
+# Slow: real training on a real local Ray
+
+
+@pytest.mark.slow
+def test_two_workers_on_s3_learn_and_evaluate(s3_bucket, tmp_path):
+    """2 CPU workers, data and output on the moto S3 server: the loss falls, model.pt lands in
+    the bucket with the metrics and their plot, and jobs.evaluate on it finds AP above 0."""
+    import s3fs
+
+    data = make_sample_dataset(f"{s3_bucket}/data", {"train": 48, "val": 8}, seed=1)
+    (train_ann, train_img), (val_ann, val_img) = data["train"], data["val"]
+    output = f"{s3_bucket}/runs/r1"
+    job = run_job(
+        "jobs.train",
+        ["--annotations", train_ann, "--images", train_img, "--val-annotations", val_ann, "--val-images", val_img,
+         "--output", output, "--num-workers", "2", "--batch-size", "2", "--max-steps", "60", "--log-every", "4",
+         "--checkpoint-every", "0", "--keep-checkpoints", "2", "--arch", "small", "--min-size", "192", "--max-size", "288",
+         "--loader-workers", "1"],
+        timeout=400,
+    )
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.invalidate_cache()
+    bucket_path = output.removeprefix("s3://")
+    assert fs.exists(f"{bucket_path}/model.pt"), job.output[-3000:]
+    assert fs.exists(f"{bucket_path}/metrics.png")
+    checkpoints = [p for p in fs.ls(f"{bucket_path}/ray_train") if p.rsplit("/", 1)[-1].startswith("checkpoint_") and "manager" not in p]
+    assert 1 <= len(checkpoints) <= 2  # --keep-checkpoints
+
+    records = read_metrics(output)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] and sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+    assert all(r["images_per_s"] > 0 and r["lr"] > 0 for r in records if "loss" in r)
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [12, 24, 36, 48, 60]  # every epoch's end (12 steps each)
+    assert records[-1]["event"] == "end" and records[-1]["step"] == 60
+
+    evaluation = f"{output}/eval.json"
+    job = run_job("jobs.evaluate", ["--checkpoint", f"{output}/model.pt", "--annotations", val_ann, "--images", val_img,
+                                    "--output", evaluation, "--loader-workers", "1"], timeout=120)
+    assert "mask AP" in job.output
+    with fs.open(evaluation.removeprefix("s3://")) as f:
+        result = json.load(f)
+    assert result["num_images"] == 8 and result["min_size"] == 192
+    print(f"after 60 steps: box AP {result['bbox_AP']:.4f} AP50 {result['bbox_AP50']:.4f}, mask AP {result['segm_AP']:.4f} AP50 {result['segm_AP50']:.4f}")
+    # 60 steps of 4 images from scratch: far from converged, but clearly better than chance (0).
+    assert result["bbox_AP50"] > 0.02 and result["segm_AP50"] > 0.02, result
+    assert result["segm_AP"] == pytest.approx(evals[-1]["segm_AP"], abs=1e-6)  # the same model the last epoch evaluated
+
+
+@pytest.mark.slow
+def test_resumes_after_a_killed_worker_and_after_a_killed_job(shapes, tmp_path):
+    """Two failures in one run (each costs a Ray start-up, so they share one test):
+
+    1. SIGKILL one training worker after the checkpoint at step 8: Ray Train replaces the worker
+       group, which goes on from a checkpoint (FailureConfig), not from step 0;
+    2. SIGKILL the whole job (driver and its Ray) after the replaced group's checkpoint at step
+       12, then run the same command again: it resumes from the latest checkpoint in --output,
+       and the run reaches its 16 steps, each step recorded once.
+
+    Checkpoints at 4, 6 (epoch end), 8, 12 (epoch end) and 16. The controller registers a
+    reported checkpoint when it next polls the workers, so a kill right after a report may lose
+    that one; the polls are made frequent here and the asserts allow the previous checkpoint.
+    """
+    output = tmp_path / "run"
+    args = train_args(shapes, output, "--max-steps", "16", "--checkpoint-every", "4", "--log-every", "2")
+    seen: dict = {"starts": 0}
+
+    def inject_failures(job, line):
+        if "starts at step" in line:
+            seen["starts"] += 1
+            if "rank 1/2 pid" in line and "rank1" not in seen:
+                seen["rank1"] = int(line.split(" pid ")[1].split()[0])
+        elif "checkpoint at step 8" in line and "rank1" in seen and "worker_killed" not in seen:
+            seen["worker_killed"] = True
+            os.kill(seen["rank1"], signal.SIGKILL)
+        elif "checkpoint at step 12" in line and seen["starts"] == 4:  # the replaced group's
+            job.kill()
+
+    polls = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    first = Job("jobs.train", args, on_line=inject_failures, env=polls)
+    assert first.wait(300) == -signal.SIGKILL, first.output[-3000:]
+    starts = start_steps(first.output)
+    assert seen.get("worker_killed") and len(starts) == 4, first.output[-3000:]
+    assert starts[:2] == [0, 0] and min(starts[2:]) >= 4, starts  # the replaced group resumed from a checkpoint
+    assert not (output / "model.pt").exists()
+    time.sleep(1)  # let the killed Ray's processes go
+
+    second = run_job("jobs.train", args, timeout=240, env=polls)
+    resumed = start_steps(second.output)
+    assert len(resumed) == 2 and min(resumed) >= 8, second.output[-3000:]  # resumed, not restarted
+    records = read_metrics(str(output))
+    assert [r["step"] for r in records if r.get("event") == "start"] == [0, starts[2], resumed[0]]
+    logged = [r["step"] for r in records if "loss" in r]
+    assert logged == sorted(set(logged)) and logged[-1] == 16  # each step once: redone stretches replaced
+    assert records[-1]["event"] == "end" and records[-1]["step"] == 16
+    assert (output / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_fine_tune_from_torchvision_layout_with_other_classes(shapes, tmp_path):
+    """--weights a torchvision-layout state dict of 7 classes, annotations of 3 categories: the
+    trunk, FPN, RPN and heads load, the class-specific layers start fresh at 3 + 1 classes."""
+    from maskrcnn.checkpoint import CLASS_SPECIFIC, load_checkpoint, to_torchvision_state_dict
+    from maskrcnn.config import get_preset
+    from maskrcnn.modeling import build_model
+
+    torch.manual_seed(123)
+    source = to_torchvision_state_dict(build_model(get_preset("small", num_classes=7)))
+    torch.save(source, tmp_path / "tv7.pt")
+    output = tmp_path / "run"
+    ann, images = shapes["train"]
+    # One worker, a vanishing learning rate: what model.pt holds is what was loaded.
+    job = run_job("jobs.train", ["--annotations", ann, "--images", images, "--output", str(output), "--weights", str(tmp_path / "tv7.pt"),
+                                 "--num-workers", "1", "--max-steps", "3", "--lr", "1e-12", "--log-every", "1", *SMALL], timeout=200)
+    assert "class-specific layers re-initialised" in job.output
+
+    loaded = load_checkpoint(str(output / "model.pt"))
+    assert loaded.config.num_classes == 4
+    assert [c["name"] for c in loaded.label_map.values()] == ["circle", "square", "triangle"]
+    state = loaded.model.state_dict()
+    assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
+    assert state["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 4
+    shared = [k for k in source if not k.startswith(CLASS_SPECIFIC)]
+    assert shared and all(torch.allclose(state[k], source[k], atol=1e-6) for k in shared)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: NCCL and bf16 autocast, where a GPU is there
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_worker_trains_under_bf16(shapes, tmp_path):
+    output = tmp_path / "run"
+    ann, images = shapes["train"]
+    job = run_job("jobs.train", ["--annotations", ann, "--images", images, "--output", str(output), "--num-workers", "1",
+                                 "--use-gpu", "--max-steps", "6", "--log-every", "1", *SMALL], timeout=300)
+    assert "on cuda" in job.output
+    records = read_metrics(str(output))
+    assert records[-1]["event"] == "end" and records[-1]["step"] == 6
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
