@@ -17,8 +17,8 @@ BATCH = 4
 @pytest.mark.slow
 def test_small_preset_overfits_sample_data(tmp_path):
     torch.manual_seed(0)
-    ann, images = make_sample_dataset(str(tmp_path / "sample"), splits={"train": 16}, seed=3)["train"]
-    dataset = CocoDataset(ann, images, transforms=RandomHorizontalFlip(0.5))
+    ann, image_root = make_sample_dataset(str(tmp_path / "sample"), splits={"train": 16}, seed=3)["train"]
+    dataset = CocoDataset(ann, image_root, transforms=RandomHorizontalFlip(0.5))
     model = build_model(get_preset("small", num_classes=dataset.num_classes))
     optimizer = make_optimizer(model, lr=0.02)
     scheduler = make_scheduler(optimizer, STEPS, warmup_steps=50)
@@ -35,7 +35,7 @@ def test_small_preset_overfits_sample_data(tmp_path):
                 break
     assert sum(last) / len(last) < 0.3 * first
 
-    eval_set = CocoDataset(ann, images)
+    eval_set = CocoDataset(ann, image_root)
     metrics = evaluate_model(model, eval_set, batch_size=4)
     print(f"after {STEPS} steps: mask AP {metrics['segm_AP']:.3f}, box AP {metrics['bbox_AP']:.3f}")
     assert metrics["segm_AP"] >= 0.5
