@@ -1,0 +1,218 @@
+"""Turn a labeling output (jobs.label's Parquet) into COCO JSON.
+
+    python -m jobs.export_coco --input s3://bucket/labels/ --output results.json
+    python -m jobs.export_coco --input s3://bucket/labels/ --output review.json --format annotations \\
+        --images-root s3://bucket/images/
+
+``--format results`` (the default): a COCO results list ``[{image_id, category_id, segmentation,
+bbox, score}]``, what ``COCO.loadRes`` and COCO evaluation servers take. With ``--annotations``
+(a COCO file of the same images) the image ids are that file's, matched by file name.
+
+``--format annotations``: a COCO instances file, ``{images, annotations, categories}``, that
+labeling tools (CVAT, Label Studio) import for review: images with ``file_name`` relative to
+``--images-root``, one annotation per detection with its RLE ``segmentation``, ``bbox``, ``area``,
+``iscrowd`` 0 and the model's ``score``; categories are those the rows name.
+
+Without ``--annotations`` images are numbered 1, 2, ... in the output's order (part files by
+shard, rows in plan order), the same numbering in both formats. Rows whose image failed (error
+set) have no size and are left out, counted on stderr. Streams: one part file at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+import sys
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
+from jobs.label import HelpFormatter
+from jobs.labeling.plan import PART_RE, read_plan
+from maskrcnn.storage import filesystem, open_uri
+
+
+def iter_rows(label_output: str, storage_options: dict | None, columns: list[str]) -> Iterator[dict]:
+    """The output's rows, part file by part file in shard order, batch by batch."""
+    fs, root = filesystem(label_output, storage_options)
+    root = root.rstrip("/")
+    if fs.isfile(root) and root.endswith(".parquet"):
+        parts = [root]
+    else:
+        try:
+            parts = sorted(p for p in fs.ls(root, detail=False) if PART_RE.match(p.rstrip("/").rsplit("/", 1)[-1]))
+        except FileNotFoundError:
+            raise JobError(f"--input {label_output} does not exist") from None
+    if not parts:
+        raise JobError(f"--input {label_output} holds no part-*.parquet files: is it a jobs.label --output?")
+    for part in parts:
+        with fs.open(part, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=columns):
+                yield from batch.to_pylist()
+
+
+def relative_name(image_uri: str, images_root: str | None) -> str:
+    """``image_uri`` relative to ``images_root`` (both as written), else the URI unchanged."""
+    if images_root:
+        root = images_root.rstrip("/") + "/"
+        if image_uri.startswith(root):
+            return image_uri[len(root):]
+    return image_uri
+
+
+def _default_images_root(label_output: str, storage_options: dict | None) -> str | None:
+    """The labeled folder, when the run's input was a folder (not a manifest)."""
+    plan = read_plan(label_output, storage_options)
+    if plan is None or plan.input.lower().endswith((".txt", ".parquet")):
+        return None
+    return plan.input
+
+
+def _ground_truth_ids(uri: str, storage_options: dict | None) -> dict[str, int]:
+    with open_uri(uri, "rb", storage_options) as f:
+        data = json.load(f)
+    return {_clean(str(img["file_name"])): int(img["id"]) for img in data.get("images", [])}
+
+
+def _clean(file_name: str) -> str:
+    return posixpath.normpath(file_name.lstrip("/"))
+
+
+class _ImageIds:
+    def __init__(self, ground_truth: dict[str, int] | None):
+        self.ground_truth = ground_truth
+        self.next_id = 0
+        self.unmatched = 0
+
+    def __call__(self, file_name: str) -> int | None:
+        if self.ground_truth is None:
+            self.next_id += 1
+            return self.next_id
+        image_id = self.ground_truth.get(_clean(file_name))
+        if image_id is None:
+            self.unmatched += 1
+        return image_id
+
+
+def export(
+    label_output: str,
+    output: str,
+    fmt: str = "results",
+    images_root: str | None = None,
+    annotations: str | None = None,
+    min_score: float = 0.0,
+    storage_options: dict | None = None,
+) -> dict:
+    """Writes the JSON; returns counts (images, detections, failed, unmatched)."""
+    if images_root is None:
+        images_root = _default_images_root(label_output, storage_options)
+    ground_truth = _ground_truth_ids(annotations, storage_options) if annotations else None
+    counts = {"images": 0, "detections": 0, "failed": 0, "unmatched": 0}
+    with open_uri(output, "w", storage_options) as out:
+        if fmt == "results":
+            out.write("[")
+            ids = _ImageIds(ground_truth)
+            first = True
+            for row in iter_rows(label_output, storage_options, ["image_uri", "instances", "error"]):
+                if row["error"] is not None:
+                    counts["failed"] += 1
+                    continue
+                image_id = ids(relative_name(row["image_uri"], images_root))
+                if image_id is None:
+                    continue
+                counts["images"] += 1
+                for inst in row["instances"]:
+                    if inst["score"] < min_score:
+                        continue
+                    item = {
+                        "image_id": image_id,
+                        "category_id": inst["category_id"],
+                        "segmentation": inst["mask"],
+                        "bbox": [round(v, 2) for v in inst["bbox"]],
+                        "score": round(inst["score"], 5),
+                    }
+                    out.write(("" if first else ",\n") + json.dumps(item))
+                    first = False
+                    counts["detections"] += 1
+            out.write("]\n")
+            counts["unmatched"] = ids.unmatched
+        elif fmt == "annotations":
+            out.write('{"info": {"description": "Mask R-CNN labels (jobs.label)", "source": ' + json.dumps(label_output) + '},\n')
+            out.write('"licenses": [],\n"images": [')
+            ids = _ImageIds(ground_truth)
+            first = True
+            for row in iter_rows(label_output, storage_options, ["image_uri", "width", "height", "error"]):
+                if row["error"] is not None:
+                    counts["failed"] += 1
+                    continue
+                file_name = relative_name(row["image_uri"], images_root)
+                image_id = ids(file_name)
+                if image_id is None:
+                    continue
+                item = {"id": image_id, "file_name": file_name, "width": row["width"], "height": row["height"]}
+                out.write(("" if first else ",\n") + json.dumps(item))
+                first = False
+                counts["images"] += 1
+            counts["unmatched"] = ids.unmatched
+            out.write('],\n"annotations": [')
+            ids = _ImageIds(ground_truth)  # the same numbering, second pass
+            categories: dict[int, str] = {}
+            first = True
+            for row in iter_rows(label_output, storage_options, ["image_uri", "instances", "error"]):
+                if row["error"] is not None:
+                    continue
+                image_id = ids(relative_name(row["image_uri"], images_root))
+                if image_id is None:
+                    continue
+                for inst in row["instances"]:
+                    if inst["score"] < min_score:
+                        continue
+                    counts["detections"] += 1
+                    categories.setdefault(inst["category_id"], inst["category"])
+                    item = {
+                        "id": counts["detections"],
+                        "image_id": image_id,
+                        "category_id": inst["category_id"],
+                        "segmentation": inst["mask"],
+                        "area": inst["area"],
+                        "bbox": [round(v, 2) for v in inst["bbox"]],
+                        "iscrowd": 0,
+                        "score": round(inst["score"], 5),
+                    }
+                    out.write(("" if first else ",\n") + json.dumps(item))
+                    first = False
+            cats = [{"id": k, "name": v, "supercategory": ""} for k, v in sorted(categories.items())]
+            out.write('],\n"categories": ' + json.dumps(cats) + "}\n")
+        else:
+            raise JobError(f"--format must be 'results' or 'annotations', got {fmt!r}")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.export_coco",
+        description="Convert jobs.label's Parquet output into a COCO results JSON or a COCO annotation file (for CVAT / Label Studio).",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--input", required=True, metavar="URI", help="a jobs.label --output folder (or one of its part-*.parquet files)")
+    parser.add_argument("--output", required=True, metavar="URI", help="the JSON file to write")
+    parser.add_argument("--format", default="results", choices=("results", "annotations"), help="a COCO results list, or a COCO instances file for labeling tools")
+    parser.add_argument("--images-root", default=None, metavar="URI", help="file_name = image URI relative to this (default: the labelled folder, from the output's plan; for a manifest, the full URI)")
+    parser.add_argument("--annotations", default=None, metavar="URI", help="a COCO file of the same images: use its image ids (matched by file_name relative to --images-root)")
+    parser.add_argument("--min-score", type=float, default=0.0, metavar="F", help="leave out detections scoring below F")
+    add_storage_options(parser)
+    args = parser.parse_args(argv)
+    storage_options = parse_storage_options(args.storage_options)
+    counts = export(args.input, args.output, args.format, args.images_root, args.annotations, args.min_score, storage_options)
+    print(f"wrote {args.output}: {counts['images']} images, {counts['detections']} detections ({args.format})")
+    if counts["failed"]:
+        print(f"note: {counts['failed']} images that failed to label (error set) are left out", file=sys.stderr)
+    if counts["unmatched"]:
+        print(f"note: {counts['unmatched']} images are not in --annotations {args.annotations} and are left out", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,277 @@
+"""Label images with a Mask R-CNN checkpoint: every instance mask, as Parquet, exactly once.
+
+    python -m jobs.label --input s3://bucket/images/ --output s3://bucket/labels/ --checkpoint s3://bucket/model.pt
+
+The input (a folder/prefix searched recursively, or a .txt/.parquet manifest) is planned into
+shards of ``--shard-size`` images; each shard becomes one ``part-<shard>.parquet`` in the output,
+committed atomically. Rerunning the same command after a crash labels only the shards without a
+part file; over finished output it does no model work. See jobs/labeling/ for the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import uuid
+
+from jobs.common import JobError, add_storage_options, init_ray, parse_storage_options, run_main
+from jobs.labeling.plan import PIECES_DIR, PLAN_DIR, PREVIEW_DIR, finished_shards, read_plan, write_plan
+
+DEFAULT_SHARD_SIZE = 1000
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one its help does not already state."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.label",
+        description="Label images with a Mask R-CNN checkpoint on Ray Data; write one Parquet row per image "
+        "(image_uri, width, height, instances with COCO RLE masks, error, model). Rerun the same command "
+        "after a crash: it labels only what is missing.",
+        formatter_class=HelpFormatter,
+    )
+    io_group = parser.add_argument_group("input and output")
+    io_group.add_argument(
+        "--input",
+        required=True,
+        metavar="URI",
+        help="a folder or prefix of images (JPEG, PNG, WebP, BMP, TIFF; searched recursively), or a manifest: "
+        "a .txt file with one image URI per line, or a .parquet file with an 'image_uri' column",
+    )
+    io_group.add_argument(
+        "--output",
+        required=True,
+        metavar="URI",
+        help="folder or prefix for part-NNNNNN.parquet files (one per shard); _plan/ and _preview/ go beside them",
+    )
+    io_group.add_argument("--checkpoint", required=True, metavar="URI", help="a model.pt written by jobs.train, or a torchvision Mask R-CNN state dict (then give --arch and --categories)")
+    io_group.add_argument("--arch", default=None, metavar="PRESET", help="architecture preset of a bare torchvision state dict (r50_fpn, r101_fpn, x101_32x8d_fpn, small)")
+    io_group.add_argument("--categories", default=None, metavar="URI", help="a COCO JSON whose 'categories' name the classes of a bare state dict (class index = category id)")
+    io_group.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help="images per shard = rows per output file; the unit of commit and resume (fixed by the first run)")
+    io_group.add_argument("--preview", type=int, default=0, metavar="N", help="also write N PNG images with their masks drawn to <output>/_preview/")
+    add_storage_options(io_group)
+
+    model_group = parser.add_argument_group("model (defaults: the checkpoint's own; torchvision's 800, 1333, 0.05, 100 for r50_fpn)")
+    model_group.add_argument("--min-size", type=int, default=None, metavar="N", help="resize so the short side is N pixels ...")
+    model_group.add_argument("--max-size", type=int, default=None, metavar="N", help="... unless the long side would pass N")
+    model_group.add_argument("--score-threshold", type=float, default=None, metavar="F", help="keep detections scoring at least F")
+    model_group.add_argument("--max-detections", type=int, default=None, metavar="N", help="keep at most N detections per image, best first")
+
+    run_group = parser.add_argument_group("execution")
+    run_group.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass of one actor")
+    run_group.add_argument("--num-actors", type=int, default=None, metavar="N", help="model replicas (default: one per --gpus-per-actor share of the cluster's GPUs; without GPUs, one per 4 CPUs, at least 1)")
+    run_group.add_argument("--gpus-per-actor", type=float, default=None, metavar="F", help="GPUs per model replica, fractions allowed (0.5: two replicas per GPU); default 1 when the cluster has GPUs, else 0 (CPU)")
+    run_group.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="F", help="CPUs reserved per model replica (on the CPU, its torch threads)")
+    run_group.add_argument("--decode-batch-size", type=int, default=8, metavar="N", help="images per decode task batch")
+    run_group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N", help="refuse images of more pixels (decompression bombs); the row gets an error")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("shard_size", "batch_size", "decode_batch_size", "max_pixels"):
+        if getattr(args, name) < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num_actors is not None and args.num_actors < 1:
+        raise JobError(f"--num-actors must be at least 1, got {args.num_actors}")
+    if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
+        raise JobError(f"--gpus-per-actor must be 0 or more, got {args.gpus_per_actor}")
+    if args.preview < 0:
+        raise JobError(f"--preview must be 0 or more, got {args.preview}")
+    for name in ("min_size", "max_size", "max_detections"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _check_output_writable(output_uri: str, storage_options: dict | None) -> None:
+    from maskrcnn.storage import filesystem
+
+    probe = f"{PLAN_DIR}/.write-probe-{uuid.uuid4().hex}"
+    try:
+        fs, root = filesystem(output_uri, storage_options)
+        path = f"{root.rstrip('/')}/{probe}"
+        if fs.exists(root) and fs.isfile(root):
+            raise JobError(f"--output {output_uri} is a file; give a folder or prefix")
+        if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+            fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(b"probe")
+        fs.rm(path)
+    except JobError:
+        raise
+    except Exception as exc:
+        raise JobError(f"cannot write to --output {output_uri}: {type(exc).__name__}: {exc}") from None
+
+
+def load_model_for_labeling(args: argparse.Namespace, storage_options: dict | None):
+    """The checkpoint loaded once on the driver (to fail before any work) and the keyword
+    arguments with which every actor loads it again."""
+    from maskrcnn.checkpoint import CheckpointError, categories_from_coco, load_checkpoint
+
+    try:
+        categories = categories_from_coco(args.categories, storage_options) if args.categories else None
+        loaded = load_checkpoint(args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options)
+    except CheckpointError as exc:
+        raise JobError(str(exc)) from None
+    config = loaded.config
+    overrides = {}
+    if args.min_size is not None or args.max_size is not None:
+        overrides["input"] = dataclasses.replace(
+            config.input,
+            min_size=args.min_size if args.min_size is not None else config.input.min_size,
+            max_size=args.max_size if args.max_size is not None else config.input.max_size,
+        )
+    if args.score_threshold is not None or args.max_detections is not None:
+        overrides["roi_heads"] = dataclasses.replace(
+            config.roi_heads,
+            score_thresh=args.score_threshold if args.score_threshold is not None else config.roi_heads.score_thresh,
+            detections_per_img=args.max_detections if args.max_detections is not None else config.roi_heads.detections_per_img,
+        )
+    final = config.replace(**overrides) if overrides else config
+    load_kwargs = {"arch": args.arch, "categories": categories, "config_overrides": overrides or None}
+    return loaded, final, load_kwargs
+
+
+def _resources(ray, args) -> tuple[int, float]:
+    cluster = ray.cluster_resources()
+    gpus = float(cluster.get("GPU", 0))
+    gpus_per_actor = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if gpus_per_actor > 0 and gpus == 0:
+        raise JobError(f"--gpus-per-actor {gpus_per_actor}: the Ray cluster has no GPU; use --gpus-per-actor 0 to label on the CPU")
+    if args.num_actors is not None:
+        num_actors = args.num_actors
+    elif gpus_per_actor > 0:
+        num_actors = max(1, int(gpus / gpus_per_actor + 1e-9))
+    else:
+        num_actors = max(1, int(cluster.get("CPU", 1) // 4))
+    return num_actors, gpus_per_actor
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    storage_options = parse_storage_options(args.storage_options)
+    started = time.perf_counter()
+
+    # Everything that can be wrong with the arguments fails here, before any work.
+    loaded, config, load_kwargs = load_model_for_labeling(args, storage_options)
+    _check_output_writable(args.output, storage_options)
+    settings_fingerprint = {
+        "model": loaded.model_hash,
+        "min_size": config.input.min_size,
+        "max_size": config.input.max_size,
+        "score_threshold": config.roi_heads.score_thresh,
+        "max_detections": config.roi_heads.detections_per_img,
+    }
+
+    plan = read_plan(args.output, storage_options)
+    if plan is None:
+        from jobs.labeling.inputs import iter_input_uris
+
+        print(f"planning: listing {args.input} ...", flush=True)
+        uris = iter_input_uris(args.input, storage_options, exclude_uri=args.output)
+        plan = write_plan(uris, args.output, args.input, args.shard_size, settings_fingerprint, storage_options)
+        print(f"planned {plan.num_images} images in {plan.num_shards} shards of {plan.shard_size} ({time.perf_counter() - started:.1f} s)", flush=True)
+    else:
+        if plan.input != args.input:
+            raise JobError(
+                f"--output {args.output} holds the labels of --input {plan.input}, not {args.input}; "
+                "give another --output, or the same --input to resume"
+            )
+        changed = {k: (plan.settings.get(k), v) for k, v in settings_fingerprint.items() if plan.settings.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise JobError(f"--output {args.output} was labelled with other settings ({what}); give another --output to label with these")
+        if args.shard_size != plan.shard_size and args.shard_size != DEFAULT_SHARD_SIZE:
+            print(f"note: --shard-size {args.shard_size} ignored: the plan of {args.output} has shards of {plan.shard_size}", flush=True)
+        print(f"resuming the plan of {plan.created}: {plan.num_images} images in {plan.num_shards} shards", flush=True)
+
+    done = finished_shards(args.output, storage_options)
+    pending = [s for s in range(plan.num_shards) if s not in done]
+    already = plan.num_shards - len(pending)
+    if not pending:
+        print(
+            f"nothing to do: all {plan.num_shards} shards ({plan.num_images} images) of {args.output} are already labelled; "
+            "no model work done",
+            flush=True,
+        )
+        print(f"shards: 0 labelled this run, {already} already done, {plan.num_shards} in all")
+        _write_preview(args, storage_options)
+        return 0
+    label_map = loaded.label_map
+    del loaded  # the actors load their own copies
+
+    ray = init_ray()
+    num_actors, gpus_per_actor = _resources(ray, args)
+    from jobs.labeling.pipeline import LabelSettings, run_pipeline
+    from maskrcnn.storage import filesystem
+
+    fs, root = filesystem(args.output, storage_options)
+    pieces_root = f"{root.rstrip('/')}/{PIECES_DIR}"
+    if fs.exists(pieces_root):  # rows of shards a killed run left unfinished: those shards start over
+        fs.rm(pieces_root, recursive=True)
+    settings = LabelSettings(
+        output_uri=args.output,
+        checkpoint_uri=args.checkpoint,
+        load_kwargs=load_kwargs,
+        storage_options=storage_options,
+        model_hash=settings_fingerprint["model"],
+        label_map=label_map,
+        min_size=config.input.min_size,
+        max_size=config.input.max_size,
+        max_pixels=args.max_pixels,
+        batch_size=args.batch_size,
+        decode_batch_size=args.decode_batch_size,
+        num_actors=num_actors,
+        gpus_per_actor=gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        run_id=uuid.uuid4().hex[:12],
+    )
+    print(
+        f"labelling {len(pending)} of {plan.num_shards} shards with {num_actors} model actor(s) "
+        f"({gpus_per_actor:g} GPU, {args.cpus_per_actor:g} CPU each), batch {args.batch_size}",
+        flush=True,
+    )
+    totals = run_pipeline(plan, pending, settings)
+    if fs.exists(pieces_root):
+        fs.rm(pieces_root, recursive=True)
+
+    done = finished_shards(args.output, storage_options)
+    missing = [s for s in range(plan.num_shards) if s not in done]
+    seconds = totals["seconds"]
+    print(
+        f"labelled {totals['images']} images in {seconds:.1f} s ({totals['images'] / max(seconds, 1e-9):.2f} images/s): "
+        f"{totals['detections']} detections, {totals['errors']} errors"
+    )
+    print(f"shards: {totals['shards']} labelled this run, {already} already done, {plan.num_shards} in all")
+    print(f"output: {args.output} ({plan.num_shards - len(missing)} part files, {plan.num_images} images planned)")
+    if missing:
+        print(
+            f"error: {len(missing)} shards are unfinished (e.g. {missing[:5]}); rerun the same command to label them",
+            file=sys.stderr,
+        )
+        return 1
+    _write_preview(args, storage_options)
+    return 0
+
+
+def _write_preview(args, storage_options) -> None:
+    if args.preview:
+        from jobs.labeling.preview import write_previews
+
+        written = write_previews(args.output, args.preview, storage_options)
+        print(f"preview: {written} images with masks drawn in {args.output.rstrip('/')}/{PREVIEW_DIR}/")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,92 @@
+"""Image bytes -> the model's input, in CPU tasks; every failure becomes a message, never a crash.
+
+H x W: the image as decoded (EXIF orientation applied); h x w: resized to the model's input
+size with ``maskrcnn.modeling.preprocessing.resize_image``, exactly as the model would resize it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from maskrcnn.modeling.preprocessing import resize_image, resized_size
+
+# 16-bit single-channel modes: scaled by 65535 to [0, 1] (Pillow's convert("RGB") would clip them).
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be labelled; the message is for the output's ``error`` column."""
+
+
+def to_rgb_float(image: Image.Image) -> torch.Tensor:
+    """Any Pillow mode -> float32 (3, H, W) RGB in [0, 1].
+
+    8-bit modes go through Pillow's conversions (palette, CMYK, YCbCr, 1-bit, L, LA); alpha is
+    dropped as Pillow and torchvision drop it, after resolving a palette's transparency. 16- and
+    32-bit grey levels are scaled to their range instead of clipped at 255.
+    """
+    mode = image.mode
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        grey = np.asarray(image).astype(np.float32)
+        if mode in _SIXTEEN_BIT:
+            scale = 65535.0
+        else:  # 32-bit int or float: the range the values use
+            peak = float(grey.max()) if grey.size else 0.0
+            scale = 1.0 if (mode == "F" and peak <= 1.0) else 255.0 if peak <= 255.0 else 65535.0 if peak <= 65535.0 else peak
+        grey = np.clip(grey / scale, 0.0, 1.0)
+        return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape))))
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
+    """Encoded bytes -> float32 (3, H, W) in [0, 1], EXIF orientation applied.
+
+    Raises ImageDecodeError for an empty, truncated, corrupt or unknown file, and for an image
+    of more than ``max_pixels`` pixels (a decompression bomb: refused before decoding).
+    """
+    if len(data) == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow warns above this and refuses above twice this
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as opened:
+                image = ImageOps.exif_transpose(opened)  # loads the pixels
+                if image is opened:
+                    image.load()
+                return to_rgb_float(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"refused: too many pixels for --max-pixels {max_pixels} (a decompression bomb?): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"not an image, or a format Pillow cannot read ({len(data)} bytes, starting {data[:8]!r})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # Pillow's truncated / corrupt data
+        raise ImageDecodeError(f"truncated or corrupt image: {type(exc).__name__}: {exc}") from None
+    except MemoryError:
+        raise ImageDecodeError("out of memory decoding the image") from None
+    except Exception as exc:  # a Pillow plugin's own bug must not stop a 10M-image job
+        raise ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}") from None
+
+
+def prepare_image(data: bytes, min_size: int, max_size: int, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Encoded bytes -> (resized float32 (3, h, w), decoded (H, W)); raises ImageDecodeError."""
+    image = decode_image(data, max_pixels)
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    new_height, new_width = resized_size(height, width, min_size, max_size)
+    if new_height < 1 or new_width < 1:
+        raise ImageDecodeError(
+            f"image of {width}x{height} is too thin: resized for the model (--min-size {min_size}, --max-size {max_size}) "
+            f"a side would be 0 pixels"
+        )
+    return resize_image(image, min_size, max_size), (height, width)

@@ -1,0 +1,135 @@
+"""What to label: the image URIs under a folder or prefix, or listed in a manifest, streamed.
+
+Nothing here holds the whole listing: a folder is walked one directory at a time (an ``s3://``
+prefix is listed page by page, in S3's key order), a ``.txt`` manifest is read line by line and a
+``.parquet`` manifest batch by batch. Memory stays flat however many images there are.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import fsspec
+import pyarrow.parquet as pq
+
+from jobs.common import JobError
+from maskrcnn.storage import filesystem
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MANIFEST_EXTENSIONS = (".txt", ".parquet")
+MANIFEST_COLUMN = "image_uri"
+
+
+def is_image_name(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def iter_input_uris(input_uri: str, storage_options: dict | None = None, exclude_uri: str | None = None) -> Iterator[str]:
+    """Every image URI of the input, in a deterministic order.
+
+    A folder/prefix yields its images (by extension, any depth) in sorted path order; a manifest
+    yields its lines/rows as written. ``exclude_uri``: a folder to skip (the job's output, when it
+    lies inside the input). Raises JobError when the input does not exist.
+    """
+    fs, path = filesystem(input_uri, storage_options)
+    lowered = path.lower()
+    try:
+        if lowered.endswith(MANIFEST_EXTENSIONS) and fs.isfile(path):
+            yield from _iter_manifest(fs, path, input_uri)
+            return
+        if fs.isfile(path):
+            if not is_image_name(path):
+                raise JobError(
+                    f"--input {input_uri} is a file but neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a manifest "
+                    "(.txt with one URI per line, or .parquet with an image_uri column)"
+                )
+            yield input_uri
+            return
+        if not fs.isdir(path):
+            raise JobError(f"--input {input_uri} does not exist (no such folder, prefix or manifest)")
+    except (PermissionError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise JobError(f"--input {input_uri} does not exist") from None
+        raise JobError(f"cannot read --input {input_uri}: {type(exc).__name__}: {exc}") from None
+    exclude = None
+    if exclude_uri:
+        exclude_fs, exclude_path = filesystem(exclude_uri, storage_options)
+        if type(exclude_fs) is type(fs):
+            exclude = exclude_path.rstrip("/") + "/"
+    for found in _walk_files(fs, path.rstrip("/")):
+        if is_image_name(found) and not (exclude and found.startswith(exclude)):
+            yield _as_uri(fs, found, input_uri)
+
+
+def _as_uri(fs: fsspec.AbstractFileSystem, path: str, input_uri: str) -> str:
+    """A listed path in the input's own spelling: ``s3://bucket/key`` for S3, a plain path locally."""
+    if "://" in input_uri:
+        return fs.unstrip_protocol(path)
+    return path
+
+
+def _walk_files(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "s3" in protocols and hasattr(fs, "_iterdir"):
+        yield from _walk_s3(fs, root)
+        return
+    # One directory at a time, in the order of the full paths (S3's order): a folder sorts as
+    # its name followed by "/", so "a.png" comes before "a/0.png".
+    stack = [(root, True)]
+    while stack:
+        path, is_dir = stack.pop()
+        if not is_dir:
+            yield path
+            continue
+        entries = fs.ls(path, detail=True)
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache(path)  # fsspec caches listings; a 10M-file walk must not keep them
+        keyed = []
+        for entry in entries:
+            name = entry["name"].rstrip("/")
+            if name == path.rstrip("/"):
+                continue
+            directory = entry.get("type") == "directory"
+            keyed.append((name + "/" if directory else name, name, directory))
+        keyed.sort(reverse=True)  # popped from the end: smallest first
+        stack.extend((name, directory) for _, name, directory in keyed)
+
+
+def _walk_s3(fs, root: str) -> Iterator[str]:
+    """Every key under ``root`` (bucket/prefix), page by page in S3's (lexicographic) order."""
+    from fsspec.asyn import sync
+
+    bucket, _, prefix = root.partition("/")
+    if prefix:
+        prefix += "/"
+    pages = fs._iterdir(bucket, delimiter="", prefix=prefix)
+    while True:
+        try:
+            info = sync(fs.loop, pages.__anext__)
+        except StopAsyncIteration:
+            return
+        if info.get("type") == "file" and not info["name"].endswith("/"):
+            yield info["name"]
+
+
+def _iter_manifest(fs: fsspec.AbstractFileSystem, path: str, input_uri: str) -> Iterator[str]:
+    if path.lower().endswith(".parquet"):
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            if MANIFEST_COLUMN not in parquet.schema_arrow.names:
+                raise JobError(
+                    f"manifest {input_uri} has no '{MANIFEST_COLUMN}' column (columns: {parquet.schema_arrow.names[:10]})"
+                )
+            for batch in parquet.iter_batches(batch_size=65536, columns=[MANIFEST_COLUMN]):
+                for uri in batch.column(0).to_pylist():
+                    if uri:
+                        yield uri
+        return
+    with fs.open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise JobError(f"manifest {input_uri} line {number} is not UTF-8 text: is it a text list of URIs?") from None
+            if line and not line.startswith("#"):
+                yield line

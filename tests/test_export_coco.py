@@ -1,0 +1,120 @@
+"""jobs.export_coco: a labeling output -> COCO results / a COCO annotation file for labeling tools."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from jobs.common import run_main
+from jobs.export_coco import main as export_main
+from jobs.labeling.plan import part_name, write_plan
+from jobs.labeling.schema import OUTPUT_SCHEMA
+from maskrcnn.masks import decode_masks, encode_masks
+
+CATEGORIES = {1: "circle", 2: "square"}
+
+
+def _instance(mask: np.ndarray, category_id: int, score: float) -> dict:
+    ys, xs = np.nonzero(mask)
+    x0, y0 = float(xs.min()), float(ys.min())
+    return {
+        "category_id": category_id,
+        "category": CATEGORIES[category_id],
+        "score": score,
+        "bbox": [x0, y0, float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)],
+        "area": int(mask.sum()),
+        "mask": encode_masks(mask[None])[0],
+    }
+
+
+@pytest.fixture
+def label_output(tmp_path):
+    """A labeling output of 5 images in 3 part files: 3 with instances, 1 with none, 1 failed."""
+    root = "/data/images"
+    uris = [f"{root}/s0/a.png", f"{root}/s0/b.png", f"{root}/s1/c.png", f"{root}/s1/d.jpg", f"{root}/s2/bad.png"]
+    out = str(tmp_path / "labels")
+    write_plan(iter(uris), out, root, shard_size=2, settings={})
+    masks = {}
+    rows = []
+    rng = np.random.default_rng(0)
+    for k, uri in enumerate(uris):
+        if uri.endswith("bad.png"):
+            rows.append({"image_uri": uri, "width": None, "height": None, "instances": [], "error": "truncated or corrupt image", "model": "sha256:x"})
+            continue
+        height, width = 40 + k, 50
+        instances = []
+        if not uri.endswith("d.jpg"):
+            for j in range(2):
+                mask = np.zeros((height, width), dtype=np.uint8)
+                y, x = rng.integers(0, 20, size=2)
+                mask[y : y + 15, x : x + 10 + 5 * j] = 1
+                instances.append(_instance(mask, 1 + j, 0.9 - 0.3 * j))
+                masks[(uri, j)] = mask
+        rows.append({"image_uri": uri, "width": width, "height": height, "instances": instances, "error": None, "model": "sha256:x"})
+    for shard in range(3):
+        table = pa.Table.from_pylist(rows[2 * shard : 2 * shard + 2], schema=OUTPUT_SCHEMA)
+        pq.write_table(table, f"{out}/{part_name(shard)}")
+    return out, rows, masks
+
+
+def test_annotations_file_loads_in_pycocotools_with_relative_names(label_output, tmp_path, capsys):
+    out, rows, masks = label_output
+    path = str(tmp_path / "review.json")
+    assert export_main(["--input", out, "--output", path, "--format", "annotations"]) == 0
+    coco = COCO(path)
+    images = sorted(coco.imgs.values(), key=lambda i: i["id"])
+    assert [i["file_name"] for i in images] == ["s0/a.png", "s0/b.png", "s1/c.png", "s1/d.jpg"]  # the failed one left out
+    assert [(i["width"], i["height"]) for i in images] == [(50, 40), (50, 41), (50, 42), (50, 43)]
+    assert coco.loadCats(coco.getCatIds()) == [{"id": 1, "name": "circle", "supercategory": ""}, {"id": 2, "name": "square", "supercategory": ""}]
+    assert len(coco.anns) == 6
+    for image in images:
+        uri = f"/data/images/{image['file_name']}"
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        for j, ann in enumerate(anns):
+            assert ann["iscrowd"] == 0 and ann["category_id"] == 1 + j
+            np.testing.assert_array_equal(coco.annToMask(ann), masks[(uri, j)])
+            assert ann["area"] == int(masks[(uri, j)].sum())
+    assert "1 images that failed" in capsys.readouterr().err
+
+
+def test_results_match_the_annotations_perfectly(label_output, tmp_path):
+    out, _, _ = label_output
+    annotations, results = str(tmp_path / "a.json"), str(tmp_path / "r.json")
+    assert export_main(["--input", out, "--output", annotations, "--format", "annotations"]) == 0
+    assert export_main(["--input", out, "--output", results]) == 0
+    detections = json.load(open(results))
+    assert len(detections) == 6 and set(detections[0]) == {"image_id", "category_id", "segmentation", "bbox", "score"}
+    gt = COCO(annotations)
+    evaluator = COCOeval(gt, gt.loadRes(results), "segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert evaluator.stats[0] == pytest.approx(1.0)
+
+
+def test_results_take_image_ids_from_a_ground_truth_file(label_output, tmp_path):
+    out, _, _ = label_output
+    gt = {"images": [{"id": 70, "file_name": "s0/b.png"}, {"id": 90, "file_name": "./s1/c.png"}], "annotations": [], "categories": []}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    results = str(tmp_path / "r.json")
+    assert export_main(["--input", out, "--output", results, "--annotations", str(tmp_path / "gt.json"), "--min-score", "0.8"]) == 0
+    detections = json.load(open(results))
+    assert sorted(d["image_id"] for d in detections) == [70, 90]  # a.png is not in gt; score 0.6 ones dropped
+    assert all(decode_masks([d["segmentation"]]).shape[0] == 1 for d in detections)
+
+
+def test_images_root_option_and_bad_input(label_output, tmp_path, capsys):
+    out, _, _ = label_output
+    path = str(tmp_path / "a.json")
+    assert export_main(["--input", out, "--output", path, "--format", "annotations", "--images-root", "/data"]) == 0
+    assert json.load(open(path))["images"][0]["file_name"] == "images/s0/a.png"
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(export_main, ["--input", str(tmp_path / "nothing"), "--output", path])
+    assert exit_info.value.code == 2
+    assert "does not exist" in capsys.readouterr().err

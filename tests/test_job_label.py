@@ -1,0 +1,364 @@
+"""jobs.label: the plan, decoding, and whole runs on a real local Ray, a real S3 server (moto),
+with bad images, a killed job and a killed model actor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from jobs.common import run_main
+from jobs.label import main as label_main
+from jobs.labeling.decode import ImageDecodeError, decode_image, prepare_image, to_rgb_float
+from jobs.labeling.inputs import iter_input_uris
+from jobs.labeling.plan import finished_shards, part_name, read_plan, read_shard_uris, write_plan
+from jobs.labeling.schema import OUTPUT_SCHEMA
+from maskrcnn.checkpoint import load_checkpoint
+from maskrcnn.masks import encode_masks
+from maskrcnn.modeling.preprocessing import resize_image
+from maskrcnn.storage import open_uri
+from tests.labeling_helpers import awkward_images, encode, local_parts, make_checkpoint, read_output, rgb_noise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
+    make_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory) -> Path:
+    """60 synthetic images in nested shard folders (plus their annotations.json, not images)."""
+    from maskrcnn.data.synthetic import make_sample_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    for k in range(3):
+        make_sample_dataset(str(root / f"shard-{k:02d}"), {"part": 20}, seed=k)
+    return root
+
+
+# ---------------------------------------------------------------- no Ray: plan, listing, decoding
+
+
+def test_listing_is_recursive_sorted_and_skips_non_images(tmp_path):
+    for name in ["b/2.png", "a/x/1.JPG", "a/0.webp", "c.tiff", "notes.txt", "a/annotations.json", "out/p.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    uris = list(iter_input_uris(str(tmp_path), exclude_uri=str(tmp_path / "out")))
+    assert uris == [str(tmp_path / n) for n in ["a/0.webp", "a/x/1.JPG", "b/2.png", "c.tiff"]]
+
+
+def test_manifests_txt_and_parquet(tmp_path):
+    import pyarrow as pa
+
+    (tmp_path / "m.txt").write_text("# a comment\ns3://b/1.png\n\n/data/2.jpg\n")
+    assert list(iter_input_uris(str(tmp_path / "m.txt"))) == ["s3://b/1.png", "/data/2.jpg"]
+    pq.write_table(pa.table({"image_uri": ["a.png", "b.png"], "other": [1, 2]}), tmp_path / "m.parquet")
+    assert list(iter_input_uris(str(tmp_path / "m.parquet"))) == ["a.png", "b.png"]
+
+
+def test_plan_shards_and_finished_shards(tmp_path):
+    out = str(tmp_path / "out")
+    uris = (f"img/{i:05d}.png" for i in range(1000))
+    plan = write_plan(uris, out, "img", shard_size=7, settings={"model": "x"})
+    assert (plan.num_images, plan.num_shards) == (1000, 143)
+    assert read_plan(out) == plan
+    # spans two plan files (64 shards per file); the last shard is short
+    assert read_shard_uris(out, 70) == [f"img/{i:05d}.png" for i in range(490, 497)]
+    assert read_shard_uris(out, 142) == [f"img/{i:05d}.png" for i in range(994, 1000)]
+    assert finished_shards(out) == set()
+    for shard in (0, 5, 142):
+        (tmp_path / "out" / part_name(shard)).write_bytes(b"")
+    (tmp_path / "out" / "part-000009.parquet.tmp").write_bytes(b"")
+    assert finished_shards(out) == {0, 5, 142}
+
+
+def test_decode_modes_convert_correctly():
+    grey16 = Image.fromarray(np.array([[0, 65535], [32768, 257]], dtype=np.uint16))
+    assert grey16.mode == "I;16"
+    values = to_rgb_float(grey16)
+    assert values.shape == (3, 2, 2)
+    torch.testing.assert_close(values[0], torch.tensor([[0.0, 1.0], [32768 / 65535, 257 / 65535]]))
+    cmyk = rgb_noise(8, 8).convert("CMYK")
+    expected = torch.from_numpy(np.array(cmyk.convert("RGB"))).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(to_rgb_float(cmyk), expected)
+    bilevel = to_rgb_float(Image.new("1", (4, 4), color=1))
+    assert bilevel.min() == 1.0
+    for name, (data, error_word, size) in awkward_images().items():
+        if error_word is None:
+            image = decode_image(data, max_pixels=100_000_000)
+            assert image.dtype == torch.float32 and image.shape[0] == 3, name
+            assert (image.shape[2], image.shape[1]) == size, name
+            assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0, name
+        else:
+            with pytest.raises(ImageDecodeError, match=error_word):
+                prepare_image(data, 256, 384, max_pixels=100_000_000)
+
+
+def test_bad_arguments_stop_before_any_work(tmp_path, checkpoint, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(encode(rgb_noise(8, 8), "PNG"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should be")
+    cases = {
+        "missing input": (["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o1"), "--checkpoint", checkpoint], "does not exist"),
+        "empty input": (["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o2"), "--checkpoint", checkpoint], "no images"),
+        "unwritable output": (["--input", str(images), "--output", str(blocked / "sub"), "--checkpoint", checkpoint], "cannot write"),
+        "missing checkpoint": (["--input", str(images), "--output", str(tmp_path / "o3"), "--checkpoint", str(tmp_path / "no.pt")], "does not exist"),
+        "unreadable checkpoint": (["--input", str(images), "--output", str(tmp_path / "o4"), "--checkpoint", str(tmp_path / "junk.pt")], "not a readable"),
+    }
+    for name, (argv, message) in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(label_main, argv)
+        assert exit_info.value.code == 2, name
+        err = capsys.readouterr().err
+        assert message in err, (name, err)
+    assert not list(tmp_path.glob("o*/part-*")), "no work may have been done"
+
+
+def test_help_documents_every_option():
+    result = subprocess.run([sys.executable, "-m", "jobs.label", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for option in ["--input", "--output", "--checkpoint", "--arch", "--categories", "--min-size", "--max-size", "--score-threshold",
+                   "--max-detections", "--batch-size", "--num-actors", "--gpus-per-actor", "--shard-size", "--preview", "--storage-options"]:
+        assert option in result.stdout, option
+
+
+# ---------------------------------------------------------------- whole runs on a real Ray
+
+
+def _expected_instances(loaded, image: torch.Tensor) -> list[dict]:
+    """The model run directly on one image, with the same preprocessing, as output rows."""
+    cfg = loaded.config.input
+    with torch.inference_mode():
+        out = loaded.model([resize_image(image, cfg.min_size, cfg.max_size)], resized=True, original_sizes=[tuple(image.shape[-2:])])[0]
+    boxes = out["boxes"].numpy()
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float32)
+    return [
+        {
+            "category_id": loaded.label_map[label]["id"],
+            "category": loaded.label_map[label]["name"],
+            "score": float(score),
+            "bbox": [float(v) for v in box],
+            "area": int(mask.sum()),
+            "mask": rle,
+        }
+        for label, score, box, mask, rle in zip(out["labels"].tolist(), out["scores"].numpy(), xywh, out["masks"], encode_masks(out["masks"]))
+    ]
+
+
+def _parts_schema_ok(fs_parts: list) -> None:
+    for schema in fs_parts:
+        assert schema.remove_metadata() == OUTPUT_SCHEMA, schema
+
+
+@pytest.mark.slow
+def test_label_s3_nested_shards_matches_the_model_in_a_loop(s3_server, s3_bucket, ray_local, tmp_path, capsys):
+    from maskrcnn.data.synthetic import make_sample_dataset
+
+    options = {"client_kwargs": {"endpoint_url": s3_server}, "key": "testing", "secret": "testing"}
+    images = f"{s3_bucket}/images"
+    for k in range(3):  # images/shard-0k/part/images/00000n.png, beside annotations.json files
+        make_sample_dataset(f"{images}/shard-{k:02d}", {"part": 7}, seed=k, storage_options=options)
+    for k, fmt in enumerate(["JPEG", "WEBP", "BMP", "TIFF"]):
+        ext = {"JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}[fmt]
+        with open_uri(f"{images}/other/deeper/x{k}.{ext}", "wb", options) as f:
+            f.write(encode(rgb_noise(90 + 10 * k, 70, seed=k), fmt))
+    model_uri = f"{s3_bucket}/models/model.pt"
+    make_checkpoint(model_uri, storage_options=options)
+    output = f"{s3_bucket}/labels"
+
+    code = label_main(["--input", images, "--output", output, "--checkpoint", model_uri, "--shard-size", "5",
+                       "--batch-size", "1", "--preview", "3", "--storage-options", json.dumps(options)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert "shards: 5 labelled this run, 0 already done, 5 in all" in stdout
+
+    listed = list(iter_input_uris(images, options))
+    assert len(listed) == 25 and all(u.startswith("s3://") for u in listed)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    parts = sorted(p for p in fs.ls(output.removeprefix("s3://")) if p.rsplit("/", 1)[-1].startswith("part-"))
+    assert len(parts) == 5
+    _parts_schema_ok([pq.read_schema(fs.open(p, "rb")) for p in parts])
+    table = read_output(output, options)
+    assert table.num_rows == 25
+    assert sorted(table.column("image_uri").to_pylist()) == sorted(listed)
+    assert table.column("error").null_count == 25
+
+    loaded = load_checkpoint(model_uri, storage_options=options)
+    torch.set_num_threads(1)  # the actor's thread count: same kernels, same floats
+    with_instances = 0
+    for row in table.to_pylist():
+        with open_uri(row["image_uri"], "rb", options) as f:
+            image = decode_image(f.read(), max_pixels=100_000_000)
+        assert (row["height"], row["width"]) == tuple(image.shape[-2:])
+        assert row["model"] == loaded.model_hash
+        assert row["instances"] == _expected_instances(loaded, image), row["image_uri"]
+        with_instances += bool(row["instances"])
+    assert with_instances == 25
+    previews = fs.ls(f"{output.removeprefix('s3://')}/_preview")
+    assert len(previews) == 3 and all(p.endswith(".png") for p in previews)
+    assert not fs.exists(f"{output.removeprefix('s3://')}/_pieces")
+
+
+@pytest.mark.slow
+def test_every_bad_input_gets_its_row_and_the_job_finishes(tmp_path, checkpoint, ray_local, capsys):
+    files = awkward_images()
+    for name, (data, _, _) in files.items():
+        path = tmp_path / "in" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    output = str(tmp_path / "out")
+    code = label_main(["--input", str(tmp_path / "in"), "--output", output, "--checkpoint", checkpoint,
+                       "--shard-size", "8", "--max-detections", "5"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    table = read_output(output)
+    rows = {Path(r["image_uri"]).relative_to(tmp_path / "in").as_posix(): r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(files) and table.num_rows == len(files)
+    failed = 0
+    for name, (_, error_word, size) in files.items():
+        row = rows[name]
+        if error_word is None:
+            assert row["error"] is None, (name, row["error"])
+            assert (row["width"], row["height"]) == size, name
+            assert 0 < len(row["instances"]) <= 5, name
+        else:
+            failed += 1
+            assert row["error"] and error_word in row["error"], (name, row["error"])
+            assert row["instances"] == [] and row["width"] is None and row["height"] is None, name
+    assert f"{failed} errors" in stdout
+
+
+def _ray_address(ray) -> str:
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.mark.slow
+def test_killed_job_reruns_exactly_once_with_less_work(tmp_path, checkpoint, shapes_folder, ray_local, capsys):
+    output = tmp_path / "out"
+    argv = [sys.executable, "-m", "jobs.label", "--input", str(shapes_folder), "--output", str(output),
+            "--checkpoint", checkpoint, "--shard-size", "4", "--batch-size", "1", "--max-detections", "10"]
+    env = dict(os.environ, RAY_ADDRESS=_ray_address(ray_local))
+    job = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(local_parts(str(output))) < 3 and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        committed_at_kill = len(local_parts(str(output)))
+        os.killpg(job.pid, signal.SIGKILL)
+    finally:
+        job.wait(timeout=60)
+    first_log = job.stdout.read().decode(errors="replace")
+    assert job.returncode == -signal.SIGKILL, first_log[-3000:]
+    plan = read_plan(str(output))
+    assert plan.num_shards == 15 and 3 <= committed_at_kill < 15, (committed_at_kill, first_log[-3000:])
+
+    # The rerun: only the missing shards. (It runs in this process, on the same Ray.)
+    time.sleep(1.0)
+    done_before = len(local_parts(str(output)))
+    assert label_main(argv[3:]) == 0
+    stdout = capsys.readouterr().out
+    line = next(s for s in stdout.splitlines() if s.startswith("shards:"))
+    labelled, already = int(line.split()[1]), int(line.split(",")[1].split()[0])
+    assert already >= done_before >= 3 and labelled == 15 - already, line
+
+    table = read_output(str(output))
+    uris = table.column("image_uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 60
+    assert sorted(uris) == sorted(iter_input_uris(str(shapes_folder)))
+
+    # Over finished output: no model work, and it says so.
+    assert label_main(argv[3:]) == 0
+    stdout = capsys.readouterr().out
+    assert "nothing to do" in stdout and "no model work" in stdout
+    assert "shards: 0 labelled this run, 15 already done" in stdout
+
+
+def _raylet_pid() -> int | None:
+    """This session's raylet (every worker of the test's Ray is its child); None when this
+    process joined a Ray it did not start."""
+    import ray
+
+    try:
+        return ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    except (AttributeError, KeyError, IndexError):
+        return None
+
+
+def _predictor_pids(raylet: int | None) -> set[int]:
+    """This Ray's model actors: its raylet's children whose title names the Predictor stage."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if raylet in (None, parent) and cmdline.startswith("ray::") and "MapBatches(Predictor)" in cmdline:
+            pids.add(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+def test_killed_model_actor_is_replaced_and_the_run_completes_exactly_once(tmp_path, checkpoint, shapes_folder, ray_local, capsys):
+    output = tmp_path / "out"
+    killed: list[int] = []
+    parts_at_kill: list[int] = []
+    replacements: list[int] = []
+    raylet = _raylet_pid()
+    earlier = _predictor_pids(raylet)  # an earlier test's actors, possibly still exiting
+
+    def kill_an_actor() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            pids = _predictor_pids(raylet) - earlier
+            # once a shard is committed: the actor is serving, most of the 60 images still to do
+            if pids and len(local_parts(str(output))) >= 1:
+                pid = min(pids)
+                parts_at_kill.append(len(local_parts(str(output))))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.02)
+        while time.monotonic() < deadline and not replacements:  # Ray Data restarts it
+            replacements.extend(_predictor_pids(raylet) - earlier - set(killed))
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_an_actor, daemon=True)
+    killer.start()
+    code = label_main(["--input", str(shapes_folder), "--output", str(output), "--checkpoint", checkpoint,
+                       "--shard-size", "4", "--batch-size", "1", "--max-detections", "10"])
+    killer.join(timeout=5)
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert killed, "no model actor was found to kill"
+    assert parts_at_kill[0] < 10, f"the actor was killed late (after {parts_at_kill[0]} of 15 commits)"
+    assert replacements, "no new model actor replaced the killed one"
+    assert "shards: 15 labelled this run, 0 already done, 15 in all" in stdout
+    table = read_output(str(output))
+    uris = table.column("image_uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 60
+    assert table.column("error").null_count == 60
