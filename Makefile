@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench clean
 
 install: $(BIN)/.installed
 
@@ -16,6 +16,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/python -m jobs.demo
 
 bench: install
 	$(BIN)/python -m benchmarks.model_inference
