@@ -31,6 +31,34 @@ def _legacy_layout(state):
     return out
 
 
+def _match(exp, out, score_thresh, cap, box_tol=0.01, score_tol=1e-4):
+    """Pairs (i, j) of the same detection: same label, boxes within ``box_tol`` px, scores within
+    ``score_tol``, in the same order. Detections that float rounding may legitimately put on
+    either side of a cut (a score within 1e-3 of the score threshold, or of the last score kept
+    when the per-image cap is reached) may be missing on one side; every other one must pair."""
+    def borderline(det, k):
+        score = float(det["scores"][k])
+        at_cap = len(det["scores"]) == cap and score <= float(det["scores"][-1]) + 1e-3
+        return score <= score_thresh + 1e-3 or at_cap
+
+    pairs, used = [], set()
+    for i in range(len(exp["scores"])):
+        for j in range(len(out["scores"])):
+            if j in used or int(out["labels"][j]) != int(exp["labels"][i]):
+                continue
+            if (out["boxes"][j] - exp["boxes"][i]).abs().max() <= box_tol and abs(float(out["scores"][j] - exp["scores"][i])) <= score_tol:
+                pairs.append((i, j))
+                used.add(j)
+                break
+        else:
+            assert borderline(exp, i), f"torchvision's detection {i} {exp['boxes'][i].tolist()} score {float(exp['scores'][i]):.5f} has no twin"
+    paired = {i for i, _ in pairs}
+    for j in range(len(out["scores"])):
+        assert j in used or borderline(out, j), f"our detection {j} {out['boxes'][j].tolist()} score {float(out['scores'][j]):.5f} has no twin"
+    assert len(paired) == len(pairs)
+    return pairs
+
+
 def _mask_iou(a, b):
     inter = (a & b).flatten(1).sum(1).float()
     union = (a | b).flatten(1).sum(1).float()
@@ -59,11 +87,10 @@ def test_same_detections_as_torchvision(tv_state, min_size, max_size, layout):
 
     confident = 0
     for exp, out in zip(expected, got):
-        assert out["labels"].tolist() == exp["labels"].tolist()
-        assert (out["boxes"] - exp["boxes"]).abs().max().item() <= 0.01 if len(exp["boxes"]) else True
-        assert (out["scores"] - exp["scores"]).abs().max().item() <= 1e-4 if len(exp["scores"]) else True
-        assert out["masks"].shape == exp["masks"][:, 0].shape
-        assert _mask_iou(out["masks"], exp["masks"][:, 0] >= 0.5).min().item() >= 0.99 if len(exp["boxes"]) else True
+        exp_masks = exp["masks"][:, 0] >= 0.5
+        pairs = _match(exp, out, score_thresh=reference.roi_heads.score_thresh, cap=reference.roi_heads.detections_per_img)
+        for i, j in pairs:
+            assert _mask_iou(out["masks"][j : j + 1], exp_masks[i : i + 1]).item() >= 0.99
         confident += int((exp["scores"] > 0.5).sum())
     assert confident >= 4, "the reference weights must give confident detections, or the test proves little"
 
