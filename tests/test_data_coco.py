@@ -327,3 +327,18 @@ def test_reads_from_s3(tmp_path, s3_bucket):
     assert missing_images(s3_dataset) == []
     fs.rm(join_uri(remote_images, "a.png"))
     assert missing_images(s3_dataset) == ["a.png"]
+
+
+def test_decode_image_scales_16_bit_instead_of_clipping():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from maskrcnn.data.coco import decode_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.array([[0, 1000, 30000, 65535]], dtype=np.uint16)).save(buffer, "PNG")
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.shape == (3, 1, 4)
+    torch.testing.assert_close(decoded[0, 0], torch.tensor([0, 1000, 30000, 65535]) / 65535.0)

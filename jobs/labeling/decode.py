@@ -13,40 +13,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from maskrcnn.data.images import to_rgb_float
 from maskrcnn.modeling.preprocessing import resize_image, resized_size
 
 # 16-bit single-channel modes: scaled by 65535 to [0, 1] (Pillow's convert("RGB") would clip them).
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 class ImageDecodeError(Exception):
     """An image that cannot be labelled; the message is for the output's ``error`` column."""
-
-
-def to_rgb_float(image: Image.Image) -> torch.Tensor:
-    """Any Pillow mode -> float32 (3, H, W) RGB in [0, 1].
-
-    8-bit modes go through Pillow's conversions (palette, CMYK, YCbCr, 1-bit, L, LA); alpha is
-    dropped as Pillow and torchvision drop it, after resolving a palette's transparency. 16- and
-    32-bit grey levels are scaled to their range instead of clipped at 255.
-    """
-    mode = image.mode
-    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
-        grey = np.asarray(image).astype(np.float32)
-        if mode in _SIXTEEN_BIT:
-            scale = 65535.0
-        else:  # 32-bit int or float: the range the values use
-            peak = float(grey.max()) if grey.size else 0.0
-            scale = 1.0 if (mode == "F" and peak <= 1.0) else 255.0 if peak <= 255.0 else 65535.0 if peak <= 65535.0 else peak
-        grey = np.clip(grey / scale, 0.0, 1.0)
-        return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape))))
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:

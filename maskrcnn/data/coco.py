@@ -33,6 +33,7 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from maskrcnn.data.images import to_rgb_float
 from maskrcnn.masks import annotation_to_mask, annotation_to_rle, validate_segmentation
 from maskrcnn.storage import filesystem, join_uri, open_uri
 
@@ -67,9 +68,8 @@ def decode_image(data: bytes) -> torch.Tensor:
     EXIF orientation is applied, so H and W are the size a person sees.
     """
     with Image.open(io.BytesIO(data)) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
-    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        # 16-bit and float images are scaled to [0, 1], not clipped as convert("RGB") would
+        return to_rgb_float(ImageOps.exif_transpose(opened))
 
 
 def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> torch.Tensor:
