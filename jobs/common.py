@@ -8,6 +8,17 @@ import os
 import sys
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to options that have a default worth showing and do not state it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class JobError(Exception):
     """A problem with the job's input or environment, reported to the user without a traceback."""
 

@@ -29,7 +29,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
-from jobs.label import HelpFormatter
+from jobs.common import HelpFormatter
 from jobs.labeling.plan import PART_RE, read_plan
 from maskrcnn.storage import filesystem, open_uri
 

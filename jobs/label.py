@@ -16,20 +16,11 @@ import sys
 import time
 import uuid
 
-from jobs.common import JobError, add_storage_options, init_ray, parse_storage_options, run_main
+from jobs.common import HelpFormatter, JobError, add_storage_options, init_ray, parse_storage_options, run_main
 from jobs.labeling.plan import PIECES_DIR, PLAN_DIR, PREVIEW_DIR, finished_shards, read_plan, write_plan
 
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_MAX_PIXELS = 100_000_000
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default where it has one its help does not already state."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, argparse.SUPPRESS) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

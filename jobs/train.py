@@ -43,7 +43,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
+from jobs.common import HelpFormatter, JobError, add_storage_options, parse_storage_options, run_main
 
 __all__ = ["main", "build_parser", "train_loop_per_worker", "train_step", "lr_factor", "shard_indices", "TrainPlan"]
 
@@ -60,24 +60,13 @@ LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", 
 # The command line
 
 
-class _DefaultsFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" to options that have a default worth showing."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        shown = action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
-        if shown and "default" not in text and action.option_strings:
-            text += " (default: %(default)s)"
-        return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.train",
         description="Train or fine-tune Mask R-CNN with Ray Train (DDP across --num-workers workers). "
         "Every URI may be a local path or s3:// (any fsspec URI). Rerunning the same command resumes "
         "the run in --output from its latest checkpoint.",
-        formatter_class=_DefaultsFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--annotations", required=True, metavar="URI", help="training annotations, a COCO instances JSON; its categories are the model's classes")
