@@ -20,8 +20,11 @@ test: install
 demo: install
 	$(BIN)/python -m jobs.demo
 
+# Each benchmark runs its peer side by side and prints ratios (CPU here; a GPU where there is one).
 bench: install
 	$(BIN)/python -m benchmarks.model_inference
+	$(BIN)/python -m benchmarks.label_pipeline
+	$(BIN)/python -m benchmarks.train_step
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="as jobs.train --precision")
     args = parser.parse_args(argv)
 
-    from jobs.train import autocast_dtype_for, targets_to, train_step
+    from jobs.train import autocast_dtype_for, targets_to
+    from maskrcnn.engine import train_step
     from maskrcnn.checkpoint import load_state
     from maskrcnn.config import get_preset
     from maskrcnn.data import CocoDataset, collate_fn, make_sample_dataset
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         params = [p for p in model.parameters() if p.requires_grad]
         sides[name] = (model, torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=1e-4))
     steps = {
-        "ours": lambda m, o: train_step(m, o, images, targets, autocast_dtype),
+        "ours": lambda m, o: train_step(m, o, images, targets, autocast_dtype=autocast_dtype),
         "torchvision": lambda m, o: reference_step(m, o, images, targets, autocast_dtype),
     }
 

@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=2, metavar="N", help="images per forward pass (default 2)")
     parser.add_argument("--loader-workers", type=int, default=2, metavar="N", help="DataLoader processes that read and decode images (default 2; 0 reads in this process)")
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        help="autocast precision of the model; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
+    )
+    parser.add_argument(
+        "--reference-path", action="store_true",
+        help="run the model exactly as built (no norm folding, no channels_last) instead of jobs.label's fast path",
+    )
     parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default auto)")
     add_storage_options(parser)
     return parser
@@ -85,6 +93,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     batch_size: int = 2,
     loader_workers: int = 2,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """COCO box and mask AP of ``model`` on ``dataset`` (a ``CocoDataset``).
 
@@ -94,6 +103,7 @@ def evaluate(
     ``class_map`` lacks (e.g. torchvision's unused COCO indices) are dropped.
     """
     from maskrcnn.data import collate_fn
+    from maskrcnn.engine import autocast_context
     from maskrcnn.evaluation import evaluate_coco, predictions_to_coco_results
 
     if class_map is None:
@@ -109,7 +119,8 @@ def evaluate(
     try:
         with torch.inference_mode():
             for images, targets in loader:
-                predictions = model([image.to(device, non_blocking=True) for image in images])
+                with autocast_context(torch.device(device), autocast_dtype):
+                    predictions = model([image.to(device, non_blocking=True) for image in images])
                 ids = [int(t["image_id"]) for t in targets]
                 for prediction in predictions:
                     keep = torch.tensor([int(label) in class_map for label in prediction["labels"].tolist()], dtype=torch.bool)
@@ -203,10 +214,19 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         loaded.model, loaded.config = model, config
     model = loaded.model.to(device)
+    if not args.reference_path:  # what jobs.label runs, so the AP is that of its labels
+        from maskrcnn.modeling.optimize import optimize_for_inference
+
+        optimize_for_inference(model)
+    from maskrcnn.engine import autocast_dtype
+
     class_map = class_map_for(loaded.label_map, {c["id"] for c in dataset.categories}, args.checkpoint, args.annotations)
 
     started = time.perf_counter()
-    metrics = evaluate(model, dataset, class_map, device=device, batch_size=args.batch_size, loader_workers=args.loader_workers)
+    metrics = evaluate(
+        model, dataset, class_map, device=device, batch_size=args.batch_size, loader_workers=args.loader_workers,
+        autocast_dtype=autocast_dtype(args.precision, torch.device(device)),
+    )
     seconds = time.perf_counter() - started
     report = {
         "checkpoint": args.checkpoint,
@@ -216,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "min_size": loaded.config.input.min_size,
         "max_size": loaded.config.input.max_size,
         "seconds": round(seconds, 3),
+        "precision": args.precision,
+        "fast_path": not args.reference_path,
         **metrics,
     }
     print(format_table(metrics))

@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument("--num-actors", type=int, default=None, metavar="N", help="model replicas (default: one per --gpus-per-actor share of the cluster's GPUs; without GPUs, one per 4 CPUs, at least 1)")
     run_group.add_argument("--gpus-per-actor", type=float, default=None, metavar="F", help="GPUs per model replica, fractions allowed (0.5: two replicas per GPU); default 1 when the cluster has GPUs, else 0 (CPU)")
     run_group.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="F", help="CPUs reserved per model replica (on the CPU, its torch threads)")
+    run_group.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        help="autocast precision of the model; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
+    )
+    run_group.add_argument(
+        "--reference-path", action="store_true",
+        help="run the model exactly as built (no norm folding, no channels_last) instead of the fast path; "
+        "with --precision fp32, the outputs of the model in a plain loop",
+    )
     run_group.add_argument("--decode-batch-size", type=int, default=8, metavar="N", help="images per decode task batch")
     run_group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N", help="refuse images of more pixels (decompression bombs); the row gets an error")
     return parser
@@ -227,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         gpus_per_actor=gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
         run_id=uuid.uuid4().hex[:12],
+        fast_path=not args.reference_path,
+        precision=args.precision,
     )
     print(
         f"labelling {len(pending)} of {plan.num_shards} shards with {num_actors} model actor(s) "

@@ -45,7 +45,7 @@ from typing import Any
 
 from jobs.common import HelpFormatter, JobError, add_storage_options, parse_storage_options, run_main
 
-__all__ = ["main", "build_parser", "train_loop_per_worker", "train_step", "lr_factor", "shard_indices", "TrainPlan"]
+__all__ = ["main", "build_parser", "train_loop_per_worker", "lr_factor", "shard_indices", "TrainPlan"]
 
 RUN_NAME = "ray_train"  # Ray Train's run folder inside --output
 METRICS_FILE = "metrics.jsonl"
@@ -220,35 +220,11 @@ def targets_to(targets: list[dict], device) -> list[dict]:
     return [{k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in t.items()} for t in targets]
 
 
-def train_step(model, optimizer, images, targets, autocast_dtype=None, scaler=None) -> dict:
-    """One optimizer step on one batch: forward (under autocast when ``autocast_dtype`` is set),
-    backward, step. Returns the detached loss terms; reads no value back from the device."""
-    import torch
-
-    device_type = images[0].device.type
-    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss_dict = model(images, targets)
-    loss = sum(loss_dict.values())
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    return {k: v.detach() for k, v in loss_dict.items()}
-
-
 def autocast_dtype_for(precision: str, device):
     """The autocast dtype for ``--precision`` on ``device`` (None: fp32, no autocast)."""
-    import torch
+    from maskrcnn.engine import autocast_dtype
 
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
+    return autocast_dtype(precision, device)
 
 
 def read_metrics(output: str, storage_options: dict | None) -> list[dict]:
@@ -322,6 +298,7 @@ def train_loop_per_worker(config: dict) -> None:
     from maskrcnn.checkpoint import save_checkpoint
     from maskrcnn.config import ModelConfig
     from maskrcnn.data import CocoDataset, RandomHorizontalFlip, collate_fn
+    from maskrcnn.engine import train_step
     from maskrcnn.modeling import build_model
     from maskrcnn.storage import join_uri
 
@@ -429,18 +406,22 @@ def train_loop_per_worker(config: dict) -> None:
             images = [image.to(device, non_blocking=True) for image in images]
             targets = targets_to(targets, device)
             lr = optimizer.param_groups[0]["lr"]
-            losses = train_step(model, optimizer, images, targets, autocast_dtype, scaler)
-            scheduler.step()
+            losses = train_step(model, optimizer, images, targets, scheduler=scheduler, autocast_dtype=autocast_dtype, scaler=scaler)
             step += 1
-            # One read-back per step, as torchvision's reference loop does. A diverged rank
-            # poisons every rank through the gradient all-reduce, so all of them stop here.
-            total = float(sum(losses.values()))
-            if not math.isfinite(total):
-                raise FloatingPointError(f"the loss is {total} at step {step} (rank {rank}); lower --lr or lengthen --warmup-steps")
             epoch_end = step % plan.steps_per_epoch == 0
             last = step >= plan.total_steps
             checkpoint_due = epoch_end or last or (plan.checkpoint_every and step % plan.checkpoint_every == 0)
             log_due = step % plan.log_every == 0 or checkpoint_due or step == start_step + 1
+            # The loss is read back only at log steps (every checkpoint is one): between them
+            # the host queues steps without waiting for the device. A diverged rank poisons
+            # every rank through the gradient all-reduce, so all of them stop at the check.
+            nonfinite = ~torch.isfinite(losses["loss"])
+            if not log_due and step % 20:
+                continue
+            if bool(nonfinite):
+                raise FloatingPointError(
+                    f"the loss is {float(losses['loss'])} at step {step} (rank {rank}); lower --lr or lengthen --warmup-steps"
+                )
             if not log_due:
                 continue
             # Mean loss terms over the ranks, and the images all ranks took in this stretch.

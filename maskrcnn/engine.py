@@ -50,8 +50,23 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_multistep_factor(s, warmup_steps, steps))
 
 
-def autocast_context(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):
-    if not enabled:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a ``--precision`` choice on ``device``; None: fp32, no autocast.
+
+    ``auto``: bf16 on GPUs that have it, fp16 on older ones, fp32 on CPUs (where bf16 is slower
+    than fp32 unless the CPU has AMX)."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on the device's type, or nothing when ``dtype`` is None."""
+    if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -63,15 +78,15 @@ def train_step(
     targets: list[dict[str, Tensor]],
     *,
     scheduler=None,
-    amp: bool = False,
-    amp_dtype: torch.dtype = torch.bfloat16,
+    autocast_dtype: torch.dtype | None = None,
     scaler: "torch.amp.GradScaler | None" = None,
     clip_grad_norm: float | None = None,
 ) -> dict[str, Tensor]:
-    """One optimisation step; returns the loss terms (detached, still on the device: no host
-    sync here; the caller decides when to read them)."""
+    """One optimisation step: forward (under autocast to ``autocast_dtype`` when set; fp16 wants
+    a ``scaler``), backward, step. Returns the loss terms and their sum ``loss``, detached and
+    still on the device: no host sync here; the caller decides when to read them."""
     device = images[0].device
-    with autocast_context(device, amp, amp_dtype):
+    with autocast_context(device, autocast_dtype):
         losses = model(images, targets)
     total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)

@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 
 __all__ = [
     "encode_masks",
+    "encode_crops",
     "decode_masks",
     "validate_segmentation",
     "annotation_to_rle",
@@ -48,6 +49,40 @@ def encode_masks(masks: torch.Tensor | np.ndarray) -> list[RLE]:
     fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8, copy=False) != 0, dtype=np.uint8)
     rles = mask_utils.encode(fortran)
     return [_plain_rle(rle) for rle in rles]
+
+
+def encode_crops(height: int, width: int, extents: np.ndarray, crops: Sequence[np.ndarray]) -> tuple[list[RLE], np.ndarray]:
+    """Masks given as crops -> their compressed RLEs in the (height, width) image, and areas.
+
+    ``extents`` (N, 4) are y0, x0, y1, x1 (exclusive) of each crop in the image; ``crops[i]`` is
+    the binary (y1 - y0, x1 - x0) inside; everything outside is 0. The runs are computed from the
+    crop alone (padded with a zero row above and below, its changes mapped to positions in the
+    image's column-major order), so the work grows with the crop and its runs, not with the
+    image: no full-size mask is ever made. Equal to ``encode_masks`` of the full masks.
+    """
+    uncompressed, areas = [], np.zeros(len(crops), dtype=np.int64)
+    for i, ((y0, x0, y1, x1), crop) in enumerate(zip(np.asarray(extents).tolist(), crops)):
+        h, w = y1 - y0, x1 - x0
+        crop = np.asarray(crop).reshape(h, w) != 0
+        if h <= 0 or w <= 0 or not crop.any():
+            uncompressed.append({"size": [height, width], "counts": [height * width]})
+            continue
+        areas[i] = int(crop.sum())
+        padded = np.zeros((h + 2, w), dtype=np.int8)
+        padded[1:-1] = crop
+        flat = padded.ravel(order="F")
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # index in ``flat`` of a run's first element
+        column, row = np.divmod(change, h + 2)
+        position = (x0 + column) * height + y0 + row - 1  # the same element in the image, column-major
+        position = position[position < height * width]  # a run ending at the last pixel ends the image
+        if h == height:  # full-height crop: a column ending on and the next starting on touch
+            same = np.flatnonzero(position[1:] == position[:-1])
+            position = np.delete(position, np.concatenate([same, same + 1]))
+        counts = np.diff(np.concatenate([[0], position, [height * width]]))
+        uncompressed.append({"size": [height, width], "counts": counts.tolist()})
+    if not uncompressed:
+        return [], areas
+    return [_plain_rle(rle) for rle in mask_utils.frPyObjects(uncompressed, height, width)], areas
 
 
 def _plain_rle(rle: dict) -> RLE:

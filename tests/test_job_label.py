@@ -3,6 +3,8 @@ with bad images, a killed job and a killed model actor."""
 
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import signal
@@ -26,7 +28,7 @@ from jobs.labeling.plan import finished_shards, part_name, read_plan, read_shard
 from jobs.labeling.schema import OUTPUT_SCHEMA
 from maskrcnn.checkpoint import load_checkpoint
 from maskrcnn.masks import encode_masks
-from maskrcnn.modeling.preprocessing import resize_image
+from maskrcnn.modeling.optimize import optimize_for_inference
 from maskrcnn.storage import open_uri
 from tests.labeling_helpers import awkward_images, encode, local_parts, make_checkpoint, read_output, rgb_noise
 
@@ -144,11 +146,10 @@ def test_help_documents_every_option():
 # ---------------------------------------------------------------- whole runs on a real Ray
 
 
-def _expected_instances(loaded, image: torch.Tensor) -> list[dict]:
-    """The model run directly on one image, with the same preprocessing, as output rows."""
-    cfg = loaded.config.input
+def _expected_instances(loaded, model, image: torch.Tensor) -> list[dict]:
+    """``model`` run directly on one decoded image, as output rows."""
     with torch.inference_mode():
-        out = loaded.model([resize_image(image, cfg.min_size, cfg.max_size)], resized=True, original_sizes=[tuple(image.shape[-2:])])[0]
+        out = model([image])[0]
     boxes = out["boxes"].numpy()
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float32)
     return [
@@ -205,14 +206,17 @@ def test_label_s3_nested_shards_matches_the_model_in_a_loop(s3_server, s3_bucket
     assert table.column("error").null_count == 25
 
     loaded = load_checkpoint(model_uri, storage_options=options)
-    torch.set_num_threads(1)  # the actor's thread count: same kernels, same floats
+    # the model as jobs.label runs it by default (the fast path), on the actor's thread count:
+    # same kernels, same floats
+    fast = optimize_for_inference(copy.deepcopy(loaded.model))
+    torch.set_num_threads(1)
     with_instances = 0
     for row in table.to_pylist():
         with open_uri(row["image_uri"], "rb", options) as f:
             image = decode_image(f.read(), max_pixels=100_000_000)
         assert (row["height"], row["width"]) == tuple(image.shape[-2:])
         assert row["model"] == loaded.model_hash
-        assert row["instances"] == _expected_instances(loaded, image), row["image_uri"]
+        assert row["instances"] == _expected_instances(loaded, fast, image), row["image_uri"]
         with_instances += bool(row["instances"])
     assert with_instances == 25
     previews = fs.ls(f"{output.removeprefix('s3://')}/_preview")

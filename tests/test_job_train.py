@@ -159,7 +159,7 @@ def test_help_documents_every_option():
 
 def test_train_step_runs_under_bf16_autocast():
     """--precision bf16 (the GPU default) runs the model's forward under autocast; on a CPU here."""
-    from jobs.train import train_step
+    from maskrcnn.engine import train_step
     from maskrcnn.config import get_preset
     from maskrcnn.modeling import build_model
 
@@ -175,7 +175,7 @@ def test_train_step_runs_under_bf16_autocast():
         {"boxes": torch.tensor([[10.0, 10, 40, 50]]), "labels": torch.tensor([2]), "masks": masks[1]},
     ]
     losses = train_step(model, optimizer, images, targets, autocast_dtype=torch.bfloat16)
-    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg", "loss"}
     assert all(torch.isfinite(v) for v in losses.values())
 
 

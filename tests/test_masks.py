@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn.masks import annotation_to_mask, decode_masks, encode_masks, mask_area, mask_boxes
+from maskrcnn.masks import annotation_to_mask, decode_masks, encode_crops, encode_masks, mask_area, mask_boxes
 
 
 def test_polygon_square_covers_the_pixels_inside_its_edges():
@@ -102,3 +102,27 @@ def test_mask_boxes_are_on_pixel_edges():
     masks[1, 1:5, 2:7] = 1
     np.testing.assert_array_equal(mask_boxes(masks), [[3, 2, 4, 3], [2, 1, 7, 5]])
     np.testing.assert_array_equal(mask_boxes(encode_masks(masks)), [[3, 2, 4, 3], [2, 1, 7, 5]])
+
+
+def test_encode_crops_equals_encoding_the_full_masks():
+    """Runs computed from crops alone, against pycocotools on the full masks: random crops of
+    random fill, including ones touching every border, full-height and full-image ones, and
+    empty ones."""
+    rng = np.random.default_rng(0)
+    height, width = 23, 31
+    cases = [(0, 0, height, width), (0, 5, height, 9), (3, 0, 7, width), (height - 1, width - 1, height, width), (4, 4, 4, 9)]
+    for trial in range(200):
+        count = int(rng.integers(0, 5))
+        extents = [cases[trial % len(cases)]] if trial < 2 * len(cases) else []
+        while len(extents) < count:
+            y0, x0 = int(rng.integers(0, height)), int(rng.integers(0, width))
+            extents.append((y0, x0, int(rng.integers(y0, height + 1)), int(rng.integers(x0, width + 1))))
+        full = np.zeros((len(extents), height, width), dtype=np.uint8)
+        crops = []
+        for i, (y0, x0, y1, x1) in enumerate(extents):
+            crop = (rng.random((y1 - y0, x1 - x0)) < rng.random()).astype(np.uint8)
+            full[i, y0:y1, x0:x1] = crop
+            crops.append(crop)
+        rles, areas = encode_crops(height, width, np.asarray(extents, dtype=np.int64).reshape(-1, 4), crops)
+        assert rles == encode_masks(full), (trial, extents)
+        np.testing.assert_array_equal(areas, full.sum(axis=(1, 2)))

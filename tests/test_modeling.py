@@ -77,6 +77,30 @@ def test_sampler_respects_fraction_and_ignores():
     assert not bool((pos | neg)[-5:].any())
 
 
+def test_sampler_fills_with_negatives_and_handles_scarcity():
+    # 2 positives (cap 4): 14 negatives fill the batch of 16
+    labels = torch.tensor([0] * 50 + [1, 2] + [-1] * 3)
+    pos, neg = sample_positives_negatives(labels, 16, 0.25)
+    assert int(pos.sum()) == 2 and int(neg.sum()) == 14
+    # fewer candidates than the batch: all of them, nothing else
+    labels = torch.tensor([0, 0, 1, -1])
+    pos, neg = sample_positives_negatives(labels, 16, 0.5)
+    assert pos.tolist() == [False, False, True, False] and neg.tolist() == [True, True, False, False]
+    pos, neg = sample_positives_negatives(torch.zeros(0), 16, 0.5)
+    assert pos.shape == neg.shape == (0,)
+
+
+def test_sampler_is_uniform():
+    torch.manual_seed(0)
+    labels = torch.tensor([1] * 8 + [0] * 8)
+    counts = torch.zeros(16)
+    for _ in range(2000):
+        pos, neg = sample_positives_negatives(labels, 6, 0.5)  # 3 of 8 positives, 3 of 8 negatives
+        counts += (pos | neg).float()
+    # each is chosen with probability 3/8: 750 of 2000, binomial sd ~22
+    assert (counts - 750).abs().max() < 100, counts.tolist()
+
+
 # ---- anchors -------------------------------------------------------------------------------
 
 def test_anchor_generator_grid_and_shapes():

@@ -1,14 +1,17 @@
 """The small preset trained from scratch on the sample data learns masks: an overfit test with an AP bound."""
 
+import copy
+
 import pytest
 import torch
 
 from maskrcnn.config import get_preset
 from maskrcnn.data import CocoDataset, collate_fn, make_sample_dataset
 from maskrcnn.data.transforms import RandomHorizontalFlip
-from maskrcnn.engine import make_optimizer, make_scheduler, train_step
+from maskrcnn.engine import autocast_context, make_optimizer, make_scheduler, train_step
 from maskrcnn.evaluation import evaluate_model
 from maskrcnn.modeling import build_model
+from maskrcnn.modeling.optimize import optimize_for_inference
 
 STEPS = 260
 BATCH = 4
@@ -50,3 +53,13 @@ def test_small_preset_overfits_sample_data(tmp_path, one_thread):
     print(f"after {STEPS} steps: mask AP {metrics['segm_AP']:.3f}, box AP {metrics['bbox_AP']:.3f}")
     assert metrics["segm_AP"] >= 0.5
     assert metrics["bbox_AP"] >= 0.5
+
+    # jobs.label's fast path keeps the outputs: channels_last (the GN trunk has no norm to fold)
+    # and bf16 autocast (the GPU default; here on the CPU) within 0.3 AP points of fp32.
+    fast = optimize_for_inference(copy.deepcopy(model))
+    for dtype in (None, torch.bfloat16):
+        with autocast_context(torch.device("cpu"), dtype):
+            got = evaluate_model(fast, eval_set, batch_size=4)
+        print(f"fast path, autocast {dtype}: mask AP {got['segm_AP']:.4f}, box AP {got['bbox_AP']:.4f}")
+        assert abs(got["segm_AP"] - metrics["segm_AP"]) <= 0.003, (dtype, got["segm_AP"], metrics["segm_AP"])
+        assert abs(got["bbox_AP"] - metrics["bbox_AP"]) <= 0.003, (dtype, got["bbox_AP"], metrics["bbox_AP"])

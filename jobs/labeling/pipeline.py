@@ -37,6 +37,10 @@ import torch
 from jobs.labeling.decode import ImageDecodeError, prepare_image
 from jobs.labeling.plan import PIECES_DIR, Plan, part_name, put_atomic, read_shard_uris, table_bytes
 from jobs.labeling.schema import OUTPUT_SCHEMA, PIECE_SCHEMA, instances_array
+from maskrcnn.data.images import as_float
+from maskrcnn.engine import autocast_context, autocast_dtype
+from maskrcnn.masks import encode_crops
+from maskrcnn.modeling.optimize import optimize_for_inference
 from maskrcnn.storage import filesystem
 
 # Committed part files: zstd and row groups of a few hundred rows keep readers' memory small.
@@ -62,6 +66,10 @@ class LabelSettings:
     gpus_per_actor: float
     cpus_per_actor: float
     run_id: str
+    # The model's fast path (maskrcnn.modeling.optimize: norms folded, channels_last) and the
+    # autocast precision (engine.autocast_dtype: auto = bf16 on GPUs, fp32 on CPUs).
+    fast_path: bool = True
+    precision: str = "auto"
 
 
 # ---------------------------------------------------------------- 1. shards -> image rows
@@ -143,26 +151,28 @@ def _read_error(exc: Exception) -> str:
 
 
 def decode_batch(batch: dict[str, np.ndarray], settings: LabelSettings) -> dict[str, np.ndarray]:
-    """Rows -> rows with the resized image (float32 (3, h, w) as raw bytes), its decoded size,
-    or the reason it failed."""
+    """Rows -> rows with the image as it travels to the model (``decode.prepare_image``: the
+    decoded uint8 image, or a float32 one already resized) as raw bytes with its dtype and
+    shape, its decoded size, or the reason it failed."""
     uris = batch["image_uri"].tolist()
     fetched = _fetch(uris, settings.storage_options)
     count = len(uris)
     images: list[bytes] = [b""] * count
-    resized = np.zeros((count, 2), dtype=np.int32)
+    shapes = np.zeros((count, 2), dtype=np.int32)
     sizes = np.full((count, 2), -1, dtype=np.int32)
+    resized = np.zeros(count, dtype=bool)
     errors = [""] * count  # "" = no error: a column of None does not survive Arrow as strings
     for i, data in enumerate(fetched):
         if isinstance(data, Exception):
             errors[i] = _read_error(data)
             continue
         try:
-            image, (height, width) = prepare_image(data, settings.min_size, settings.max_size, settings.max_pixels)
+            image, (height, width), resized[i] = prepare_image(data, settings.min_size, settings.max_size, settings.max_pixels)
         except ImageDecodeError as exc:
             errors[i] = str(exc)
             continue
         images[i] = image.contiguous().numpy().tobytes()
-        resized[i] = image.shape[-2:]
+        shapes[i] = image.shape[-2:]
         sizes[i] = (height, width)
     return {
         "shard": batch["shard"],
@@ -170,8 +180,10 @@ def decode_batch(batch: dict[str, np.ndarray], settings: LabelSettings) -> dict[
         "image_uri": batch["image_uri"],
         "height": sizes[:, 0],
         "width": sizes[:, 1],
-        "resized_height": resized[:, 0],
-        "resized_width": resized[:, 1],
+        # the travelling image: (3, tensor_height, tensor_width), float32 if resized else uint8
+        "tensor_height": shapes[:, 0],
+        "tensor_width": shapes[:, 1],
+        "resized": resized,
         "image": np.asarray(images, dtype=object),
         "error": np.asarray(errors, dtype=object),
     }
@@ -214,10 +226,16 @@ class Predictor:
             torch.set_num_threads(max(1, int(settings.cpus_per_actor)))
         loaded = load_checkpoint(settings.checkpoint_uri, storage_options=settings.storage_options, **settings.load_kwargs)
         self.model = loaded.model.to(self.device).eval()
+        if settings.fast_path:
+            optimize_for_inference(self.model)
+        self.autocast_dtype = autocast_dtype(settings.precision, self.device)
 
-    def _forward(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[dict]:
+    def _forward(self, images: list[torch.Tensor], sizes: list[tuple[int, int]], resized: list[bool]) -> list[dict]:
         with torch.inference_mode():
-            outputs = self.model([img.to(self.device, non_blocking=True) for img in images], resized=True, original_sizes=sizes)
+            # uint8 images become float on the device, as maskrcnn.data.images.to_rgb_float does
+            images = [as_float(img.to(self.device, non_blocking=True)) for img in images]
+            with autocast_context(self.device, self.autocast_dtype):
+                outputs = self.model(images, resized=resized, original_sizes=sizes)
         return [self._pack(out) for out in outputs]
 
     @staticmethod
@@ -238,22 +256,25 @@ class Predictor:
         errors = batch["error"].copy()
         ok = [i for i, e in enumerate(errors.tolist()) if not e]
         detections = [b""] * len(errors)
-        images, sizes = [], []
+        images, sizes, resized = [], [], []
         for i in ok:
-            h, w = int(batch["resized_height"][i]), int(batch["resized_width"][i])
-            image = np.frombuffer(batch["image"][i], dtype=np.float32).reshape(3, h, w)
-            images.append(torch.from_numpy(image.copy()))
+            h, w = int(batch["tensor_height"][i]), int(batch["tensor_width"][i])
+            pre_resized = bool(batch["resized"][i])
+            dtype = np.float32 if pre_resized else np.uint8
+            # frombuffer's array is read-only: torch needs its own copy
+            images.append(torch.from_numpy(np.frombuffer(batch["image"][i], dtype=dtype).reshape(3, h, w).copy()))
             sizes.append((int(batch["height"][i]), int(batch["width"][i])))
+            resized.append(pre_resized)
         if ok:
             try:
-                packed = self._forward(images, sizes)
+                packed = self._forward(images, sizes, resized)
             except Exception:  # one bad image (or out of memory) must not fail the batch: go one by one
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 packed = []
-                for image, size in zip(images, sizes):
+                for image, size, pre_resized in zip(images, sizes, resized):
                     try:
-                        packed.extend(self._forward([image], [size]))
+                        packed.extend(self._forward([image], [size], [pre_resized]))
                     except Exception as exc:
                         packed.append(f"model failed on this image: {type(exc).__name__}: {str(exc)[:300]}")
             for i, result in zip(ok, packed):
@@ -276,23 +297,13 @@ class Predictor:
 
 
 def _encode_crops(height: int, width: int, extents: np.ndarray, crops: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Each crop pasted into an empty (H, W) image and COCO-RLE encoded; and its pixel count."""
-    from pycocotools import mask as mask_utils
-
+    """The bit-packed crops of one image -> their COCO RLE counts in the (H, W) image, and
+    pixel counts, straight from the crops (``maskrcnn.masks.encode_crops``)."""
     bits = np.unpackbits(crops)
-    canvas = np.zeros((height, width), dtype=np.uint8, order="F")
-    column = canvas.reshape(height, width, 1, order="F")  # a view: pycocotools takes (H, W, N)
-    counts, areas = [], np.zeros(len(extents), dtype=np.int64)
-    offset = 0
-    for d, (y0, x0, y1, x1) in enumerate(extents.tolist()):
-        size = (y1 - y0) * (x1 - x0)
-        crop = bits[offset : offset + size].reshape(y1 - y0, x1 - x0)
-        offset += size
-        canvas[y0:y1, x0:x1] = crop
-        areas[d] = int(crop.sum())
-        counts.append(mask_utils.encode(column)[0]["counts"].decode("ascii"))
-        canvas[y0:y1, x0:x1] = 0
-    return counts, areas
+    sizes = [(y1 - y0) * (x1 - x0) for y0, x0, y1, x1 in extents.tolist()]
+    pieces = np.split(bits[: sum(sizes)], np.cumsum(sizes)[:-1]) if sizes else []
+    rles, areas = encode_crops(height, width, extents, pieces)
+    return [rle["counts"] for rle in rles], areas
 
 
 def postprocess_batch(batch: dict[str, np.ndarray], settings: LabelSettings) -> pa.Table:

@@ -16,6 +16,18 @@ def to_rgb_float(image: Image.Image) -> torch.Tensor:
     dropped as Pillow and torchvision drop it, after resolving a palette's transparency. 16- and
     32-bit grey levels are scaled to their range instead of clipped at 255.
     """
+    return as_float(to_rgb_tensor(image))
+
+
+def as_float(image: torch.Tensor) -> torch.Tensor:
+    """A ``to_rgb_tensor`` result as float32 in [0, 1] (on whatever device it is): uint8 / 255."""
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image
+
+
+def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """Any Pillow mode -> (3, H, W) RGB in its most compact exact form: uint8 (0..255) for 8-bit
+    sources, float32 in [0, 1] for 16- and 32-bit ones. ``as_float`` finishes the conversion,
+    so uint8 can travel (4x smaller than float32) and become float where the model runs."""
     mode = image.mode
     if mode in _SIXTEEN_BIT or mode in ("I", "F"):
         grey = np.asarray(image).astype(np.float32)
@@ -31,4 +43,4 @@ def to_rgb_float(image: Image.Image) -> torch.Tensor:
     if image.mode != "RGB":
         image = image.convert("RGB")
     array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

@@ -52,15 +52,27 @@ def sample_positives_negatives(
 
     Returns two boolean masks over ``labels``: at most ``batch_size_per_image * positive_fraction``
     positives, and negatives filling the rest of ``batch_size_per_image``.
+
+    Uniform without replacement, like a random permutation, but with no host-device sync: every
+    candidate draws a random key, the ``k`` largest keys win (``topk`` with a static ``k``), and
+    the number of negatives is capped by comparing ranks with a count that stays on the device.
     """
-    positive = torch.where(labels >= 1)[0]
-    negative = torch.where(labels == 0)[0]
-    num_pos = min(positive.numel(), int(batch_size_per_image * positive_fraction))
-    num_neg = min(negative.numel(), batch_size_per_image - num_pos)
-    perm_pos = torch.randperm(positive.numel(), device=positive.device)[:num_pos]
-    perm_neg = torch.randperm(negative.numel(), device=negative.device)[:num_neg]
-    pos_mask = torch.zeros_like(labels, dtype=torch.bool)
-    neg_mask = torch.zeros_like(labels, dtype=torch.bool)
-    pos_mask[positive[perm_pos]] = True
-    neg_mask[negative[perm_neg]] = True
+    count = labels.shape[0]
+    max_pos = int(batch_size_per_image * positive_fraction)
+    keys = torch.rand(count, device=labels.device)
+    pos_keys = torch.where(labels >= 1, keys, -1.0)
+    neg_keys = torch.where(labels == 0, keys, -1.0)
+    pos_mask = torch.zeros(count, dtype=torch.bool, device=labels.device)
+    neg_mask = torch.zeros(count, dtype=torch.bool, device=labels.device)
+    num_pos = torch.zeros((), dtype=torch.int64, device=labels.device)
+    if max_pos > 0 and count > 0:
+        vals, idx = pos_keys.topk(min(max_pos, count))
+        chosen = vals >= 0
+        pos_mask[idx] = chosen
+        num_pos = chosen.sum()
+    k = min(batch_size_per_image, count)
+    if k > 0:
+        vals, idx = neg_keys.topk(k)  # sorted: rank r is the (r+1)-th best negative
+        rank = torch.arange(k, device=labels.device)
+        neg_mask[idx] = (vals >= 0) & (rank < batch_size_per_image - num_pos)
     return pos_mask, neg_mask

@@ -8,6 +8,7 @@ bool, best score first. In training mode, with targets, a dict of the loss terms
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from maskrcnn.modeling.postprocessing import postprocess_detections
@@ -21,18 +22,21 @@ class MaskRCNN(nn.Module):
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
+        # Set by ``optimize.optimize_for_inference``: the batch goes in NHWC like the weights.
+        self.channels_last = False
 
     def forward(
         self,
         images: list[Tensor],
         targets: list[dict[str, Tensor]] | None = None,
         *,
-        resized: bool = False,
+        resized: bool | list[bool] = False,
         original_sizes: list[tuple[int, int]] | None = None,
         mask_threshold: float | None = 0.5,
     ):
-        """``resized=True``: the images were already resized with ``preprocessing.resize_image``
-        (e.g. in CPU decode tasks); ``original_sizes`` then gives the sizes to map outputs back to."""
+        """``resized=True`` (or one flag per image): the images were already resized with
+        ``preprocessing.resize_image`` (e.g. in CPU decode tasks); ``original_sizes`` then gives
+        the sizes to map outputs back to."""
         if self.training and targets is None:
             raise ValueError("training mode needs targets: a dict with boxes, labels (and masks) per image")
         if targets is not None:
@@ -40,7 +44,8 @@ class MaskRCNN(nn.Module):
         if original_sizes is None:
             original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, targets = self.transform(images, targets, resized=resized)
-        features = list(self.backbone(batch.tensor).values())
+        tensor = batch.tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.tensor
+        features = list(self.backbone(tensor).values())
         gt_boxes = [t["boxes"] for t in targets] if targets is not None else None
         proposals, rpn_losses = self.rpn(tuple(batch.tensor.shape[-2:]), batch.image_sizes, features, gt_boxes)
         # RoI heads pool from P2..P5 only; P6 serves the RPN's largest anchors.

@@ -102,8 +102,12 @@ class ImagePreprocessor(torch.nn.Module):
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32), persistent=False)
 
     def forward(
-        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, resized: bool = False
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, resized: bool | list[bool] = False
     ) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
+        """``resized``: one flag for all images, or one per image."""
+        flags = [resized] * len(images) if isinstance(resized, bool) else list(resized)
+        if len(flags) != len(images):
+            raise ValueError(f"resized has {len(flags)} flags for {len(images)} images")
         out_images = []
         out_targets = [] if targets is not None else None
         for i, image in enumerate(images):
@@ -113,10 +117,10 @@ class ImagePreprocessor(torch.nn.Module):
                 raise ValueError(f"images[{i}] must be float in [0, 1], got {image.dtype}")
             original_size = (int(image.shape[-2]), int(image.shape[-1]))
             image = normalize_image(image, self.image_mean.to(image.dtype), self.image_std.to(image.dtype))
-            if not resized:
+            if not flags[i]:
                 image = resize_image(image, self.min_size, self.max_size)
             if targets is not None:
                 new_size = (int(image.shape[-2]), int(image.shape[-1]))
-                out_targets.append(resize_target(targets[i], original_size, new_size) if not resized else targets[i])
+                out_targets.append(resize_target(targets[i], original_size, new_size) if not flags[i] else targets[i])
             out_images.append(image)
         return batch_images(out_images, self.size_divisible), out_targets

@@ -186,9 +186,10 @@ def rpn_losses(
     # (N, R) -> (N*R,), (N, R, 4) -> (N*R, 4)
     pred_logits = pred_logits.reshape(-1)
     pred_deltas = pred_deltas.reshape(-1, 4)
-    num_sampled = max(int(sampled.sum()), 1)
-    box_loss = F.smooth_l1_loss(pred_deltas[pos], targets[pos], beta=1 / 9, reduction="sum") / num_sampled
-    objectness_loss = F.binary_cross_entropy_with_logits(pred_logits[sampled], labels[sampled])
-    if int(sampled.sum()) == 0:
-        objectness_loss = pred_logits.sum() * 0
+    # Masked sums over every anchor instead of indexing the sampled ones: the same losses, and
+    # no host-device sync (boolean indexing and int() would wait for the GPU).
+    num_sampled = sampled.sum().clamp(min=1)
+    box_loss = (F.smooth_l1_loss(pred_deltas, targets, beta=1 / 9, reduction="none").sum(dim=1) * pos).sum() / num_sampled
+    objectness = F.binary_cross_entropy_with_logits(pred_logits, labels.clamp(min=0), reduction="none")
+    objectness_loss = (objectness * sampled).sum() / num_sampled
     return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}
