@@ -3,6 +3,8 @@
 Same labels, boxes within 0.01 px, scores within 1e-4, mask IoU >= 0.99 per detection.
 """
 
+import copy
+
 import pytest
 import torch
 from torchvision.models import resnet50
@@ -114,11 +116,26 @@ def test_same_detections_as_torchvision(tv_state, min_size, max_size, layout):
 
 def test_fast_path_same_detections_as_torchvision(tv_state):
     """optimize_for_inference (frozen BN folded into the convs, channels_last) changes only
-    float rounding: the same detections, boxes within 0.01 px, scores within 1e-4."""
+    float rounding: torchvision's detections, boxes within 0.01 px, scores within 1e-4, and
+    mask probabilities within 5e-3 of the reference path's. (Not the cut masks' IoU: a weakly
+    trained mask head leaves many probabilities next to 0.5, where rounding flips pixels.)"""
     reference, ours = _models(tv_state, 400, 560)
-    optimize_for_inference(ours)
-    assert not any(isinstance(m, FrozenBatchNorm2d) for m in ours.modules()), "every frozen BN follows a conv and folds"
-    _check_same_detections(reference, ours)
+    fast = optimize_for_inference(copy.deepcopy(ours))
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules()), "every frozen BN follows a conv and folds"
+    seen, _ = synthetic_batch(torch.Generator().manual_seed(1))
+    unseen, _ = synthetic_batch(torch.Generator().manual_seed(7), count=2, size=(333, 250))
+    images = seen + unseen
+    with torch.inference_mode():
+        expected = reference(images)
+        exact = ours(images, mask_threshold=None)
+        got = fast(images, mask_threshold=None)
+    compared = 0
+    for exp, ref, out in zip(expected, exact, got):
+        _match(exp, out, score_thresh=reference.roi_heads.score_thresh, cap=reference.roi_heads.detections_per_img)
+        for i, j in _match(ref, out, score_thresh=reference.roi_heads.score_thresh, cap=reference.roi_heads.detections_per_img):
+            assert (out["masks"][j] - ref["masks"][i]).abs().max() <= 5e-3
+            compared += 1
+    assert compared >= 4
 
 
 def test_written_back_in_torchvision_layout(tv_state):

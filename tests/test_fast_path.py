@@ -1,0 +1,105 @@
+"""maskrcnn.modeling.optimize: the inference fast path changes float rounding, nothing else.
+
+(Against torchvision at trained weights: tests/test_torchvision_parity.py; its AP under bf16:
+tests/test_overfit.py; jobs.label's rows equal to the fast model in a loop: tests/test_job_label.py.)
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from maskrcnn.config import get_preset
+from maskrcnn.modeling import build_model
+from maskrcnn.modeling.optimize import fold_norms, optimize_for_inference
+
+
+def _small(norm: str):
+    cfg = get_preset("small", num_classes=3)
+    cfg.backbone.norm = norm
+    return cfg
+
+
+def _randomize_norms(model: nn.Module, generator: torch.Generator) -> None:
+    """Statistics and affine parameters far from identity, so a wrong fold shows."""
+    for module in model.modules():
+        if isinstance(module, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+            n = module.weight.shape[0]
+            module.weight.data = torch.rand(n, generator=generator) + 0.5
+            module.bias.data = torch.randn(n, generator=generator) * 0.1
+            module.running_mean.data = torch.randn(n, generator=generator) * 0.1
+            module.running_var.data = torch.rand(n, generator=generator) + 0.5
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_folded_backbone_gives_the_same_features(norm):
+    generator = torch.Generator().manual_seed(0)
+    model = build_model(_small(norm))
+    _randomize_norms(model, generator)
+    model.eval()
+    image = torch.rand(1, 3, 128, 160, generator=generator)
+    with torch.inference_mode():
+        expected = model.backbone(image)
+    folded = copy.deepcopy(model)
+    count = fold_norms(folded.backbone)
+    # stem + 4 stages x (2 convs + a downsample) of the small trunk's BasicBlocks; stage 1 has no downsample
+    assert count == 1 + 4 * 2 + 3
+    assert not any(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in folded.backbone.modules())
+    with torch.inference_mode():
+        got = folded.backbone(image)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+
+
+def test_training_mode_batch_norm_is_not_folded():
+    model = build_model(_small("bn"))
+    model.train()
+    assert fold_norms(model.backbone) == 0
+
+
+def test_group_norm_trunk_runs_channels_last_with_the_same_outputs():
+    torch.manual_seed(0)
+    model = build_model(get_preset("small", num_classes=3)).eval()
+    model.roi_heads.score_thresh = 0.0  # random weights: keep every candidate, so there is something to compare
+    images = [torch.rand(3, 150, 200), torch.rand(3, 180, 120)]
+    with torch.inference_mode():
+        expected = model(images)
+    fast = optimize_for_inference(copy.deepcopy(model))
+    assert fast.channels_last and not any(p.requires_grad for p in fast.parameters())
+    with torch.inference_mode():
+        got = fast(images)
+    for exp, out in zip(expected, got):
+        assert len(exp["boxes"]) > 0
+        n = min(len(exp["boxes"]), len(out["boxes"]), 20)  # the best-scoring ones: far from any cut
+        torch.testing.assert_close(out["boxes"][:n], exp["boxes"][:n], rtol=0, atol=1e-2)
+        torch.testing.assert_close(out["scores"][:n], exp["scores"][:n], rtol=0, atol=1e-4)
+        assert out["labels"][:n].tolist() == exp["labels"][:n].tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_path_under_bf16_on_the_gpu_keeps_the_detections():
+    """The GPU default of jobs.label (folded, channels_last, bf16 autocast) against fp32 on the
+    same GPU: the confident detections agree."""
+    from tests.tv_reference import NUM_CLASSES, synthetic_batch, trained_torchvision_state
+
+    from maskrcnn.checkpoint import convert_torchvision_state_dict
+
+    model = build_model(get_preset("r50_fpn", num_classes=NUM_CLASSES))
+    model.load_state_dict(convert_torchvision_state_dict(trained_torchvision_state()))
+    model.eval().cuda()
+    images = [img.cuda() for img in synthetic_batch(torch.Generator().manual_seed(1))[0]]
+    with torch.inference_mode():
+        expected = model(images)
+        fast = optimize_for_inference(copy.deepcopy(model))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = fast(images)
+    for exp, out in zip(expected, got):
+        confident = exp["scores"] > 0.5
+        assert int(confident.sum()) > 0
+        exp_boxes = exp["boxes"][confident]
+        for box, label in zip(exp_boxes, exp["labels"][confident]):
+            same = out["labels"] == label
+            assert same.any() and (out["boxes"][same] - box).abs().amax(dim=1).min() < 2.0
