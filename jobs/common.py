@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -43,6 +44,57 @@ def parse_storage_options(text: str | None) -> dict | None:
     if not isinstance(value, dict):
         raise JobError(f"--storage-options must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def add_wait_for_gpus(parser) -> None:
+    parser.add_argument(
+        "--wait-for-gpus",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="when the Ray cluster has fewer GPUs than the job needs, ask its autoscaler for them and wait up to SECONDS "
+        "(for clusters that start GPU nodes from zero), then fail; 0: fail at once when it has none",
+    )
+
+
+def wait_for_gpus(ray, needed: float, bundles: list[dict], seconds: float, what: str) -> dict:
+    """The cluster's resources, once they hold ``needed`` GPUs.
+
+    With ``seconds`` > 0 and too few GPUs, asks the autoscaler for ``bundles`` (the job's actors or
+    workers; ``ray.autoscaler.sdk.request_resources``), waits up to ``seconds`` for them, and
+    withdraws the request either way (the job's own use keeps the nodes up). Raises JobError naming
+    ``what`` and --wait-for-gpus when they do not come. With ``seconds`` = 0: the resources as
+    they are.
+    """
+    resources = ray.cluster_resources()
+    if seconds <= 0 or resources.get("GPU", 0) >= needed:
+        return resources
+    from ray.autoscaler.sdk import request_resources
+
+    print(
+        f"{what} needs {needed:g} GPUs, the Ray cluster has {resources.get('GPU', 0):g}: "
+        f"asked its autoscaler for them, waiting up to {seconds:g} s (--wait-for-gpus)",
+        flush=True,
+    )
+    started = time.monotonic()
+    last_report = started
+    request_resources(bundles=bundles)
+    try:
+        while time.monotonic() - started < seconds:
+            time.sleep(min(1.0, max(0.0, seconds - (time.monotonic() - started))))
+            resources = ray.cluster_resources()
+            if resources.get("GPU", 0) >= needed:
+                print(f"the Ray cluster has {resources['GPU']:g} GPUs after {time.monotonic() - started:.0f} s", flush=True)
+                return resources
+            if time.monotonic() - last_report >= 30:
+                last_report = time.monotonic()
+                print(f"waiting for GPUs: {resources.get('GPU', 0):g} of {needed:g} after {last_report - started:.0f} s", flush=True)
+    finally:
+        request_resources(bundles=[])
+    raise JobError(
+        f"{what} needs {needed:g} GPUs, but the Ray cluster has {resources.get('GPU', 0):g} after --wait-for-gpus {seconds:g} s; "
+        "check that it can add GPU nodes (its autoscaler, node types, quotas), or wait longer with a larger --wait-for-gpus"
+    )
 
 
 def init_ray(**kwargs):

@@ -16,7 +16,16 @@ import sys
 import time
 import uuid
 
-from jobs.common import HelpFormatter, JobError, add_storage_options, init_ray, parse_storage_options, run_main
+from jobs.common import (
+    HelpFormatter,
+    JobError,
+    add_storage_options,
+    add_wait_for_gpus,
+    init_ray,
+    parse_storage_options,
+    run_main,
+    wait_for_gpus,
+)
 from jobs.labeling.plan import PIECES_DIR, PLAN_DIR, PREVIEW_DIR, finished_shards, read_plan, write_plan
 
 DEFAULT_SHARD_SIZE = 1000
@@ -72,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the model exactly as built (no norm folding, no channels_last) instead of the fast path; "
         "with --precision fp32, the outputs of the model in a plain loop",
     )
+    add_wait_for_gpus(run_group)
     run_group.add_argument("--decode-batch-size", type=int, default=8, metavar="N", help="images per decode task batch")
     run_group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N", help="refuse images of more pixels (decompression bombs); the row gets an error")
     return parser
@@ -85,6 +95,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise JobError(f"--num-actors must be at least 1, got {args.num_actors}")
     if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
         raise JobError(f"--gpus-per-actor must be 0 or more, got {args.gpus_per_actor}")
+    if args.wait_for_gpus < 0:
+        raise JobError(f"--wait-for-gpus must be 0 or more seconds, got {args.wait_for_gpus:g}")
     if args.preview < 0:
         raise JobError(f"--preview must be 0 or more, got {args.preview}")
     for name in ("min_size", "max_size", "max_detections"):
@@ -145,15 +157,35 @@ def load_model_for_labeling(args: argparse.Namespace, storage_options: dict | No
 def _resources(ray, args) -> tuple[int, float]:
     cluster = ray.cluster_resources()
     gpus = float(cluster.get("GPU", 0))
-    gpus_per_actor = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    # --wait-for-gpus says the job is meant for GPUs, also before the cluster has any.
+    gpus_per_actor = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if gpus >= 1 or args.wait_for_gpus > 0 else 0.0)
+    if gpus_per_actor > 0:
+        actors = args.num_actors or 1
+        what = f"--gpus-per-actor {gpus_per_actor:g}" + (f" --num-actors {args.num_actors}" if args.num_actors else "")
+        bundles = [{"GPU": gpus_per_actor, "CPU": args.cpus_per_actor}] * actors
+        cluster = wait_for_gpus(ray, actors * gpus_per_actor, bundles, args.wait_for_gpus, what)
+        gpus = float(cluster.get("GPU", 0))
     if gpus_per_actor > 0 and gpus == 0:
-        raise JobError(f"--gpus-per-actor {gpus_per_actor}: the Ray cluster has no GPU; use --gpus-per-actor 0 to label on the CPU")
+        raise JobError(
+            f"--gpus-per-actor {gpus_per_actor:g}: the Ray cluster has no GPU; use --gpus-per-actor 0 to label on the CPU, "
+            "or --wait-for-gpus SECONDS where the cluster adds GPU nodes on demand"
+        )
     if args.num_actors is not None:
         num_actors = args.num_actors
     elif gpus_per_actor > 0:
         num_actors = max(1, int(gpus / gpus_per_actor + 1e-9))
     else:
         num_actors = max(1, int(cluster.get("CPU", 1) // 4))
+    cpus = float(cluster.get("CPU", 0))
+    if num_actors * args.cpus_per_actor > cpus - 1:
+        # The actors would hold every CPU and decoding none: Ray Data would wait, silently, for ever.
+        print(
+            f"warning: {num_actors} model actor(s) x {args.cpus_per_actor:g} CPU leave less than the 1 CPU that decoding needs "
+            f"of the cluster's {cpus:g} CPUs now; the job waits until the cluster has more (an autoscaler may add them). "
+            "On a fixed cluster, lower --num-actors or --cpus-per-actor",
+            file=sys.stderr,
+            flush=True,
+        )
     return num_actors, gpus_per_actor
 
 

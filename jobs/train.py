@@ -8,7 +8,8 @@ How it runs:
 
 - The driver (this process) checks the inputs before anything trains: the annotations parse and
   name images that exist, the dataset is not empty, ``--weights`` is readable and fits the
-  architecture, ``--use-gpu`` has GPUs to use. Each problem stops the job with exit status 2
+  architecture, ``--use-gpu`` has GPUs to use (with ``--wait-for-gpus S``, after asking the
+  autoscaler for them and waiting up to S seconds). Each problem stops the job with exit status 2
   and a message naming it. The driver never reads an image.
 - A ``TorchTrainer`` starts ``--num-workers`` workers: DDP over gloo on CPUs, NCCL on GPUs.
   Every worker reads the annotations itself and its own shard of the images (a per-epoch
@@ -43,7 +44,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs.common import HelpFormatter, JobError, add_storage_options, parse_storage_options, run_main
+from jobs.common import HelpFormatter, JobError, add_storage_options, add_wait_for_gpus, parse_storage_options, run_main, wait_for_gpus
 
 __all__ = ["main", "build_parser", "train_loop_per_worker", "lr_factor", "shard_indices", "TrainPlan"]
 
@@ -110,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--num-workers", type=int, default=1, metavar="N", help="training workers (one GPU each with --use-gpu)")
-    cluster.add_argument("--use-gpu", action="store_true", help="train on GPUs (NCCL); fails before training when the cluster has none")
+    cluster.add_argument("--use-gpu", action="store_true", help="train on GPUs (NCCL); fails before training when the cluster has none (see --wait-for-gpus)")
     cluster.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="F", help="CPUs Ray reserves for each worker (its DataLoader processes run there too)")
+    add_wait_for_gpus(cluster)
     cluster.add_argument(
         "--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
         help="autocast precision of the forward pass; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
@@ -609,22 +611,30 @@ def _validate_args(args) -> None:
         raise JobError("--val-images needs --val-annotations")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise JobError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
+    if args.wait_for_gpus < 0:
+        raise JobError(f"--wait-for-gpus must be 0 or more seconds, got {args.wait_for_gpus:g}")
+    if args.wait_for_gpus > 0 and not args.use_gpu:
+        raise JobError("--wait-for-gpus waits for the GPUs of --use-gpu: add --use-gpu, or drop --wait-for-gpus to train on CPUs")
 
 
 def _check_cluster(ray, args) -> None:
-    resources = ray.cluster_resources()
-    if args.use_gpu:
-        gpus = resources.get("GPU", 0)
-        if gpus < 1:
-            raise JobError(
-                f"--use-gpu, but the Ray cluster has no GPUs (its resources: {int(resources.get('CPU', 0))} CPUs, 0 GPUs); "
-                "drop --use-gpu to train on CPUs, or submit to a cluster with GPU nodes"
-            )
-        if gpus < args.num_workers:
-            print(f"warning: --num-workers {args.num_workers} with --use-gpu needs {args.num_workers} GPUs; the cluster has {gpus:g} now "
+    if not args.use_gpu:
+        resources = ray.cluster_resources()
+        if resources.get("CPU", 0) < args.num_workers * args.cpus_per_worker:
+            print(f"warning: {args.num_workers} workers x {args.cpus_per_worker:g} CPUs; the cluster has {resources.get('CPU', 0):g} CPUs now "
                   "(the job waits for an autoscaler to add them)", file=sys.stderr)
-    elif resources.get("CPU", 0) < args.num_workers * args.cpus_per_worker:
-        print(f"warning: {args.num_workers} workers x {args.cpus_per_worker:g} CPUs; the cluster has {resources.get('CPU', 0):g} CPUs now "
+        return
+    bundles = [{"GPU": 1, "CPU": args.cpus_per_worker}] * args.num_workers
+    resources = wait_for_gpus(ray, args.num_workers, bundles, args.wait_for_gpus, f"--use-gpu --num-workers {args.num_workers}")
+    gpus = resources.get("GPU", 0)
+    if gpus < 1:
+        raise JobError(
+            f"--use-gpu, but the Ray cluster has no GPUs (its resources: {int(resources.get('CPU', 0))} CPUs, 0 GPUs); "
+            "drop --use-gpu to train on CPUs, submit to a cluster with GPU nodes, "
+            "or give --wait-for-gpus SECONDS where the cluster adds GPU nodes on demand"
+        )
+    if gpus < args.num_workers:
+        print(f"warning: --num-workers {args.num_workers} with --use-gpu needs {args.num_workers} GPUs; the cluster has {gpus:g} now "
               "(the job waits for an autoscaler to add them)", file=sys.stderr)
 
 

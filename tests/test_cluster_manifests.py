@@ -13,6 +13,9 @@ CronJob's ConfigMap holds, the commands of cluster/README.md):
   GPUs), ``rayVersion`` is that ray, and the pip packages are pinned to constraints.txt's versions,
   the same list as cluster/runtime_env.yaml.
 
+A GPU job sent to a cluster whose GPU nodes start from zero (the RayCluster, cluster/aws/cluster.yaml:
+the commands in their comments and in cluster/README.md) passes ``--wait-for-gpus`` > 0.
+
 Beside those: the RayCluster and cluster/aws/cluster.yaml grow GPU workers from zero (spot on AWS),
 the CronJob fallback may create RayJobs and forbids overlapping runs, runtime_env.yaml's excludes
 drop .venv/data/runs but no source file, and Ray's own validators accept the runtime envs
@@ -56,9 +59,11 @@ JOB_PACKAGES = ("torch", "torchvision", "pyarrow", "pycocotools", "fsspec", "s3f
 IMAGE_PATTERN = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-(?P<python>py3\d+)(?P<platform>-cpu|-gpu|-cu\d+)?$")
 # The options each job's resource check reads, with the jobs' defaults, for jobs without build_parser().
 RESOURCE_DEFAULTS = {
-    "train": {"use_gpu": False, "num_workers": 1, "cpus_per_worker": 1.0},
-    "label": {"gpus_per_actor": None, "num_actors": None, "cpus_per_actor": 1.0},
+    "train": {"use_gpu": False, "num_workers": 1, "cpus_per_worker": 1.0, "wait_for_gpus": 0},
+    "label": {"gpus_per_actor": None, "num_actors": None, "cpus_per_actor": 1.0, "wait_for_gpus": 0},
 }
+# The clusters whose GPU nodes start from zero: a GPU job sent to them must wait for its GPUs.
+FROM_ZERO = (KUBERAY / "raycluster.yaml", AWS_CONFIG)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +311,30 @@ def check_job_resources(job: str, options, head: NodeGroup, workers: list[NodeGr
             f"({', '.join(f'{g.name}: {g.max_nodes} x ({g.cpus:g} CPU, {g.gpus:g} GPU)' for g in [head, *workers])})"
         )
     return problems
+
+
+def check_waits_for_gpus(command: str, where: str) -> list[str]:
+    """A GPU job sent to a cluster whose GPU nodes start from zero needs --wait-for-gpus > 0: without
+    it the job finds no GPU and stops before the autoscaler could add one. (jobs.label without
+    --gpus-per-actor would even label on the CPU.) A command that elides options with "..." is
+    read by hand; a whole one by the job's own parser."""
+    job, argv = parse_entrypoint(command.rstrip("`").strip())
+    if job is None:
+        return [f"{where}: cannot read {command!r}"]
+    if "..." in argv:
+        options = option_values(job, argv)
+    else:
+        problems, options = parse_job_options(job, argv, where)
+        if problems:
+            return problems
+    get = options.get if isinstance(options, dict) else lambda key, default=None: getattr(options, key, default)
+    if job == "train":
+        uses_gpu = bool(get("use_gpu"))
+    else:
+        uses_gpu = job == "label" and get("gpus_per_actor") != 0
+    if uses_gpu and not get("wait_for_gpus", 0) > 0:
+        return [f"{where}: python -m jobs.{job} uses GPUs on a cluster whose GPU nodes start from zero; pass --wait-for-gpus SECONDS (e.g. 600)"]
+    return []
 
 
 def check_kuberay_cluster(cluster_spec: dict, constraints: dict[str, str], where: str) -> list[str]:
@@ -579,6 +608,29 @@ def test_local_head_scripts():
         assert needed in start, f"start_head.sh does not run {needed!r}"
 
 
+def commands_for_clusters_from_zero() -> list[tuple[str, str]]:
+    """(where, command) of each ``python -m jobs.X`` command sent to a cluster of FROM_ZERO: those in
+    its file's comments, and the ``ray job submit`` commands of cluster/README.md's sections on AWS
+    and on KubeRay (there only the RayCluster takes submissions; the RayJobs bring their own pods)."""
+    found = []
+    for path in FROM_ZERO:
+        found += [
+            (str(path.relative_to(CLUSTER)), line[line.index("python -m jobs."):])
+            for line in path.read_text().splitlines()
+            if line.lstrip().startswith("#") and "python -m jobs." in line
+        ]
+    text = (CLUSTER / "README.md").read_text().replace("\\\n", " ")
+    for section in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
+        heading = section.splitlines()[0]
+        if heading.startswith(("AWS", "Kubernetes")):
+            found += [
+                (f"README {heading}", line[line.index("python -m jobs."):])
+                for line in section.splitlines()
+                if "ray job submit" in line and "python -m jobs." in line
+            ]
+    return found
+
+
 def readme_commands() -> list[str]:
     text = (CLUSTER / "README.md").read_text().replace("\\\n", " ")
     return [line[line.index("python -m jobs."):] for line in text.splitlines() if "python -m jobs." in line]
@@ -595,6 +647,13 @@ def test_readme_commands_are_accepted_by_the_jobs():
         elif "..." not in argv and (REPO / "jobs" / f"{job}.py").is_file():  # "..." elides options
             problems += parse_job_options(job, argv, f"README: {command[:60]}...")[0]
     assert problems == []
+
+
+def test_gpu_jobs_on_clusters_from_zero_wait_for_their_gpus():
+    commands = commands_for_clusters_from_zero()
+    places = {where.split(":")[0] for where, _ in commands}
+    assert {"kuberay/raycluster.yaml", "aws/cluster.yaml", "README AWS", "README Kubernetes"} <= places, places
+    assert [problem for where, command in commands for problem in check_waits_for_gpus(command, where)] == []
 
 
 def test_readme_names_only_files_that_exist():
@@ -662,15 +721,32 @@ def test_check_rayjob_catches_options_the_job_rejects(constraints, runtime_env_p
     assert "is not `python -m jobs.<name> ...`" in _problems_of(spec, constraints, runtime_env_pip)
 
 
+def test_check_waits_for_gpus_catches_gpu_jobs_that_would_stop_at_once():
+    for where, command in commands_for_clusters_from_zero():
+        without = re.sub(r"\s--wait-for-gpus[ =]\S+", "", command)
+        assert without != command, command
+        assert check_waits_for_gpus(without, where) == [
+            f"{where}: python -m jobs.{parse_entrypoint(command)[0]} uses GPUs on a cluster whose GPU nodes start from zero; "
+            "pass --wait-for-gpus SECONDS (e.g. 600)"
+        ]
+        assert check_waits_for_gpus(re.sub(r"--wait-for-gpus[ =]\S+", "--wait-for-gpus 0", command), where) != []
+    label = "python -m jobs.label --input s3://b/in/ --output s3://b/out/ --checkpoint s3://b/m.pt"
+    assert check_waits_for_gpus(label, "x") != [], "no --gpus-per-actor on a cluster without GPUs yet: labels on the CPU"
+    assert check_waits_for_gpus(label + " --gpus-per-actor 0", "x") == []  # CPU on purpose
+    assert check_waits_for_gpus(label + " --wait-for-gpus 600", "x") == []
+    assert "rejects its options" in check_waits_for_gpus(label + " --wait-for-gpus soon", "x")[0]
+
+
 def test_help_fallback_checks_option_names():
     """A job module without build_parser() is checked against its --help (here on the real jobs.label)."""
     argv = ["--input", "s3://b/in/", "--output", "s3://b/out/", "--checkpoint", "m.pt", "--num-actors", "3", "--gpus-per-actor=0.5"]
     problems, values = parse_job_options("label", argv, "real", use_parser=False)
     assert problems == []
-    assert values == {"gpus_per_actor": 0.5, "num_actors": 3, "cpus_per_actor": 1.0}
+    assert values == {"gpus_per_actor": 0.5, "num_actors": 3, "cpus_per_actor": 1.0, "wait_for_gpus": 0}
     problems, values = parse_job_options("label", [*argv, "--gpus", "2"], "broken", use_parser=False)
     assert problems == ["broken: python -m jobs.label --help does not list --gpus"] and values is None
-    assert option_values("train", ["--use-gpu", "--num-workers", "4"]) == {"use_gpu": True, "num_workers": 4, "cpus_per_worker": 1.0}
+    assert option_values("train", ["--use-gpu", "--num-workers", "4", "--wait-for-gpus", "600"]) == {
+        "use_gpu": True, "num_workers": 4, "cpus_per_worker": 1.0, "wait_for_gpus": 600}
 
 
 def test_check_rayjob_catches_pins_and_images_off_the_constraints(constraints, runtime_env_pip):

@@ -125,6 +125,8 @@ def test_bad_arguments_stop_before_any_work(tmp_path, checkpoint, capsys):
         "unwritable output": (["--input", str(images), "--output", str(blocked / "sub"), "--checkpoint", checkpoint], "cannot write"),
         "missing checkpoint": (["--input", str(images), "--output", str(tmp_path / "o3"), "--checkpoint", str(tmp_path / "no.pt")], "does not exist"),
         "unreadable checkpoint": (["--input", str(images), "--output", str(tmp_path / "o4"), "--checkpoint", str(tmp_path / "junk.pt")], "not a readable"),
+        "negative wait": (["--input", str(images), "--output", str(tmp_path / "o5"), "--checkpoint", checkpoint, "--wait-for-gpus", "-1"],
+                          "--wait-for-gpus must be 0 or more seconds, got -1"),
     }
     for name, (argv, message) in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -135,11 +137,77 @@ def test_bad_arguments_stop_before_any_work(tmp_path, checkpoint, capsys):
     assert not list(tmp_path.glob("o*/part-*")), "no work may have been done"
 
 
+def test_wait_for_gpus_asks_the_autoscaler_then_gives_up_naming_the_option(tmp_path, checkpoint, ray_local, capsys):
+    """On this CPU-only Ray, a job that asks for GPUs with --wait-for-gpus 2 requests them from the
+    autoscaler, waits 2 s, withdraws the request and stops with a reason that names the option."""
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if ray_local.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this machine has GPUs")
+    assert not is_autoscaler_v2(), "a local Ray runs autoscaler v1, whose requests are read from the KV store here"
+
+    def asked() -> list | None:  # what the autoscaler is asked for now
+        return json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"null")
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(encode(rgb_noise(8, 8), "PNG"))
+    cases = {  # extra options -> (what the job needs, the bundles it asks for)
+        ("--gpus-per-actor", "0.5", "--num-actors", "3"): ("--gpus-per-actor 0.5 --num-actors 3 needs 1.5 GPUs", [{"GPU": 0.5, "CPU": 1.0}] * 3),
+        # --wait-for-gpus alone means GPUs: without it, this cluster would label on the CPU
+        (): ("--gpus-per-actor 1 needs 1 GPUs", [{"GPU": 1.0, "CPU": 1.0}]),
+    }
+    for extra, (needs, bundles) in cases.items():
+        seen: list = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                seen.append(asked())
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(SystemExit) as exit_info:
+                run_main(label_main, ["--input", str(images), "--output", str(tmp_path / "out"), "--checkpoint", checkpoint, *extra, "--wait-for-gpus", "2"])
+        finally:
+            elapsed = time.monotonic() - started
+            done.set()
+            watcher.join(5)
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2, captured
+        assert f"error: {needs}, but the Ray cluster has 0 after --wait-for-gpus 2 s" in captured.err, captured.err
+        assert "waiting up to 2 s (--wait-for-gpus)" in captured.out, captured.out
+        assert 2 <= elapsed < 60, elapsed
+        assert bundles in seen, seen[:5]
+        assert asked() == [], "the request must be withdrawn when the wait ends"
+    assert not list((tmp_path / "out").glob("part-*")), "no work may have been done"
+
+
+def test_a_pool_that_leaves_no_cpu_to_decode_is_warned_about(ray_local, capsys):
+    """Model actors holding every CPU would leave the decoding tasks none: Ray Data then waits for
+    ever, with no error. The job says so at the start."""
+    from jobs.label import _resources, build_parser
+
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    base = ["--input", "in", "--output", "out", "--checkpoint", "m.pt", "--gpus-per-actor", "0"]
+    assert _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus)])) == (cpus, 0.0)
+    err = capsys.readouterr().err
+    assert f"warning: {cpus} model actor(s) x 1 CPU leave less than the 1 CPU that decoding needs of the cluster's {cpus} CPUs" in err, err
+    assert _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus - 1)])) == (cpus - 1, 0.0)
+    assert "decoding needs" not in capsys.readouterr().err
+
+
 def test_help_documents_every_option():
     result = subprocess.run([sys.executable, "-m", "jobs.label", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     for option in ["--input", "--output", "--checkpoint", "--arch", "--categories", "--min-size", "--max-size", "--score-threshold",
-                   "--max-detections", "--batch-size", "--num-actors", "--gpus-per-actor", "--shard-size", "--preview", "--storage-options"]:
+                   "--max-detections", "--batch-size", "--num-actors", "--gpus-per-actor", "--shard-size", "--preview", "--storage-options",
+                   "--wait-for-gpus"]:
         assert option in result.stdout, option
 
 

@@ -263,6 +263,23 @@ def test_use_gpu_without_gpus_stops_the_job(shapes, tmp_path, ray_local, monkeyp
         main(["--annotations", ann, "--images", images, "--output", str(tmp_path / "run"), "--use-gpu", *SMALL])
 
 
+def test_wait_for_gpus_gives_up_after_its_seconds_naming_the_option(shapes, tmp_path, ray_local, monkeypatch):
+    if ray_local.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this machine has GPUs")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ann, images = shapes["train"]
+    base = ["--annotations", ann, "--images", images, "--output", str(tmp_path / "run"), *SMALL]
+    started = time.monotonic()
+    with pytest.raises(JobError, match=r"--use-gpu --num-workers 2 needs 2 GPUs, but the Ray cluster has 0 after --wait-for-gpus 2 s"):
+        main([*base, "--use-gpu", "--num-workers", "2", "--wait-for-gpus", "2"])
+    assert 2 <= time.monotonic() - started < 60
+    with pytest.raises(JobError, match="--wait-for-gpus waits for the GPUs of --use-gpu"):
+        main([*base, "--wait-for-gpus", "600"])
+    with pytest.raises(JobError, match="--wait-for-gpus must be 0 or more seconds, got -1"):
+        main([*base, "--use-gpu", "--wait-for-gpus", "-1"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_rejects_bad_input(shapes, tmp_path):
     from jobs.evaluate import main as evaluate_main
     from maskrcnn.checkpoint import save_checkpoint

@@ -12,16 +12,19 @@
 # Settings (environment): RAY_PORT (GCS, 6379), RAY_DASHBOARD_PORT (8265; `ray job submit` talks
 # to it), RAY_NUM_CPUS / RAY_NUM_GPUS (default: detected), RAY_TEMP_DIR (default
 # /tmp/ray-local-<RAY_PORT>: its own folder, which is how stop.sh finds this head's processes and
-# no other Ray on the machine). A second node joins (add --dashboard-agent-listen-port PORT when
-# another Ray here holds 52365), and later leaves, with
+# no other Ray on the machine), VIRTUAL_ENV (the venv whose ray and python run everything; default
+# the repository's .venv). Arguments are passed on to `ray start`, e.g. --resources '{"head": 1}'.
+# A second node joins (add --dashboard-agent-listen-port PORT when another Ray here holds 52365),
+# and later leaves, with
 #   RAY_AUTH_MODE=token .venv/bin/ray start --address 127.0.0.1:6379 --node-ip-address 127.0.0.1 --temp-dir /tmp/ray-local-6379-node2
 #   RAY_TEMP_DIR=/tmp/ray-local-6379-node2 cluster/local/stop.sh
+# (tests/test_cluster_local.py runs both, and a job across them that loses the second node.)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-venv_bin="$repo/.venv/bin"
+venv_bin="${VIRTUAL_ENV:-$repo/.venv}/bin"
 if [ ! -x "$venv_bin/ray" ]; then
-    echo "error: $venv_bin/ray not found; run 'make install' in $repo first" >&2
+    echo "error: $venv_bin/ray not found; run 'make install' in $repo first (or set VIRTUAL_ENV to a venv with Ray)" >&2
     exit 1
 fi
 # A job's entrypoint `python -m jobs.X` runs with the head's PATH: the venv's python comes first.
@@ -47,7 +50,7 @@ ray start --head \
     --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" \
     --dashboard-agent-listen-port "$agent_port" --ray-client-server-port "$client_port" \
     --temp-dir "$temp_dir" --disable-usage-stats \
-    ${resources[@]+"${resources[@]}"}
+    ${resources[@]+"${resources[@]}"} "$@"
 
 # `ray job submit` needs the dashboard's job API; it comes up a little after `ray start` returns.
 # Without it the head is of no use here: stop it again.

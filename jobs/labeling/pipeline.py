@@ -16,7 +16,10 @@ Stages (R: rows of a batch; D: detections of one image; H x W its decoded size):
    task's rows are never written twice), committed atomically.
 
 Actor pools restart a killed actor and retry its tasks (Ray Data's defaults: ``max_restarts=-1``,
-``max_task_retries=-1``), so a dead actor costs a reload, never a row.
+``max_task_retries=-1``), so a dead actor costs a reload, never a row. A lost node costs its work
+in flight: its actors come back on the nodes left and its tasks are retried, as long as those
+nodes can hold the whole pool and a decoding task; the ``ShardCommitter`` is kept on the driver's
+node, which lives as long as the job (tests/test_cluster_local.py kills a node mid-run).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs.labeling.decode import ImageDecodeError, prepare_image
 from jobs.labeling.plan import PIECES_DIR, Plan, part_name, put_atomic, read_shard_uris, table_bytes
@@ -503,7 +507,10 @@ def build_dataset(pending_shards: list[int], settings: LabelSettings) -> ray.dat
 
 def run_pipeline(plan: Plan, pending_shards: list[int], settings: LabelSettings) -> dict:
     """Labels the pending shards; returns the committer's totals and the wall time."""
-    committer = ShardCommitter.remote(plan.num_images, plan.shard_size)
+    # On the driver's node: on another, losing that node would lose the record of the shards in
+    # flight and end the run.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    committer = ShardCommitter.options(scheduling_strategy=here).remote(plan.num_images, plan.shard_size)
     try:
         started = time.perf_counter()
         build_dataset(pending_shards, settings).write_datasink(ShardSink(settings, committer, plan))
