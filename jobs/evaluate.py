@@ -104,7 +104,7 @@ def evaluate(
     """
     from maskrcnn.data import collate_fn
     from maskrcnn.engine import autocast_context
-    from maskrcnn.evaluation import evaluate_coco, predictions_to_coco_results
+    from maskrcnn.evaluation import evaluate_coco, iou_types_for, predictions_to_coco_results
 
     if class_map is None:
         class_map = {k + 1: c["id"] for k, c in enumerate(dataset.categories)}
@@ -131,7 +131,7 @@ def evaluate(
                 image_ids.extend(ids)
     finally:
         model.train(was_training)
-    metrics = evaluate_coco(dataset.coco, results, image_ids=image_ids)
+    metrics = evaluate_coco(dataset.coco, results, image_ids=image_ids, iou_types=iou_types_for(model))
     metrics["num_images"] = len(image_ids)
     metrics["num_detections"] = len(results)
     return metrics
@@ -153,13 +153,17 @@ def output_json_uri(output: str) -> str:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    from maskrcnn.evaluation import STAT_NAMES
+    from maskrcnn.evaluation import KEYPOINT_STAT_NAMES, STAT_NAMES
 
     lines = [f"{'':6s}" + "".join(f"{name:>7s}" for name in STAT_NAMES)]
     for iou_type in ("bbox", "segm"):
         stats = metrics.get(f"{iou_type}_stats")
         if stats is not None:
             lines.append(f"{iou_type:6s}" + "".join(f"{v:7.3f}" for v in stats))
+    stats = metrics.get("keypoints_stats")
+    if stats is not None:  # COCO's keypoint summary has its own 10 columns
+        lines.append(f"{'':10s}" + "".join(f"{name:>7s}" for name in KEYPOINT_STAT_NAMES))
+        lines.append(f"{'keypoints':10s}" + "".join(f"{v:7.3f}" for v in stats))
     return "\n".join(lines)
 
 
@@ -243,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(metrics))
     print(
         f"box AP {metrics['bbox_AP']:.4f}  mask AP {metrics['segm_AP']:.4f}  "
-        f"({metrics['num_images']} images, {metrics['num_detections']} detections, {seconds:.1f} s on {device})"
+        + (f"keypoint AP {metrics['keypoints_AP']:.4f}  " if "keypoints_AP" in metrics else "")
+        + f"({metrics['num_images']} images, {metrics['num_detections']} detections, {seconds:.1f} s on {device})"
     )
     if args.output:
         from maskrcnn.storage import open_uri

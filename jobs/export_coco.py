@@ -13,6 +13,13 @@ labeling tools (CVAT, Label Studio) import for review: images with ``file_name``
 ``--images-root``, one annotation per detection with its RLE ``segmentation``, ``bbox``, ``area``,
 ``iscrowd`` 0 and the model's ``score``; categories are those the rows name.
 
+Keypoint R-CNN labels (``instances.keypoints`` set) become COCO keypoints: ``keypoints`` [x, y, v, ...]
+with v 1 in results (as torchvision's COCO evaluation writes its predictions; COCOeval ignores v)
+and v 2 (labelled, visible) in an annotations file, with ``num_keypoints``; there a category
+with keypoints lists their names and skeleton from ``--categories`` (a COCO JSON, e.g. the
+training annotations), else generic names. Without masks (a model with no mask head) there is
+no ``segmentation``, and an annotation's ``area`` is its box's.
+
 Without ``--annotations`` images are numbered 1, 2, ... in the output's order (part files by
 shard, rows in plan order), the same numbering in both formats. Rows whose image failed (error
 set) have no size and are left out, counted on stderr. Streams: one part file at a time.
@@ -104,6 +111,7 @@ def export(
     annotations: str | None = None,
     min_score: float = 0.0,
     storage_options: dict | None = None,
+    categories_uri: str | None = None,
 ) -> dict:
     """Writes the JSON; returns counts (images, detections, failed, unmatched)."""
     if images_root is None:
@@ -133,6 +141,10 @@ def export(
                         "bbox": [round(v, 2) for v in inst["bbox"]],
                         "score": round(inst["score"], 5),
                     }
+                    if inst["mask"] is None:  # a model without a mask head
+                        del item["segmentation"]
+                    if inst.get("keypoints") is not None:
+                        item["keypoints"] = _coco_keypoints(inst["keypoints"], visibility=1)
                     out.write(("" if first else ",\n") + json.dumps(item))
                     first = False
                     counts["detections"] += 1
@@ -159,6 +171,7 @@ def export(
             out.write('],\n"annotations": [')
             ids = _ImageIds(ground_truth)  # the same numbering, second pass
             categories: dict[int, str] = {}
+            keypoint_counts: dict[int, int] = {}
             first = True
             for row in iter_rows(label_output, storage_options, ["image_uri", "instances", "error"]):
                 if row["error"] is not None:
@@ -181,13 +194,56 @@ def export(
                         "iscrowd": 0,
                         "score": round(inst["score"], 5),
                     }
+                    if inst["mask"] is None:  # a model without a mask head: no segmentation, the box's area
+                        item["segmentation"] = []
+                        item["area"] = round(inst["bbox"][2] * inst["bbox"][3], 2)
+                    if inst.get("keypoints") is not None:
+                        item["keypoints"] = _coco_keypoints(inst["keypoints"], visibility=2)
+                        item["num_keypoints"] = len(inst["keypoints"])
+                        keypoint_counts[inst["category_id"]] = len(inst["keypoints"])
                     out.write(("" if first else ",\n") + json.dumps(item))
                     first = False
             cats = [{"id": k, "name": v, "supercategory": ""} for k, v in sorted(categories.items())]
+            if keypoint_counts:
+                _add_keypoint_names(cats, keypoint_counts, categories_uri, storage_options)
             out.write('],\n"categories": ' + json.dumps(cats) + "}\n")
         else:
             raise JobError(f"--format must be 'results' or 'annotations', got {fmt!r}")
     return counts
+
+
+def _coco_keypoints(triples: list, visibility: int) -> list[float]:
+    """Parquet keypoints [[x, y, score], ...] -> COCO's flat [x1, y1, v1, x2, ...]."""
+    flat: list[float] = []
+    for x, y, _score in triples:
+        flat += [round(x, 2), round(y, 2), visibility]
+    return flat
+
+
+def _add_keypoint_names(cats: list[dict], keypoint_counts: dict[int, int], categories_uri: str | None, storage_options) -> None:
+    """COCO keypoint categories name their keypoints and skeleton: from ``categories_uri``'s
+    category of the same id when it lists as many keypoints, else "keypoint_1", ..."""
+    known: dict[int, dict] = {}
+    if categories_uri:
+        try:
+            with open_uri(categories_uri, "rb", storage_options) as f:
+                known = {int(c["id"]): c for c in json.load(f)["categories"]}
+        except FileNotFoundError:
+            raise JobError(f"--categories {categories_uri} does not exist") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JobError(f"--categories {categories_uri} has no usable 'categories' list: {exc}") from None
+    for cat in cats:
+        count = keypoint_counts.get(cat["id"])
+        if count is None:
+            continue
+        source = known.get(cat["id"], {})
+        names = source.get("keypoints") or []
+        if len(names) == count:
+            cat["keypoints"] = list(names)
+            cat["skeleton"] = list(source.get("skeleton") or [])
+        else:
+            cat["keypoints"] = [f"keypoint_{k + 1}" for k in range(count)]
+            cat["skeleton"] = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-root", default=None, metavar="URI", help="file_name = image URI relative to this (default: the labelled folder, from the output's plan; for a manifest, the full URI)")
     parser.add_argument("--annotations", default=None, metavar="URI", help="a COCO file of the same images: use its image ids (matched by file_name relative to --images-root)")
     parser.add_argument("--min-score", type=float, default=0.0, metavar="F", help="leave out detections scoring below F")
+    parser.add_argument("--categories", default=None, metavar="URI", help="a COCO JSON whose categories name the keypoints and skeleton of a Keypoint R-CNN's classes (for --format annotations)")
     add_storage_options(parser)
     args = parser.parse_args(argv)
     storage_options = parse_storage_options(args.storage_options)
-    counts = export(args.input, args.output, args.format, args.images_root, args.annotations, args.min_score, storage_options)
+    counts = export(args.input, args.output, args.format, args.images_root, args.annotations, args.min_score, storage_options, args.categories)
     print(f"wrote {args.output}: {counts['images']} images, {counts['detections']} detections ({args.format})")
     if counts["failed"]:
         print(f"note: {counts['failed']} images that failed to label (error set) are left out", file=sys.stderr)

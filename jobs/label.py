@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.label",
         description="Label images with a Mask R-CNN checkpoint on Ray Data; write one Parquet row per image "
-        "(image_uri, width, height, instances with COCO RLE masks, error, model). Rerun the same command "
+        "(image_uri, width, height, instances with COCO RLE masks and, for a Keypoint R-CNN, keypoints, error, model). Rerun the same command "
         "after a crash: it labels only what is missing.",
         formatter_class=HelpFormatter,
     )
@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="folder or prefix for part-NNNNNN.parquet files (one per shard); _plan/ and _preview/ go beside them",
     )
-    io_group.add_argument("--checkpoint", required=True, metavar="URI", help="a model.pt written by jobs.train, or a torchvision Mask R-CNN state dict (then give --arch and --categories)")
-    io_group.add_argument("--arch", default=None, metavar="PRESET", help="architecture preset of a bare torchvision state dict (r50_fpn, r101_fpn, x101_32x8d_fpn, small)")
+    io_group.add_argument("--checkpoint", required=True, metavar="URI", help="a model.pt written by jobs.train, or a torchvision Mask R-CNN or Keypoint R-CNN state dict (then give --arch and --categories)")
+    io_group.add_argument("--arch", default=None, metavar="PRESET", help="architecture preset of a bare torchvision state dict (r50_fpn, r101_fpn, x101_32x8d_fpn, small; keypoint_r50_fpn for keypointrcnn_resnet50_fpn)")
     io_group.add_argument("--categories", default=None, metavar="URI", help="a COCO JSON whose 'categories' name the classes of a bare state dict (class index = category id)")
     io_group.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help="images per shard = rows per output file; the unit of commit and resume (fixed by the first run)")
     io_group.add_argument("--preview", type=int, default=0, metavar="N", help="also write N PNG images with their masks drawn to <output>/_preview/")

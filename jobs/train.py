@@ -55,6 +55,11 @@ MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint folder
 REFERENCE_BATCH, REFERENCE_LR = 16, 0.02  # the paper's 8 GPUs x 2 images at lr 0.02
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+# Every loss term a model may have, in the order they are logged: a model without a mask head
+# has no loss_mask, one with a keypoint head (Keypoint R-CNN) has loss_keypoint.
+ALL_LOSS_KEYS = LOSS_KEYS + ("loss_keypoint",)
+_SHORT_LOSS_NAMES = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
+                     "loss_rpn_box_reg": "rpn", "loss_keypoint": "kp"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--arch", default=None, metavar="PRESET",
-        help="model preset: r50_fpn, r101_fpn, x101_32x8d_fpn or small (default: r50_fpn, or the --weights checkpoint's own architecture)",
+        help="model preset: r50_fpn, r101_fpn, x101_32x8d_fpn, small, or a Keypoint R-CNN: keypoint_r50_fpn (torchvision's keypointrcnn_resnet50_fpn) "
+        "or small_keypoint (needs keypoints in --annotations) (default: r50_fpn, or the --weights checkpoint's own architecture)",
     )
     model.add_argument(
         "--weights", default=None, metavar="URI",
@@ -314,7 +320,9 @@ def train_loop_per_worker(config: dict) -> None:
     warnings.filterwarnings("ignore", message=".*degenerate annotations.*")  # the driver has said it once
     _quiet_worker_logs()
 
-    dataset = CocoDataset(plan.annotations, plan.images, storage_options, transforms=RandomHorizontalFlip(plan.flip_prob) if plan.flip_prob > 0 else None)
+    dataset = CocoDataset(plan.annotations, plan.images, storage_options)
+    if plan.flip_prob > 0:  # a flip swaps left and right keypoints: the dataset's names say which
+        dataset.transforms = RandomHorizontalFlip(plan.flip_prob, keypoint_flip=dataset.keypoint_flip if dataset.num_keypoints else None)
     model_config = ModelConfig.from_dict(plan.model_config)
     torch.manual_seed(plan.seed)  # the same fresh layers on every rank
     model = build_model(model_config)
@@ -391,7 +399,8 @@ def train_loop_per_worker(config: dict) -> None:
         summary = {k: v for k, v in result.items() if not k.endswith("_stats")}
         metrics_log.add({"event": "eval", "step": step, "epoch": epoch, **result, "seconds": round(time.perf_counter() - started, 2)})
         metrics_log.flush()
-        _log(f"eval at step {step} (epoch {epoch}): box AP {result['bbox_AP']:.4f}  mask AP {result['segm_AP']:.4f}  ({time.perf_counter() - started:.1f} s)")
+        keypoint_ap = f"  keypoint AP {result['keypoints_AP']:.4f}" if "keypoints_AP" in result else ""
+        _log(f"eval at step {step} (epoch {epoch}): box AP {result['bbox_AP']:.4f}  mask AP {result['segm_AP']:.4f}{keypoint_ap}  ({time.perf_counter() - started:.1f} s)")
         return summary
 
     step = last_record_step = start_step
@@ -427,11 +436,12 @@ def train_loop_per_worker(config: dict) -> None:
             if not log_due:
                 continue
             # Mean loss terms over the ranks, and the images all ranks took in this stretch.
-            values = torch.stack([losses[k].float() for k in LOSS_KEYS] + [torch.tensor(float(len(images)), device=device)])
+            keys = [k for k in ALL_LOSS_KEYS if k in losses]  # the same on every rank: one model
+            values = torch.stack([losses[k].float() for k in keys] + [torch.tensor(float(len(images)), device=device)])
             if world_size > 1:
                 torch.distributed.all_reduce(values)
             values = values.cpu()
-            loss_terms = {k: float(values[i]) / world_size for i, k in enumerate(LOSS_KEYS)}
+            loss_terms = {k: float(values[i]) / world_size for i, k in enumerate(keys)}
             now = time.perf_counter()
             record = {
                 "step": step,
@@ -448,8 +458,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics_log.add(record)
                 _log(
                     f"step {step}/{plan.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-                    f"(cls {loss_terms['loss_classifier']:.3f} box {loss_terms['loss_box_reg']:.3f} mask {loss_terms['loss_mask']:.3f} "
-                    f"obj {loss_terms['loss_objectness']:.3f} rpn {loss_terms['loss_rpn_box_reg']:.3f}) lr {lr:.5f} {record['images_per_s']:.1f} img/s"
+                    f"({' '.join(f'{_SHORT_LOSS_NAMES[k]} {v:.3f}' for k, v in loss_terms.items())}) lr {lr:.5f} {record['images_per_s']:.1f} img/s"
                 )
             report = {k: v for k, v in record.items() if k != "time"}
             if (epoch_end or last) and val_dataset is not None:
@@ -504,9 +513,10 @@ def _check_dataset(annotations: str, images: str, storage_options, what: str):
     return dataset
 
 
-def _resolve_model(args, categories: list[dict], storage_options) -> tuple[dict, str | None, bool]:
+def _resolve_model(args, categories: list[dict], storage_options, keypoints: tuple[list, list] | None = None) -> tuple[dict, str | None, bool]:
     """The model config for this run, the kind of --weights, and whether the class-specific
-    layers start fresh; loads --weights once into the model to prove they fit."""
+    layers start fresh; loads --weights once into the model to prove they fit. ``keypoints``:
+    the annotations' keypoint names and skeleton, which a keypoint head is made to predict."""
     from maskrcnn.checkpoint import (
         FORMAT,
         CheckpointError,
@@ -514,6 +524,7 @@ def _resolve_model(args, categories: list[dict], storage_options) -> tuple[dict,
         is_torchvision_state_dict,
         load_state,
         num_classes_of,
+        num_keypoints_of,
         read_checkpoint,
     )
     from maskrcnn.config import ModelConfig, get_preset
@@ -556,16 +567,42 @@ def _resolve_model(args, categories: list[dict], storage_options) -> tuple[dict,
         raise JobError(f"--weights: {exc}") from None
     except ValueError as exc:  # an unknown --arch preset, a damaged config
         raise JobError(str(exc)) from None
+    config = _fit_keypoints(config, keypoints, args.arch)
+    if state is not None and config.keypoint_head.enabled and num_keypoints_of(state) not in (None, config.keypoint_head.num_keypoints):
+        reinit = True  # other keypoints than the weights': the keypoint predictor starts fresh
     if args.min_size is not None or args.max_size is not None:
         from dataclasses import replace
 
-        config = config.replace(input=replace(config.input, min_size=args.min_size or config.input.min_size, max_size=args.max_size or config.input.max_size))
+        config = config.replace(input=replace(
+            config.input, min_size=args.min_size or config.input.min_size, max_size=args.max_size or config.input.max_size,
+            # an explicit --min-size is the one training size too
+            train_min_sizes=() if args.min_size is not None else config.input.train_min_sizes,
+        ))
     if state is not None:
         try:
             load_state(build_model(config), state, args.weights, skip_class_specific=reinit)
         except CheckpointError as exc:
             raise JobError(f"--weights: {exc}") from None
     return config.to_dict(), kind, reinit
+
+
+def _fit_keypoints(config, keypoints: tuple[list, list] | None, arch: str | None):
+    """A keypoint head made to predict the annotations' keypoints; annotations without keypoints
+    stop a keypoint model's run, and keypoints a model without the head cannot learn are noted."""
+    from maskrcnn.checkpoint import fit_keypoint_head
+
+    names, skeleton = keypoints or ([], [])
+    if not config.keypoint_head.enabled:
+        if names:
+            print(f"note: --annotations have {len(names)} keypoints per instance; this model has no keypoint head and does not learn them "
+                  "(--arch keypoint_r50_fpn or small_keypoint does)", file=sys.stderr)
+        return config
+    if not names:
+        raise JobError(
+            f"the model{f' --arch {arch}' if arch else ''} has a keypoint head but --annotations has no keypoints: a Keypoint R-CNN "
+            "trains on COCO keypoint annotations (a category's 'keypoints' names and 'skeleton', each annotation's 'keypoints')"
+        )
+    return fit_keypoint_head(config, len(names), names, skeleton)
 
 
 def _ray_storage(output: str, storage_options):
@@ -655,8 +692,10 @@ def plot_metrics(records: list[dict], uri: str, storage_options) -> bool:
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if r.get("event") == "eval"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for key in ("loss",) + LOSS_KEYS:
-        axes[0].plot([r["step"] for r in steps], [r[key] for r in steps], label=key, linewidth=2 if key == "loss" else 1)
+    for key in ("loss",) + ALL_LOSS_KEYS:
+        if not any(key in r for r in steps):
+            continue
+        axes[0].plot([r["step"] for r in steps if key in r], [r[key] for r in steps if key in r], label=key, linewidth=2 if key == "loss" else 1)
     axes[0].set(title="training loss (mean over workers)", xlabel="step", yscale="log")
     axes[0].legend(fontsize=8)
     axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:purple")
@@ -664,7 +703,9 @@ def plot_metrics(records: list[dict], uri: str, storage_options) -> bool:
     twin = axes[1].twinx()
     twin.plot([r["step"] for r in steps], [r["images_per_s"] for r in steps], color="tab:gray", alpha=0.6)
     twin.set_ylabel("images/s (all workers)")
-    for key, label in (("bbox_AP", "box AP"), ("segm_AP", "mask AP"), ("bbox_AP50", "box AP50"), ("segm_AP50", "mask AP50")):
+    for key, label in (("bbox_AP", "box AP"), ("segm_AP", "mask AP"), ("bbox_AP50", "box AP50"), ("segm_AP50", "mask AP50"), ("keypoints_AP", "keypoint AP")):
+        if evals and key not in evals[0]:
+            continue
         axes[2].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=label)
     axes[2].set(title="COCO AP on --val-annotations", xlabel="step", ylim=(0, 1))
     if evals:
@@ -694,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.val_annotations:
         _check_dataset(args.val_annotations, val_images, storage_options, "val-")
     categories = train_set.categories
-    model_config, weights_kind, reinit = _resolve_model(args, categories, storage_options)
+    keypoints = (train_set.keypoint_names, train_set.keypoint_skeleton) if train_set.num_keypoints else None
+    model_config, weights_kind, reinit = _resolve_model(args, categories, storage_options, keypoints)
     if args.weights is None and model_config["backbone"]["norm"] == "frozen_bn":
         print(f"warning: training a {model_config['backbone']['name']} trunk with frozen BatchNorm from random weights; "
               "start from --weights (e.g. torchvision's COCO checkpoint) for useful results", file=sys.stderr)
@@ -762,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[jobs.train] wrote {plot_uri}")
     evals = [r for r in records if r.get("event") == "eval"]
     if evals:
-        print(f"[jobs.train] final box AP {evals[-1]['bbox_AP']:.4f}  mask AP {evals[-1]['segm_AP']:.4f}")
+        keypoint_ap = f"  keypoint AP {evals[-1]['keypoints_AP']:.4f}" if "keypoints_AP" in evals[-1] else ""
+        print(f"[jobs.train] final box AP {evals[-1]['bbox_AP']:.4f}  mask AP {evals[-1]['segm_AP']:.4f}{keypoint_ap}")
     print(f"[jobs.train] done in {time.perf_counter() - started:.0f} s: {join_uri(plan.output, MODEL_FILE)}", flush=True)
     return 0
 

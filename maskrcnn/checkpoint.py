@@ -1,4 +1,4 @@
-"""Single-file checkpoints, and torchvision's Mask R-CNN state dicts.
+"""Single-file checkpoints, and torchvision's Mask R-CNN (and Keypoint R-CNN) state dicts.
 
 A project checkpoint is one ``torch.save`` file, readable with ``torch.load(weights_only=True)``:
 
@@ -7,7 +7,9 @@ A project checkpoint is one ``torch.save`` file, readable with ``torch.load(weig
 
 A bare torchvision state dict (the COCO checkpoints' layout, old or new key names) is accepted
 too; its architecture and categories come from the caller, and as in torchvision its class
-index is the category id.
+index is the category id. torchvision's ``keypointrcnn_resnet50_fpn`` state dicts (keys
+``roi_heads.keypoint_head.*``, ``roi_heads.keypoint_predictor.*``, the same in our layout) load
+with ``arch="keypoint_r50_fpn"``; the number of keypoints is read from the state dict.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from maskrcnn.storage import open_uri
 FORMAT = "maskrcnn-ray/1"
 # Layers whose shape depends on the number of classes: re-initialised when fine-tuning.
 CLASS_SPECIFIC = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_predictor.mask_fcn_logits.")
+# The keypoint predictor's shape depends on the number of keypoints (not on the classes): when
+# fine-tuning onto other keypoints it is re-initialised too.
+KEYPOINT_SPECIFIC = ("roi_heads.keypoint_predictor.",)
+KEYPOINT_PREDICTOR_WEIGHT = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
 
 
 class CheckpointError(ValueError):
@@ -103,6 +109,30 @@ def num_classes_of(state: dict[str, torch.Tensor]) -> int:
     return int(weight.shape[0])
 
 
+def num_keypoints_of(state: dict[str, torch.Tensor]) -> int | None:
+    """The keypoints a Keypoint R-CNN state dict predicts (None: it has no keypoint head)."""
+    weight = state.get(KEYPOINT_PREDICTOR_WEIGHT)
+    return None if weight is None else int(weight.shape[1])  # ConvTranspose2d: (in, out, kh, kw)
+
+
+def fit_keypoint_head(config: ModelConfig, num_keypoints: int | None, names=(), skeleton=()) -> ModelConfig:
+    """``config`` with its keypoint head predicting ``num_keypoints``: with ``names`` (one per
+    keypoint), those names and ``skeleton``; else the head's own names and skeleton when the
+    number is unchanged, none when it changes. Unchanged without a keypoint head."""
+    from dataclasses import replace
+
+    head = config.keypoint_head
+    if not head.enabled or num_keypoints is None:
+        return config
+    if names and len(names) == num_keypoints:
+        names, skeleton = tuple(names), tuple(skeleton)
+    elif num_keypoints == head.num_keypoints:
+        return config
+    else:
+        names, skeleton = (), ()
+    return config.replace(keypoint_head=replace(head, num_keypoints=num_keypoints, keypoint_names=names, skeleton=skeleton))
+
+
 def categories_from_coco(uri: str, storage_options: dict | None = None) -> list[dict]:
     """The ``categories`` of a COCO JSON file: [{"id", "name"}], sorted by id."""
     import json
@@ -139,7 +169,7 @@ def load_checkpoint(
                 "(e.g. r50_fpn) and its classes with --categories (a COCO JSON)"
             )
         state = convert_torchvision_state_dict(obj)
-        config = get_preset(arch, num_classes=num_classes_of(state))
+        config = fit_keypoint_head(get_preset(arch, num_classes=num_classes_of(state)), num_keypoints_of(state))
         if categories is None:
             raise CheckpointError(f"checkpoint {uri} is a bare torchvision state dict: name its classes with --categories (a COCO JSON)")
         # torchvision's convention: the class index is the category id
@@ -177,9 +207,13 @@ def load_checkpoint(
 def load_state(model: MaskRCNN, state: dict[str, torch.Tensor], uri: str = "state dict", skip_class_specific: bool = False) -> None:
     """Strict load, with an error that says which layers disagree and what to do."""
     own = model.state_dict()
+    fresh: list[str] = []
     if skip_class_specific:
         state = {k: v for k, v in state.items() if not k.startswith(CLASS_SPECIFIC)}
-    missing = [k for k in own if k not in state and not (skip_class_specific and k.startswith(CLASS_SPECIFIC))]
+        # other keypoints than the checkpoint's: the keypoint predictor starts fresh as well
+        fresh = [k for k, v in state.items() if k.startswith(KEYPOINT_SPECIFIC) and k in own and own[k].shape != v.shape]
+        state = {k: v for k, v in state.items() if k not in fresh}
+    missing = [k for k in own if k not in state and k not in fresh and not (skip_class_specific and k.startswith(CLASS_SPECIFIC))]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     if mismatched and all(k.startswith(CLASS_SPECIFIC) for k in mismatched):
@@ -187,6 +221,11 @@ def load_state(model: MaskRCNN, state: dict[str, torch.Tensor], uri: str = "stat
             f"checkpoint {uri} is for {num_classes_of(state)} classes (background included) but the model has "
             f"{own['roi_heads.box_predictor.cls_score.weight'].shape[0]}; to train on other classes, start from it with "
             "jobs.train --weights (its class-specific layers are then re-initialised)"
+        )
+    if any(k.startswith("roi_heads.keypoint_") for k in unexpected) and not any(k.startswith("roi_heads.keypoint_") for k in own):
+        raise CheckpointError(
+            f"checkpoint {uri} is a Keypoint R-CNN (it has a keypoint head) but the model has none; "
+            "use a keypoint architecture (--arch keypoint_r50_fpn, or small_keypoint)"
         )
     if missing or unexpected or mismatched:
         raise CheckpointError(

@@ -84,12 +84,48 @@ class MaskHeadConfig:
 
 
 @dataclass
+class KeypointHeadConfig:
+    """Keypoint R-CNN's branch (He et al. 2017, section 5; torchvision's KeypointRCNN): RoIAlign
+    to ``pooled_resolution`` (14), ``conv_layers`` 3x3 convs with ReLU, a stride-2 deconv and a
+    bilinear x2 upsampling to one heatmap per keypoint of 4 x ``pooled_resolution`` (56) pixels,
+    trained with a softmax over the heatmap's positions for each visible keypoint. One set of
+    heatmaps for every class (class-agnostic), as in the paper and torchvision."""
+
+    enabled: bool = False
+    num_keypoints: int = 17
+    conv_layers: tuple[int, ...] = (512,) * 8
+    pooled_resolution: int = 14
+    # Optional: the keypoints' names (COCO's category "keypoints") and the skeleton's 1-based
+    # index pairs (COCO's "skeleton"); a training run takes them from its annotations.
+    keypoint_names: tuple[str, ...] = ()
+    skeleton: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        # from_dict hands back lists: keep the config comparable and hashable-looking
+        self.keypoint_names = tuple(str(n) for n in self.keypoint_names)
+        self.skeleton = tuple(tuple(int(v) for v in pair) for pair in self.skeleton)
+
+
+COCO_PERSON_KEYPOINT_NAMES = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
+)  # fmt: skip
+COCO_PERSON_SKELETON = (
+    (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9),
+    (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7),
+)  # fmt: skip
+
+
+@dataclass
 class InputConfig:
     min_size: int = 800
     max_size: int = 1333
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     size_divisible: int = 32
+    # Training only: each image's short side drawn at random from these (torchvision's keypoint
+    # model: 640..800); empty: always min_size. Inference always uses min_size.
+    train_min_sizes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -102,6 +138,7 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    keypoint_head: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
     input: InputConfig = field(default_factory=InputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,11 +210,41 @@ def _x101_32x8d_fpn() -> ModelConfig:
     return ModelConfig(backbone=BackboneConfig(name="resnext101_32x8d"))
 
 
+def _keypoint_r50_fpn() -> ModelConfig:
+    """torchvision's keypointrcnn_resnet50_fpn: person vs background, 17 COCO keypoints, no mask
+    head; RPN, box head and inference settings as Mask R-CNN's; trained at short sides 640-800."""
+    return ModelConfig(
+        num_classes=2,
+        mask_head=MaskHeadConfig(enabled=False),
+        keypoint_head=KeypointHeadConfig(
+            enabled=True, num_keypoints=17, keypoint_names=COCO_PERSON_KEYPOINT_NAMES, skeleton=COCO_PERSON_SKELETON
+        ),
+        input=InputConfig(train_min_sizes=(640, 672, 704, 736, 768, 800)),
+    )
+
+
+# The synthetic data's keypoints (maskrcnn.data.synthetic, keypoints=True): a square's corners.
+SQUARE_CORNER_NAMES = ("top_left", "top_right", "bottom_right", "bottom_left")
+SQUARE_SKELETON = ((1, 2), (2, 3), (3, 4), (4, 1))
+
+
+def _small_keypoint() -> ModelConfig:
+    """``small`` with a narrow keypoint head instead of the mask head: trains on a CPU."""
+    return _small().replace(
+        mask_head=MaskHeadConfig(enabled=False),
+        keypoint_head=KeypointHeadConfig(
+            enabled=True, num_keypoints=4, conv_layers=(64, 64, 64, 64), keypoint_names=SQUARE_CORNER_NAMES, skeleton=SQUARE_SKELETON
+        ),
+    )
+
+
 PRESETS = {
     "r50_fpn": _r50_fpn,
     "r101_fpn": _r101_fpn,
     "x101_32x8d_fpn": _x101_32x8d_fpn,
     "small": _small,
+    "keypoint_r50_fpn": _keypoint_r50_fpn,
+    "small_keypoint": _small_keypoint,
 }
 
 

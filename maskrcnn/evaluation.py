@@ -1,10 +1,10 @@
-"""COCO box and mask AP with pycocotools' COCOeval, the reference evaluator.
+"""COCO box, mask and keypoint AP with pycocotools' COCOeval, the reference evaluator.
 
 N: detections of one image, H x W: the original image. A prediction is the model's output for
 one image, a dict of tensors: ``boxes`` float (N, 4) x1, y1, x2, y2 in the original image's
 pixels, ``scores`` float (N,), ``labels`` int64 (N,) class indices, and optionally ``masks``
 (N, H, W) bool at the original size (also accepted: (N, 1, H, W), and float probabilities,
-which are cut at 0.5 as in the paper).
+which are cut at 0.5 as in the paper), and ``keypoints`` (N, K, 3) x, y, v of a Keypoint R-CNN.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import io
 import logging
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn.masks import encode_masks
 
-__all__ = ["STAT_NAMES", "predictions_to_coco_results", "evaluate_coco", "evaluate_model"]
+__all__ = ["STAT_NAMES", "KEYPOINT_STAT_NAMES", "predictions_to_coco_results", "evaluate_coco", "evaluate_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ STAT_NAMES = (
     "AP", "AP50", "AP75", "APs", "APm", "APl",
     "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
 )  # fmt: skip
+# For iou_type "keypoints" it prints 10 (no small objects, 20 detections per image).
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+# OKS sigma of every keypoint when there are not COCO's 17 person keypoints (whose own
+# per-keypoint sigmas COCOeval knows): a keypoint off by 10% of sqrt(area) scores OKS 0.61.
+DEFAULT_KEYPOINT_SIGMA = 0.05
 
 ClassMap = Callable[[Any], Any] | Mapping[int, int] | Sequence[int] | None
 
@@ -73,6 +79,7 @@ def predictions_to_coco_results(
         scores = prediction["scores"].detach().to("cpu").tolist()
         category_ids = _category_ids(prediction["labels"].detach().to("cpu").tolist(), class_to_category_id)
         rles = encode_masks(_binary_masks(prediction["masks"])) if "masks" in prediction else None
+        keypoints = prediction["keypoints"].detach().to("cpu", torch.float64).tolist() if "keypoints" in prediction else None
         for k in range(len(xywh)):
             result = {
                 "image_id": int(image_id),
@@ -82,6 +89,8 @@ def predictions_to_coco_results(
             }
             if rles is not None:
                 result["segmentation"] = rles[k]
+            if keypoints is not None:  # COCO's flat x1, y1, v1, ...; COCOeval reads x and y only
+                result["keypoints"] = [round(v, 3) for point in keypoints[k] for v in (point[0], point[1], 1)]
             results.append(result)
     return results
 
@@ -97,16 +106,32 @@ def _run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: 
     else:
         for result in results:
             result.pop("segmentation", None)
+            if iou_type != "keypoints":
+                result.pop("keypoints", None)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        if iou_type == "keypoints":
+            _keypoint_params(coco_gt, evaluator)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     return [float(v) for v in evaluator.stats], printed.getvalue()
+
+
+def _keypoint_params(coco_gt: COCO, evaluator: COCOeval) -> None:
+    """Keypoint AP over the categories that name keypoints; OKS sigmas for other than COCO's 17."""
+    categories = [c for c in coco_gt.dataset["categories"] if c.get("keypoints")]
+    evaluator.params.catIds = sorted(c["id"] for c in categories)
+    count = len(categories[0]["keypoints"])
+    if count != len(evaluator.params.kpt_oks_sigmas):
+        evaluator.params.kpt_oks_sigmas = np.full(count, DEFAULT_KEYPOINT_SIGMA)
+    for ann in coco_gt.loadAnns(coco_gt.getAnnIds(catIds=evaluator.params.catIds)):
+        # COCOeval ignores ground truth without labelled keypoints; it needs the count on each
+        ann.setdefault("num_keypoints", sum(1 for v in (ann.get("keypoints") or [])[2::3] if v > 0))
 
 
 def evaluate_coco(
@@ -119,24 +144,35 @@ def evaluate_coco(
 
     Returns ``{iou_type}_AP``, ``_AP50``, ``_AP75`` (floats in [0, 1]) and ``{iou_type}_stats``,
     COCOeval's 12 numbers in ``STAT_NAMES`` order (-1 where COCO leaves a stat undefined, e.g.
-    no small objects). ``image_ids`` restricts evaluation to those images (default: all of
+    no small objects); for ``keypoints`` (Keypoint R-CNN, over the categories that name keypoints)
+    the 10 numbers of ``KEYPOINT_STAT_NAMES``. ``image_ids`` restricts evaluation to those images (default: all of
     ``coco_gt``'s). No detections, or no masks for ``segm``, give AP 0.0. COCOeval's printout is
     logged at INFO on this module's logger, not printed.
     """
     metrics: dict[str, Any] = {}
     for iou_type in iou_types:
-        usable = [r for r in results if iou_type != "segm" or "segmentation" in r]
+        needs = {"segm": "segmentation", "keypoints": "keypoints"}.get(iou_type)
+        usable = [r for r in results if needs is None or needs in r]
+        if iou_type == "keypoints" and not any(c.get("keypoints") for c in coco_gt.dataset["categories"]):
+            usable = []  # the ground truth has no keypoints to compare with
         if usable:
             stats, summary = _run_cocoeval(coco_gt, usable, iou_type, image_ids)
             logger.info("COCO %s evaluation:\n%s", iou_type, summary)
         else:
-            stats = [0.0] * len(STAT_NAMES)
+            stats = [0.0] * len(KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES)
             logger.info("COCO %s evaluation: no detections, AP 0.0", iou_type)
         metrics[f"{iou_type}_AP"] = max(stats[0], 0.0)
         metrics[f"{iou_type}_AP50"] = max(stats[1], 0.0)
         metrics[f"{iou_type}_AP75"] = max(stats[2], 0.0)
         metrics[f"{iou_type}_stats"] = stats
     return metrics
+
+
+def iou_types_for(model: torch.nn.Module) -> tuple[str, ...]:
+    """What to evaluate a model on: boxes and masks (AP 0 without a mask head), and keypoints
+    when it has a keypoint head."""
+    has_keypoint = bool(getattr(getattr(model, "roi_heads", None), "has_keypoint", False))
+    return ("bbox", "segm") + (("keypoints",) if has_keypoint else ())
 
 
 def evaluate_model(model: torch.nn.Module, dataset: Any, batch_size: int = 2, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -157,4 +193,4 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, batch_size: int = 2, de
             predictions = model(images)
             results.extend(predictions_to_coco_results(predictions, batch_ids, dataset.class_to_category_id))
             image_ids.extend(batch_ids)
-    return evaluate_coco(dataset.coco, results, image_ids=image_ids)
+    return evaluate_coco(dataset.coco, results, image_ids=image_ids, iou_types=iou_types_for(model))

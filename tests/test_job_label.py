@@ -228,6 +228,7 @@ def _expected_instances(loaded, model, image: torch.Tensor) -> list[dict]:
             "bbox": [float(v) for v in box],
             "area": int(mask.sum()),
             "mask": rle,
+            "keypoints": None,  # the model has no keypoint head
         }
         for label, score, box, mask, rle in zip(out["labels"].tolist(), out["scores"].numpy(), xywh, out["masks"], encode_masks(out["masks"]))
     ]

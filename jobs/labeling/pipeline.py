@@ -244,17 +244,21 @@ class Predictor:
 
     @staticmethod
     def _pack(out: dict[str, torch.Tensor]) -> bytes:
-        extents, crops = crop_masks(out["masks"])
-        return pickle.dumps(
-            {
-                "boxes": out["boxes"].to("cpu", torch.float32).numpy(),
-                "scores": out["scores"].to("cpu", torch.float32).numpy(),
-                "labels": out["labels"].to("cpu", torch.int64).numpy(),
-                "extents": extents,
-                "crops": crops,
-            },
-            protocol=5,
-        )
+        packed = {
+            "boxes": out["boxes"].to("cpu", torch.float32).numpy(),
+            "scores": out["scores"].to("cpu", torch.float32).numpy(),
+            "labels": out["labels"].to("cpu", torch.int64).numpy(),
+            "extents": None,
+            "crops": None,
+            "keypoints": None,
+        }
+        if "masks" in out:  # a model without a mask head (Keypoint R-CNN) has none
+            packed["extents"], packed["crops"] = crop_masks(out["masks"])
+        if "keypoints" in out:  # (D, K, 3): x, y and the keypoint's score in place of torchvision's visibility 1
+            keypoints = out["keypoints"].to(torch.float32).clone()
+            keypoints[..., 2] = out["keypoints_scores"].to(torch.float32)
+            packed["keypoints"] = keypoints.cpu().numpy()
+        return pickle.dumps(packed, protocol=5)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         errors = batch["error"].copy()
@@ -314,6 +318,8 @@ def postprocess_batch(batch: dict[str, np.ndarray], settings: LabelSettings) -> 
     """Model outputs -> rows of the output schema (plus shard and index)."""
     label_map = settings.label_map
     per_row, all_ids, all_names, all_scores, all_boxes, all_areas, all_sizes, all_counts = [], [], [], [], [], [], [], []
+    all_keypoints: list[np.ndarray] = []
+    has_masks = has_keypoints = None  # one model: all detections have them, or none
     errors = [e if e else None for e in batch["error"].tolist()]
     heights, widths = batch["height"].tolist(), batch["width"].tolist()
     for i, packed in enumerate(batch["detections"].tolist()):
@@ -324,7 +330,15 @@ def postprocess_batch(batch: dict[str, np.ndarray], settings: LabelSettings) -> 
         count = len(det["scores"])
         boxes = det["boxes"].reshape(-1, 4)
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float32)
-        counts, areas = _encode_crops(heights[i], widths[i], det["extents"], det["crops"])
+        has_masks = det.get("extents") is not None
+        has_keypoints = det.get("keypoints") is not None
+        if has_masks:
+            counts, areas = _encode_crops(heights[i], widths[i], det["extents"], det["crops"])
+            all_areas.append(areas)
+            all_sizes.append(np.tile(np.asarray([[heights[i], widths[i]]], dtype=np.int32), (count, 1)))
+            all_counts.extend(counts)
+        if has_keypoints:
+            all_keypoints.append(det["keypoints"])
         for label in det["labels"].tolist():
             category = label_map.get(label) or {"id": label, "name": f"class {label}"}
             all_ids.append(category["id"])
@@ -332,18 +346,17 @@ def postprocess_batch(batch: dict[str, np.ndarray], settings: LabelSettings) -> 
         per_row.append(count)
         all_scores.append(det["scores"])
         all_boxes.append(xywh)
-        all_areas.append(areas)
-        all_sizes.append(np.tile(np.asarray([[heights[i], widths[i]]], dtype=np.int32), (count, 1)))
-        all_counts.extend(counts)
+    masks_given = has_masks is not False  # no detection at all: the (empty) mask columns as before
     instances = instances_array(
         per_row,
         np.asarray(all_ids, dtype=np.int32),
         all_names,
         np.concatenate(all_scores) if all_scores else np.zeros(0, np.float32),
         np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), np.float32),
-        np.concatenate(all_areas) if all_areas else np.zeros(0, np.int64),
-        np.concatenate(all_sizes) if all_sizes else np.zeros((0, 2), np.int32),
-        all_counts,
+        (np.concatenate(all_areas) if all_areas else np.zeros(0, np.int64)) if masks_given else None,
+        (np.concatenate(all_sizes) if all_sizes else np.zeros((0, 2), np.int32)) if masks_given else None,
+        all_counts if masks_given else None,
+        np.concatenate(all_keypoints) if has_keypoints else None,
     )
     failed = [e is not None for e in errors]
     rows = len(errors)

@@ -1,4 +1,4 @@
-"""``--preview N``: N labelled images with their masks, boxes and classes drawn, as PNG files in
+"""``--preview N``: N labelled images with their masks (or keypoints), boxes and classes drawn, as PNG files in
 ``<output>/_preview/``, for a person to check the labels by eye. Runs on the driver after the
 run (N is small); reads the committed part files, never the pipeline's data."""
 
@@ -25,17 +25,19 @@ def _colour(k: int) -> tuple[int, int, int]:
 
 
 def draw_instances(image: Image.Image, instances: list[dict]) -> Image.Image:
-    """The image with each instance's mask tinted, its box outlined and its class and score written."""
+    """The image with each instance's mask tinted, its keypoints dotted, its box outlined and its
+    class and score written."""
     from maskrcnn.masks import decode_masks
 
     canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
     boxes = []
     for k, inst in enumerate(instances):
-        mask = decode_masks([inst["mask"]])[0].astype(bool)
-        if mask.shape != canvas.shape[:2]:
-            continue
-        colour = np.asarray(_colour(k), dtype=np.float32)
-        canvas[mask] = canvas[mask] * (1 - _ALPHA) + colour * _ALPHA
+        if inst.get("mask") is not None:  # null for a model without a mask head
+            mask = decode_masks([inst["mask"]])[0].astype(bool)
+            if mask.shape != canvas.shape[:2]:
+                continue
+            colour = np.asarray(_colour(k), dtype=np.float32)
+            canvas[mask] = canvas[mask] * (1 - _ALPHA) + colour * _ALPHA
         boxes.append((k, inst))
     out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
@@ -43,6 +45,8 @@ def draw_instances(image: Image.Image, instances: list[dict]) -> Image.Image:
         x, y, w, h = inst["bbox"]
         draw.rectangle([x, y, x + w, y + h], outline=_colour(k), width=2)
         draw.text((x + 2, y + 1), f"{inst['category']} {inst['score']:.2f}", fill=_colour(k))
+        for px, py, _ in inst.get("keypoints") or []:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=_colour(k), outline=(255, 255, 255))
     return out
 
 

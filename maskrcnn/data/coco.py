@@ -12,7 +12,12 @@ decoded size (the model resizes), and ``target``:
 - ``masks``    uint8 ``(N, H, W)`` of 0 and 1;
 - ``image_id`` int, the COCO image id;
 - ``area``     float32 ``(N,)`` COCO's ``area`` (mask pixels where the file has none);
-- ``iscrowd``  int64 ``(N,)``, all 0: crowd regions are left out of training targets.
+- ``iscrowd``  int64 ``(N,)``, all 0: crowd regions are left out of training targets;
+- ``keypoints`` float32 ``(N, K, 3)`` x, y, visibility (COCO's 0 not labelled, 1 labelled but
+  hidden, 2 visible), only when the file's categories name keypoints (COCO's person keypoints:
+  a category's ``keypoints`` names and ``skeleton``); an instance without ``keypoints`` gets
+  zeros. K is ``dataset.num_keypoints``; ``dataset.keypoint_flip`` is the left/right swap a
+  horizontal flip needs (``RandomHorizontalFlip(p, keypoint_flip=...)``).
 
 Crowd and degenerate annotations stay in ``dataset.coco``, the ground truth for evaluation.
 """
@@ -45,6 +50,7 @@ __all__ = [
     "decode_image",
     "read_image",
     "missing_images",
+    "keypoint_flip_indices",
 ]
 
 # An annotation whose file 'area' is at least this (and min_area) is trusted to have a mask.
@@ -150,6 +156,7 @@ class CocoDataset(torch.utils.data.Dataset):
         data = _load_json(annotations_uri, storage_options)
         images = self._check_images(data["images"])
         categories = self._check_categories(data["categories"])
+        self._keypoint_names, self._skeleton = self._check_keypoint_categories(categories)
         self._categories = [{"id": c["id"], "name": c["name"]} for c in sorted(categories.values(), key=lambda c: c["id"])]
         self._category_id_to_class = {c["id"]: k + 1 for k, c in enumerate(self._categories)}
         self._image_ids = [image["id"] for image in data["images"]]
@@ -273,6 +280,39 @@ class CocoDataset(torch.utils.data.Dataset):
             raise self._fail(where, f"'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
         if "area" in ann and not _is_number(ann["area"]):
             raise self._fail(where, f"'area' must be a finite number, got {ann['area']!r}")
+        if ann.get("keypoints"):  # an empty list: no keypoints, as a missing one
+            self._check_keypoints(ann["keypoints"], where)
+
+    def _check_keypoint_categories(self, categories: dict[int, dict]) -> tuple[list[str], list[list[int]]]:
+        """The keypoint names and skeleton that the categories share (none: no keypoints)."""
+        names: list[str] | None = None
+        skeleton: list[list[int]] = []
+        for index, category in enumerate(categories.values()):
+            where = self._where(index, category, "categories")
+            listed = category.get("keypoints")
+            if not listed:
+                continue
+            if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+                raise self._fail(where, f"'keypoints' must be a list of keypoint names, got {listed!r}")
+            if names is not None and listed != names:
+                raise self._fail(where, f"'keypoints' {listed} differ from another category's {names}; one model predicts one set of keypoints")
+            bones = category.get("skeleton", [])
+            if not isinstance(bones, list) or not all(
+                isinstance(b, list) and len(b) == 2 and all(_is_int(v) and 1 <= v <= len(listed) for v in b) for b in bones
+            ):
+                raise self._fail(where, f"'skeleton' must be a list of [i, j] keypoint numbers in 1..{len(listed)}, got {bones!r}")
+            names, skeleton = listed, skeleton or [list(b) for b in bones]
+        return names or [], skeleton
+
+    def _check_keypoints(self, keypoints: Any, where: str) -> None:
+        count = len(self._keypoint_names)
+        if count == 0:
+            raise self._fail(where, "has 'keypoints' but no category names keypoints (a category's 'keypoints' list)")
+        if not isinstance(keypoints, list) or len(keypoints) != 3 * count or not all(_is_number(v) for v in keypoints):
+            length = len(keypoints) if isinstance(keypoints, list) else type(keypoints).__name__
+            raise self._fail(where, f"'keypoints' must be {3 * count} finite numbers (x, y, v for each of {count} keypoints), got {length}")
+        if any(v not in (0, 1, 2) for v in keypoints[2::3]):
+            raise self._fail(where, f"keypoint visibilities must be 0, 1 or 2, got {sorted(set(keypoints[2::3]))}")
 
     # -- the dataset --------------------------------------------------------------------------
 
@@ -290,6 +330,26 @@ class CocoDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         """Classifier outputs, background included: K + 1."""
         return len(self._categories) + 1
+
+    @property
+    def num_keypoints(self) -> int:
+        """K, the keypoints the categories name (0: the file has no keypoints)."""
+        return len(self._keypoint_names)
+
+    @property
+    def keypoint_names(self) -> list[str]:
+        return list(self._keypoint_names)
+
+    @property
+    def keypoint_skeleton(self) -> list[list[int]]:
+        """COCO's ``skeleton``: pairs of 1-based keypoint numbers."""
+        return [list(b) for b in self._skeleton]
+
+    @property
+    def keypoint_flip(self) -> list[int]:
+        """For a horizontal flip: keypoint k becomes keypoint ``keypoint_flip[k]``'s mirror
+        (left and right swapped by name, as torchvision's and detectron2's COCO flip maps)."""
+        return keypoint_flip_indices(self._keypoint_names)
 
     @property
     def image_ids(self) -> list[int]:
@@ -350,6 +410,10 @@ class CocoDataset(torch.utils.data.Dataset):
             "area": torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32),
             "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
         }
+        if self._keypoint_names:
+            count = len(self._keypoint_names)
+            flat = [a.get("keypoints") or [0.0] * (3 * count) for a in anns]
+            target["keypoints"] = torch.tensor(flat, dtype=torch.float32).reshape(len(anns), count, 3)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -361,6 +425,21 @@ class CocoDataset(torch.utils.data.Dataset):
             f"CocoDataset({self.annotations_uri!r}, {self.images_uri!r}: "
             f"{len(self)} images, {len(self._categories)} categories)"
         )
+
+
+def keypoint_flip_indices(names: Sequence[str]) -> list[int]:
+    """The permutation that swaps each "left..." keypoint with its "right..." twin (any case,
+    anywhere in the name: "left_eye" <-> "right_eye", "top_left" <-> "top_right"); a name
+    without a twin maps to itself."""
+    import re
+
+    def swap(match: "re.Match[str]") -> str:
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    index = {name: k for k, name in enumerate(names)}
+    return [index.get(re.sub(r"left|right", swap, name, flags=re.IGNORECASE), k) for k, name in enumerate(names)]
 
 
 def missing_images(dataset: CocoDataset) -> list[str]:

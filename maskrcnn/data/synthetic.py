@@ -15,9 +15,16 @@ nobody covers), compressed RLE (str counts) for the others, and, on one image in
 ``iscrowd=1`` annotation as uncompressed RLE. ``bbox`` is the tight box of the visible mask and
 ``area`` its pixel count. Images are PNG (lossless). The same seed gives the same bytes.
 
+With ``keypoints=True`` (``--keypoints``) the squares also carry COCO keypoints, their four
+corners ``top_left``, ``top_right``, ``bottom_right``, ``bottom_left`` (a square turns by at most
+30 degrees, so each corner keeps its name; a mirror image swaps left and right, as for a person),
+at the polygon's vertices, visibility 2 where no later shape covers the corner and 1 where one
+does; the square category names them and their skeleton, the other shapes have none. The images
+and every other field are the same as without keypoints.
+
 Layout: ``<output>/<split>/annotations.json`` and ``<output>/<split>/images/000001.png``, ...
 
-    python -m maskrcnn.data.synthetic --output data/shapes [--train 48] [--val 16] [--seed 0]
+    python -m maskrcnn.data.synthetic --output data/shapes [--train 48] [--val 16] [--seed 0] [--keypoints]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from maskrcnn.config import SQUARE_CORNER_NAMES, SQUARE_SKELETON
 from maskrcnn.masks import annotation_to_rle
 from maskrcnn.storage import join_uri, open_uri
 
@@ -45,6 +53,11 @@ CATEGORIES = [
     {"id": 2, "name": "square", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 ]
+# --keypoints: the square's corners, as polygon vertex indices (the vertices run clockwise on
+# screen from the bottom right one: bottom right, bottom left, top left, top right)
+SQUARE_KEYPOINTS = list(SQUARE_CORNER_NAMES)  # top_left, top_right, bottom_right, bottom_left
+SQUARE_SKELETON = [list(pair) for pair in SQUARE_SKELETON]
+_SQUARE_CORNER_VERTEX = [2, 3, 0, 1]
 _HUE_CENTRE = {1: 0.0, 2: 1.0 / 3.0, 3: 2.0 / 3.0}  # red, green, blue
 _HUE_JITTER = 40.0 / 360.0
 
@@ -119,7 +132,18 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(r) for r in runs]}
 
 
-def _make_image(rng: np.random.Generator, index: int) -> tuple[np.ndarray, list[dict]]:
+def _corner_keypoints(polygon: list[float], covered: np.ndarray) -> list[float]:
+    """A square's corners as COCO keypoints [x, y, v, ...]: v 2 where visible, 1 where covered."""
+    height, width = covered.shape
+    out: list[float] = []
+    for vertex in _SQUARE_CORNER_VERTEX:
+        x, y = polygon[2 * vertex], polygon[2 * vertex + 1]
+        px, py = min(max(int(math.floor(x)), 0), width - 1), min(max(int(math.floor(y)), 0), height - 1)
+        out += [x, y, 1 if covered[py, px] else 2]
+    return out
+
+
+def _make_image(rng: np.random.Generator, index: int, keypoints: bool = False) -> tuple[np.ndarray, list[dict]]:
     """One image, uint8 (H, W, 3), and its annotations (without ids)."""
     height, width = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
     max_shape = min(MAX_SHAPE, int(0.55 * min(height, width)))
@@ -144,6 +168,8 @@ def _make_image(rng: np.random.Generator, index: int) -> tuple[np.ndarray, list[
         if pixels < MIN_VISIBLE_PIXELS or pixels < MIN_VISIBLE_FRACTION * shape["full"].sum():
             continue
         shape["visible"] = visible
+        if keypoints and shape["category_id"] == 2:
+            shape["keypoints"] = _corner_keypoints(shape["polygon"], covered)  # covered: by the shapes above it
         covered |= shape["full"]
         kept.append(shape)
     kept.reverse()  # drawing order, bottom first
@@ -176,6 +202,10 @@ def _make_image(rng: np.random.Generator, index: int) -> tuple[np.ndarray, list[
                 "iscrowd": int(k == crowd_index),
             }
         )
+        if "keypoints" in shape:
+            points = [0.0] * len(shape["keypoints"]) if k == crowd_index else shape["keypoints"]
+            annotations[-1]["keypoints"] = points
+            annotations[-1]["num_keypoints"] = sum(1 for v in points[2::3] if v > 0)
     return image, annotations
 
 
@@ -186,16 +216,18 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 
 def make_split(
-    output_uri: str, split: str, num_images: int, seed: int = 0, storage_options: dict[str, Any] | None = None
+    output_uri: str, split: str, num_images: int, seed: int = 0, storage_options: dict[str, Any] | None = None,
+    keypoints: bool = False,
 ) -> tuple[str, str]:
-    """Write one split; returns ``(annotations_uri, images_uri)``."""
+    """Write one split; returns ``(annotations_uri, images_uri)``. ``keypoints``: the squares'
+    corners as COCO keypoints (see the module's doc)."""
     rng = np.random.default_rng([seed, zlib.crc32(split.encode("utf-8"))])
     split_uri = join_uri(output_uri, split)
     images_uri = join_uri(split_uri, "images")
     annotations_uri = join_uri(split_uri, "annotations.json")
     images, annotations = [], []
     for index in range(num_images):
-        image, image_annotations = _make_image(rng, index)
+        image, image_annotations = _make_image(rng, index, keypoints)
         image_id = index + 1
         file_name = f"{image_id:06d}.png"
         with open_uri(join_uri(images_uri, file_name), "wb", storage_options) as f:
@@ -208,7 +240,9 @@ def make_split(
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": CATEGORIES,
+        "categories": CATEGORIES if not keypoints else [
+            dict(c, keypoints=SQUARE_KEYPOINTS, skeleton=SQUARE_SKELETON) if c["id"] == 2 else dict(c) for c in CATEGORIES
+        ],
     }
     with open_uri(annotations_uri, "w", storage_options) as f:
         json.dump(document, f)
@@ -220,16 +254,18 @@ def make_sample_dataset(
     splits: dict[str, int] | None = None,
     seed: int = 0,
     storage_options: dict[str, Any] | None = None,
+    keypoints: bool = False,
 ) -> dict[str, tuple[str, str]]:
     """Write the synthetic dataset under ``output_uri`` (any fsspec URI).
 
     ``splits`` maps a split name to its number of images (default ``{"train": 48, "val": 16}``).
     Returns ``{split: (annotations_uri, images_uri)}``, ready for ``CocoDataset(*uris)``.
     Deterministic: the same seed gives the same files; each split draws from its own stream.
+    ``keypoints``: the squares also carry their corners as COCO keypoints.
     """
     if splits is None:
         splits = {"train": 48, "val": 16}
-    return {split: make_split(output_uri, split, count, seed, storage_options) for split, count in splits.items()}
+    return {split: make_split(output_uri, split, count, seed, storage_options, keypoints) for split, count in splits.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=16, help="images in the val split (default 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    parser.add_argument("--keypoints", action="store_true", help="also give the squares their 4 corners as COCO keypoints")
     args = parser.parse_args(argv)
     splits = {name: count for name, count in (("train", args.train), ("val", args.val)) if count > 0}
-    written = make_sample_dataset(args.output, splits, args.seed, args.storage_options)
+    written = make_sample_dataset(args.output, splits, args.seed, args.storage_options, keypoints=args.keypoints)
     for split, (annotations_uri, images_uri) in written.items():
         print(f"{split}: --annotations {annotations_uri} --images {images_uri}")
     return 0

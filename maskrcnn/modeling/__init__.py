@@ -9,6 +9,7 @@ from maskrcnn.modeling.meta_arch import MaskRCNN
 from maskrcnn.modeling.poolers import MultiScaleRoIPooler
 from maskrcnn.modeling.preprocessing import ImagePreprocessor
 from maskrcnn.modeling.roi_heads import FastRCNNPredictor, MaskRCNNConvHead, MaskRCNNPredictor, RoIHeads, TwoMLPHead
+from maskrcnn.modeling.roi_heads.keypoint_head import KeypointRCNNConvHead, KeypointRCNNPredictor
 from maskrcnn.modeling.rpn import RegionProposalNetwork, RPNHead
 
 
@@ -24,6 +25,24 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(f"mask_head.loss_type must be 'sigmoid' or 'softmax', got {cfg.mask_head.loss_type!r}")
     if cfg.mask_head.loss_type == "softmax" and cfg.mask_head.class_agnostic:
         raise ValueError("mask_head.loss_type 'softmax' competes across classes; it cannot be class_agnostic")
+    _validate_keypoint_head(cfg)
+
+
+def _validate_keypoint_head(cfg: ModelConfig) -> None:
+    k = cfg.keypoint_head
+    if not k.enabled:
+        return
+    if k.num_keypoints < 1:
+        raise ValueError(f"keypoint_head.num_keypoints must be at least 1, got {k.num_keypoints}")
+    if not k.conv_layers or any(w < 1 for w in k.conv_layers):
+        raise ValueError(f"keypoint_head.conv_layers needs at least one positive width, got {k.conv_layers}")
+    if k.pooled_resolution < 1:
+        raise ValueError(f"keypoint_head.pooled_resolution must be at least 1, got {k.pooled_resolution}")
+    if k.keypoint_names and len(k.keypoint_names) != k.num_keypoints:
+        raise ValueError(f"keypoint_head.keypoint_names has {len(k.keypoint_names)} names for {k.num_keypoints} keypoints")
+    for pair in k.skeleton:
+        if len(pair) != 2 or not all(1 <= v <= k.num_keypoints for v in pair):
+            raise ValueError(f"keypoint_head.skeleton pair {list(pair)} must be two 1-based keypoint numbers in 1..{k.num_keypoints}")
 
 
 def build_model(cfg: ModelConfig) -> MaskRCNN:
@@ -56,6 +75,14 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
             mask_predictor=MaskRCNNPredictor(m.conv_layers[-1], m.conv_layers[-1], 1 if m.class_agnostic else cfg.num_classes),
             mask_loss_type=m.loss_type,
         )
+    keypoint_parts = {}
+    if cfg.keypoint_head.enabled:
+        k = cfg.keypoint_head
+        keypoint_parts = dict(
+            keypoint_pooler=MultiScaleRoIPooler(output_size=k.pooled_resolution, sampling_ratio=h.sampling_ratio, pooler_type=h.pooler_type, aligned=h.aligned),
+            keypoint_head=KeypointRCNNConvHead(channels, tuple(k.conv_layers)),
+            keypoint_predictor=KeypointRCNNPredictor(k.conv_layers[-1], k.num_keypoints),
+        )
     roi_heads = RoIHeads(
         box_pooler=MultiScaleRoIPooler(output_size=h.box_resolution, sampling_ratio=h.sampling_ratio, pooler_type=h.pooler_type, aligned=h.aligned),
         box_head=TwoMLPHead(channels * h.box_resolution**2, h.representation_size),
@@ -69,9 +96,11 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         nms_thresh=h.nms_thresh,
         detections_per_img=h.detections_per_img,
         **mask_parts,
+        **keypoint_parts,
     )
     preprocessor = ImagePreprocessor(
-        min_size=i.min_size, max_size=i.max_size, image_mean=i.image_mean, image_std=i.image_std, size_divisible=i.size_divisible
+        min_size=i.min_size, max_size=i.max_size, image_mean=i.image_mean, image_std=i.image_std, size_divisible=i.size_divisible,
+        train_min_sizes=i.train_min_sizes,
     )
     return MaskRCNN(preprocessor=preprocessor, backbone=backbone, rpn=rpn, roi_heads=roi_heads)
 

@@ -3,7 +3,9 @@
 Input: a list of N float images (3, Hi, Wi) in [0, 1], any sizes. Output in eval mode: one dict
 per image with ``boxes`` (D, 4) x1, y1, x2, y2 in the input image's pixels, ``scores`` (D,),
 ``labels`` (D,) class indices (0 is background and never returned) and ``masks`` (D, Hi, Wi)
-bool, best score first. In training mode, with targets, a dict of the loss terms.
+bool, best score first; with a keypoint head (Keypoint R-CNN) also ``keypoints`` (D, K, 3)
+x, y, 1 in the input image's pixels and ``keypoints_scores`` (D, K), torchvision's names; a
+model without a mask head has no ``masks``. In training mode, with targets, a dict of the loss terms.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class MaskRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("training mode needs targets: a dict with boxes, labels (and masks) per image")
         if targets is not None:
-            _check_targets(targets, len(images), self.roi_heads.has_mask)
+            _check_targets(targets, len(images), self.roi_heads.has_mask, self.roi_heads.has_keypoint)
         if original_sizes is None:
             original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, targets = self.transform(images, targets, resized=resized)
@@ -60,7 +62,7 @@ class MaskRCNN(nn.Module):
         ]
 
 
-def _check_targets(targets: list[dict[str, Tensor]], num_images: int, needs_masks: bool) -> None:
+def _check_targets(targets: list[dict[str, Tensor]], num_images: int, needs_masks: bool, needs_keypoints: bool = False) -> None:
     if len(targets) != num_images:
         raise ValueError(f"got {num_images} images but {len(targets)} targets")
     for i, t in enumerate(targets):
@@ -71,6 +73,12 @@ def _check_targets(targets: list[dict[str, Tensor]], num_images: int, needs_mask
             raise ValueError(f"targets[{i}] has no 'labels'")
         if needs_masks and "masks" not in t:
             raise ValueError(f"targets[{i}] has no 'masks' (the model has a mask head)")
+        if needs_keypoints:
+            keypoints = t.get("keypoints")
+            if keypoints is None or keypoints.dim() != 3 or keypoints.shape[0] != boxes.shape[0] or keypoints.shape[-1] != 3:
+                shape = None if keypoints is None else tuple(keypoints.shape)
+                raise ValueError(f"targets[{i}]['keypoints'] must be a (G, K, 3) tensor x, y, visibility for its {boxes.shape[0]} boxes "
+                                 f"(the model has a keypoint head), got {shape}")
         degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if degenerate.any():
             j = int(degenerate.nonzero()[0])

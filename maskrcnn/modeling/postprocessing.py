@@ -82,10 +82,12 @@ def postprocess_detections(
     result: dict[str, Tensor], resized_size: tuple[int, int], original_size: tuple[int, int], mask_threshold: float | None = 0.5
 ) -> dict[str, Tensor]:
     """One image's detections from the resized input back to the original image."""
-    from maskrcnn.modeling.preprocessing import resize_boxes
+    from maskrcnn.modeling.preprocessing import resize_boxes, resize_keypoints
 
     out = {k: v for k, v in result.items() if k != "mask_probs"}
     out["boxes"] = resize_boxes(result["boxes"], resized_size, original_size)
     if "mask_probs" in result:
         out["masks"] = paste_masks(result["mask_probs"], out["boxes"], original_size, threshold=mask_threshold)
+    if "keypoints" in result:
+        out["keypoints"] = resize_keypoints(result["keypoints"], resized_size, original_size)
     return out

@@ -59,10 +59,27 @@ def resize_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 
 
+def resize_keypoints(keypoints: Tensor, original_size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    """Scale (..., K, 3) x, y, visibility keypoints from one image size (h, w) to another
+    (as torchvision's ``resize_keypoints``, to the bit); the third value is kept."""
+    ratio_h = torch.tensor(new_size[0], dtype=torch.float32, device=keypoints.device) / torch.tensor(
+        original_size[0], dtype=torch.float32, device=keypoints.device
+    )
+    ratio_w = torch.tensor(new_size[1], dtype=torch.float32, device=keypoints.device) / torch.tensor(
+        original_size[1], dtype=torch.float32, device=keypoints.device
+    )
+    resized = keypoints.clone()
+    resized[..., 0] *= ratio_w
+    resized[..., 1] *= ratio_h
+    return resized
+
+
 def resize_target(target: dict[str, Tensor], original_size: tuple[int, int], new_size: tuple[int, int]) -> dict[str, Tensor]:
-    """Boxes scaled, masks resized with nearest neighbour to exactly ``new_size``."""
+    """Boxes and keypoints scaled, masks resized with nearest neighbour to exactly ``new_size``."""
     target = dict(target)
     target["boxes"] = resize_boxes(target["boxes"], original_size, new_size)
+    if "keypoints" in target:
+        target["keypoints"] = resize_keypoints(target["keypoints"], original_size, new_size)
     if "masks" in target:
         masks = target["masks"]
         if masks.shape[0] == 0:
@@ -93,9 +110,11 @@ def batch_images(images: list[Tensor], size_divisible: int) -> ImageList:
 class ImagePreprocessor(torch.nn.Module):
     """Normalize, (optionally) resize and batch a list of images and their targets."""
 
-    def __init__(self, *, min_size: int, max_size: int, image_mean, image_std, size_divisible: int = 32):
+    def __init__(self, *, min_size: int, max_size: int, image_mean, image_std, size_divisible: int = 32, train_min_sizes=()):
         super().__init__()
         self.min_size = min_size
+        # in training, each image's short side is drawn from these (when given)
+        self.train_min_sizes = tuple(train_min_sizes)
         self.max_size = max_size
         self.size_divisible = size_divisible
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32), persistent=False)
@@ -118,9 +137,15 @@ class ImagePreprocessor(torch.nn.Module):
             original_size = (int(image.shape[-2]), int(image.shape[-1]))
             image = normalize_image(image, self.image_mean.to(image.dtype), self.image_std.to(image.dtype))
             if not flags[i]:
-                image = resize_image(image, self.min_size, self.max_size)
+                image = resize_image(image, self._min_size(), self.max_size)
             if targets is not None:
                 new_size = (int(image.shape[-2]), int(image.shape[-1]))
                 out_targets.append(resize_target(targets[i], original_size, new_size) if not flags[i] else targets[i])
             out_images.append(image)
         return batch_images(out_images, self.size_divisible), out_targets
+
+    def _min_size(self) -> float:
+        if self.training and self.train_min_sizes:
+            # torchvision's draw (GeneralizedRCNNTransform.torch_choice), from torch's RNG
+            return self.train_min_sizes[int(torch.empty(1).uniform_(0.0, float(len(self.train_min_sizes))).item())]
+        return self.min_size

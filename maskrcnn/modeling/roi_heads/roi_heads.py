@@ -1,4 +1,5 @@
-"""RoI heads: sample proposals, run the box branch, then the mask branch on the boxes it keeps.
+"""RoI heads: sample proposals, run the box branch, then the mask and keypoint branches (each
+optional) on the boxes it keeps.
 
 Shapes: N images; P proposals of an image; G its ground-truth objects; D its detections.
 The two branches are separate methods; ``forward`` only sequences them.
@@ -13,6 +14,7 @@ from torchvision.ops import boxes as box_ops
 from maskrcnn.modeling.box_regression import BoxCoder
 from maskrcnn.modeling.matcher import Matcher, sample_positives_negatives
 from maskrcnn.modeling.roi_heads.box_head import fast_rcnn_inference, fast_rcnn_loss
+from maskrcnn.modeling.roi_heads.keypoint_head import keypoint_rcnn_inference, keypoint_rcnn_loss, keypoints_to_heatmap
 from maskrcnn.modeling.roi_heads.mask_head import mask_rcnn_inference, mask_rcnn_loss, mask_targets
 
 
@@ -35,6 +37,9 @@ class RoIHeads(nn.Module):
         mask_head: nn.Module | None = None,
         mask_predictor: nn.Module | None = None,
         mask_loss_type: str = "sigmoid",
+        keypoint_pooler: nn.Module | None = None,
+        keypoint_head: nn.Module | None = None,
+        keypoint_predictor: nn.Module | None = None,
     ):
         super().__init__()
         self.box_roi_pool = box_pooler
@@ -51,10 +56,18 @@ class RoIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.mask_loss_type = mask_loss_type
+        # torchvision's attribute names, so its state dicts' keys match
+        self.keypoint_roi_pool = keypoint_pooler
+        self.keypoint_head = keypoint_head
+        self.keypoint_predictor = keypoint_predictor
 
     @property
     def has_mask(self) -> bool:
         return self.mask_head is not None
+
+    @property
+    def has_keypoint(self) -> bool:
+        return self.keypoint_head is not None
 
     def sample_proposals(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
         """Adds the ground truth to the proposals, labels each by its best match and samples
@@ -105,6 +118,8 @@ class RoIHeads(nn.Module):
         losses = fast_rcnn_loss(class_logits, box_deltas, torch.cat(labels), torch.cat(deltas))
         if self.has_mask:
             losses["loss_mask"] = self.mask_loss(features, proposals, matched, labels, image_sizes, targets)
+        if self.has_keypoint:
+            losses["loss_keypoint"] = self.keypoint_loss(features, proposals, matched, labels, image_sizes, targets)
         return losses
 
     def mask_loss(self, features, proposals, matched, labels, image_sizes, targets) -> Tensor:
@@ -133,6 +148,8 @@ class RoIHeads(nn.Module):
             self.score_thresh, self.nms_thresh, self.detections_per_img,
         )
         results = [{"boxes": b, "scores": s, "labels": lb} for b, s, lb in detections]
+        if self.has_keypoint:
+            self.keypoint_inference(features, results, image_sizes)
         if self.has_mask:
             boxes = [r["boxes"] for r in results]
             if sum(b.shape[0] for b in boxes) == 0:
@@ -144,3 +161,39 @@ class RoIHeads(nn.Module):
             for r, probs in zip(results, mask_rcnn_inference(logits, [r["labels"] for r in results], self.mask_loss_type)):
                 r["mask_probs"] = probs
         return results
+
+    # -- the keypoint branch (Keypoint R-CNN) ---------------------------------------------------
+
+    def keypoint_loss(self, features, proposals, matched, labels, image_sizes, targets) -> Tensor:
+        """Lkeypoint on the positive RoIs of the sampled ones, with their ground truth's visible keypoints."""
+        num_keypoints = self.keypoint_predictor.num_keypoints
+        size = self.keypoint_heatmap_size()
+        pos_props, heatmaps, valid = [], [], []
+        for i, (props, idx, lbl, target) in enumerate(zip(proposals, matched, labels, targets)):
+            gt = target["keypoints"]
+            if gt.shape[1:] != (num_keypoints, 3):
+                raise ValueError(f"targets[{i}]['keypoints'] has shape {tuple(gt.shape)}; the model predicts {num_keypoints} keypoints: (G, {num_keypoints}, 3)")
+            pos = torch.where(lbl > 0)[0]
+            pos_props.append(props[pos])
+            h, v = keypoints_to_heatmap(gt[idx[pos]].to(props.dtype), props[pos], size)
+            heatmaps.append(h)
+            valid.append(v)
+        logits = self.keypoint_predictor(self.keypoint_head(self.keypoint_roi_pool(features, pos_props, image_sizes)))
+        return keypoint_rcnn_loss(logits, torch.cat(heatmaps), torch.cat(valid))
+
+    def keypoint_heatmap_size(self) -> int:
+        return self.keypoint_roi_pool.output_size[0] * 4
+
+    def keypoint_inference(self, features, results: list[dict[str, Tensor]], image_sizes) -> None:
+        """Adds ``keypoints`` (D, K, 3) x, y, 1 and ``keypoints_scores`` (D, K) to each image's result."""
+        boxes = [r["boxes"] for r in results]
+        num_keypoints = self.keypoint_predictor.num_keypoints
+        if sum(b.shape[0] for b in boxes) == 0:
+            for r in results:
+                r["keypoints"] = r["boxes"].new_zeros((0, num_keypoints, 3))
+                r["keypoints_scores"] = r["boxes"].new_zeros((0, num_keypoints))
+            return
+        logits = self.keypoint_predictor(self.keypoint_head(self.keypoint_roi_pool(features, boxes, image_sizes)))
+        for r, (keypoints, scores) in zip(results, keypoint_rcnn_inference(logits, boxes)):
+            r["keypoints"] = keypoints
+            r["keypoints_scores"] = scores
