@@ -32,8 +32,11 @@ class FastRCNNPredictor(nn.Module):
         self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = x.flatten(start_dim=1)
-        return self.cls_score(x), self.bbox_pred(x)  # (R, K), (R, K*4)
+        # fp32 under autocast, as the RPN's predictors (see RPNHead.forward): class scores and
+        # box deltas are where bf16 costs accuracy, and these layers are cheap.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.flatten(start_dim=1).float()
+            return self.cls_score(x), self.bbox_pred(x)  # (R, K), (R, K*4)
 
 
 def fast_rcnn_loss(
