@@ -79,6 +79,10 @@ def compare(reference: dict, candidate: dict) -> tuple[float, float, float]:
     same = reference["labels"][:, None] == candidate["labels"][None, :]
     diff = (reference["boxes"][:, None, :] - candidate["boxes"][None, :, :]).abs().amax(-1)
     close = same & (diff <= 0.5)
+    def as_bool(masks):  # torchvision's are (D, 1, H, W) probabilities; ours (D, H, W) cut at 0.5
+        return masks[:, 0] >= 0.5 if masks.dim() == 4 else masks
+
+    ref_masks, cand_masks = as_bool(reference["masks"]), as_bool(candidate["masks"])
     matched, mask_ious, worst = 0, [], 0.0
     used = torch.zeros(len(candidate["boxes"]), dtype=torch.bool)
     for i in range(n):
@@ -89,7 +93,7 @@ def compare(reference: dict, candidate: dict) -> tuple[float, float, float]:
         used[j] = True
         matched += 1
         worst = max(worst, float(diff[i, j]))
-        a, b = reference["masks"][i], candidate["masks"][j]
+        a, b = ref_masks[i], cand_masks[j]
         union = (a | b).sum()
         mask_ious.append(float((a & b).sum() / union) if union > 0 else 1.0)
     return matched / n, (sum(mask_ious) / len(mask_ious)) if mask_ious else 0.0, worst
@@ -117,6 +121,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="the fast path's autocast: auto = bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--score-thresh", type=float, default=0.0,
+                        help="box score threshold on every side (0: every image gets 100 detections, the worst case; "
+                        "torchvision's default 0.05 leaves random heads almost none)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -128,10 +135,11 @@ def main(argv=None) -> None:
     images = _images(args.images, torch.Generator().manual_seed(0))
     state = calibrated_state(images, args.min_size, args.max_size)
     reference = torchvision_model(args.min_size, args.max_size)
+    reference.roi_heads.score_thresh = args.score_thresh
     reference.load_state_dict(state)
     reference.eval().to(device)
     cfg = get_preset("r50_fpn", input=InputConfig(min_size=args.min_size, max_size=args.max_size))
-    cfg.roi_heads.score_thresh = 0.0
+    cfg.roi_heads.score_thresh = args.score_thresh
     ours = build_model(cfg)
     ours.load_state_dict(convert_torchvision_state_dict(state))
     ours.eval().to(device)
@@ -152,8 +160,12 @@ def main(argv=None) -> None:
         print(f"device {device}, threads {torch.get_num_threads()}, {args.images} images at min_size {args.min_size}, "
               f"{len(exp['boxes'])} detections/image")
         print(f"ours fp32 vs torchvision: same labels, max box diff {max(c[0] for c in checks):.2e} px")
-        print(f"ours fast vs torchvision: {min(c[1] for c in checks):.1%} of detections reproduced (box within 0.5 px, "
-              f"same label), mean mask IoU {min(c[2] for c in checks):.4f}, max box diff {max(c[3] for c in checks):.2e} px")
+        if precision == "fp32":
+            print(f"ours fast vs torchvision: {min(c[1] for c in checks):.1%} of detections reproduced (box within 0.5 px, "
+                  f"same label), mean mask IoU {min(c[2] for c in checks):.4f}, max box diff {max(c[3] for c in checks):.2e} px")
+        else:  # random heads score every class alike, so low precision reorders everything
+            print(f"ours fast ({precision}): outputs differ beyond rounding; its accuracy is checked as COCO AP "
+                  f"(tests/test_overfit.py: within 0.3 points of fp32)")
         names = list(contenders)
         print(f"{'batch':>5} " + " ".join(f"{n + ' img/s':>24}" for n in names) + f" {'fp32/tv':>8} {'fast/tv':>8}")
         for batch_size in args.batch:

@@ -377,3 +377,22 @@ def test_paste_masks_in_chunks_equals_one_pass(monkeypatch):
     whole = paste_masks(probs, boxes, (60, 80), threshold=None)
     monkeypatch.setattr(post, "_CHUNK_ELEMENTS", 60 * 80 * 2)  # 2 masks per chunk
     torch.testing.assert_close(paste_masks(probs, boxes, (60, 80), threshold=None), whole)
+
+
+@pytest.mark.parametrize("count,classes", [(3000, 90), (900, 5), (6000, 3), (1500, 1)])
+def test_batched_nms_keeps_what_torchvision_keeps(count, classes):
+    """Above torchvision's size switch (1000 boxes on the CPU) our grouped NMS runs; below it,
+    torchvision's own. Either way the kept indices and their order are torchvision's, ties included."""
+    from torchvision.ops import boxes as box_ops
+
+    from maskrcnn.modeling.nms import batched_nms
+
+    g = torch.Generator().manual_seed(count)
+    xy = torch.rand(count, 2, generator=g) * 400
+    boxes = torch.cat([xy, xy + torch.rand(count, 2, generator=g) * 80 + 1], dim=1)
+    scores = torch.rand(count, generator=g)
+    scores[::5] = scores[1]  # many equal scores
+    idxs = torch.randint(0, classes, (count,), generator=g)
+    expected = box_ops.batched_nms(boxes, scores, idxs, 0.5)
+    assert 0 < len(expected) < count
+    assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), expected)

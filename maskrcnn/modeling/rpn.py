@@ -14,6 +14,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from maskrcnn.modeling.anchor_generator import AnchorGenerator
 from maskrcnn.modeling.box_regression import BoxCoder
+from maskrcnn.modeling.nms import batched_nms
 from maskrcnn.modeling.matcher import Matcher, sample_positives_negatives
 
 
@@ -147,7 +148,7 @@ class RegionProposalNetwork(nn.Module):
             boxes, score, lvl = boxes[keep], score[keep], lvl[keep]
             keep = torch.where(score >= self.score_thresh)[0]
             boxes, score, lvl = boxes[keep], score[keep], lvl[keep]
-            keep = box_ops.batched_nms(boxes, score, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            keep = batched_nms(boxes, score, lvl, self.nms_thresh)[: self.post_nms_top_n()]
             results.append(boxes[keep])
         return results
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchvision.ops import boxes as box_ops
 
 from maskrcnn.modeling.box_regression import BoxCoder
+from maskrcnn.modeling.nms import batched_nms
 
 
 class TwoMLPHead(nn.Module):
@@ -83,6 +84,6 @@ def fast_rcnn_inference(
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
         results.append((boxes[keep], scores[keep], labels[keep]))
     return results
