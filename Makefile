@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench ablation clean
 
 install: $(BIN)/.installed
 
@@ -28,3 +28,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The paper's Table 2 ablations at CPU scale (~18 min on the shared 2-core CPU): e.g. make ablation ABLATION_ARGS="--seeds 0,1 --steps 150"
+ABLATION_ARGS ?=
+ablation: install
+	$(BIN)/python -m benchmarks.ablation $(ABLATION_ARGS)

@@ -550,10 +550,11 @@ def _resolve_model(args, categories: list[dict], storage_options, keypoints: tup
                 kind = "project"
                 state = obj["model"]
                 config = ModelConfig.from_dict(obj["config"])
-                if args.arch is not None and get_preset(args.arch).backbone.name != config.backbone.name:
+                asked = get_preset(args.arch).backbone if args.arch is not None else None
+                if asked is not None and (asked.name, asked.kind) != (config.backbone.name, config.backbone.kind):
                     raise JobError(
-                        f"--weights {args.weights} holds a {config.backbone.name} model but --arch {args.arch} asks for "
-                        f"{get_preset(args.arch).backbone.name}; drop --arch (the checkpoint carries its architecture)"
+                        f"--weights {args.weights} holds a {config.backbone.name} ({config.backbone.kind}) model but --arch {args.arch} asks for "
+                        f"{asked.name} ({asked.kind}); drop --arch (the checkpoint carries its architecture)"
                     )
                 same_classes = [(c["id"], c["name"]) for c in obj["categories"]] == [(c["id"], c["name"]) for c in categories]
                 reinit = not same_classes

@@ -183,10 +183,10 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {uri} is damaged: {exc}") from None
         if arch is not None and arch != "auto":
             preset = get_preset(arch)
-            if preset.backbone.name != config.backbone.name:
+            if (preset.backbone.name, preset.backbone.kind) != (config.backbone.name, config.backbone.kind):
                 raise CheckpointError(
-                    f"checkpoint {uri} holds a {config.backbone.name} model, but --arch {arch} asks for {preset.backbone.name}; "
-                    "drop --arch (the checkpoint carries its own config)"
+                    f"checkpoint {uri} holds a {config.backbone.name} ({config.backbone.kind}) model, but --arch {arch} asks for "
+                    f"{preset.backbone.name} ({preset.backbone.kind}); drop --arch (the checkpoint carries its own config)"
                 )
         label_map = {k + 1: c for k, c in enumerate(cats)}
         if len(cats) != config.num_classes - 1:

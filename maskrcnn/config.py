@@ -16,6 +16,11 @@ from typing import Any
 class BackboneConfig:
     # "resnet50", "resnet101", "resnext101_32x8d", or "small" (a narrow ResNet for CPU training)
     name: str = "resnet50"
+    # "fpn": RoI features from FPN levels P2-P5, the RPN on P2-P6 (one anchor size per level).
+    # "c4": the paper's ResNet-C4: RPN and RoI features on res4 alone (stride 16, all anchor sizes
+    # at that one level); res5 is the box head (14x14 RoIs -> 7x7 -> average pool) and its output
+    # also feeds the mask head (2x deconv -> 14x14 masks). fpn_channels is unused.
+    kind: str = "fpn"
     # ResNet stages (1..4 = res2..res5) that train; torchvision's default freezes stem and res2.
     trainable_layers: int = 3
     # "frozen_bn" (the paper and torchvision, for pretrained trunks), "bn", or "gn" (from scratch).
@@ -74,8 +79,13 @@ class RoIHeadsConfig:
 @dataclass
 class MaskHeadConfig:
     enabled: bool = True
-    # "fcn": 4 x (3x3 conv, 256) + 2x deconv + 1x1 conv to 28x28 per-class masks.
+    # "fcn": 4 x (3x3 conv, 256) + 2x deconv + 1x1 conv to 28x28 per-class masks (with
+    # backbone.kind "c4": res5, shared with the box head, + 2x deconv (conv_layers[-1] wide) +
+    # 1x1 conv to 14x14 masks). "mlp": the paper's fully connected comparison (Table 2e): the
+    # flattened mask features -> fc layers of mlp_dims -> fc to one m x m mask per class (m as fcn's).
     head_type: str = "fcn"
+    # Hidden fc widths of the "mlp" head (the paper: 1024, 1024); unused by "fcn".
+    mlp_dims: tuple[int, ...] = (1024, 1024)
     conv_layers: tuple[int, ...] = (256, 256, 256, 256)
     dilation: int = 1
     # "sigmoid": per-class binary masks (the paper's default); "softmax": multinomial across classes.
@@ -197,7 +207,7 @@ def _small() -> ModelConfig:
             post_nms_top_n_test=100,
         ),
         roi_heads=RoIHeadsConfig(batch_size_per_image=128, representation_size=256, detections_per_img=50),
-        mask_head=MaskHeadConfig(conv_layers=(64, 64)),
+        mask_head=MaskHeadConfig(conv_layers=(64, 64), mlp_dims=(256, 256)),
         input=InputConfig(min_size=256, max_size=384),
     )
 
@@ -246,6 +256,35 @@ PRESETS = {
     "keypoint_r50_fpn": _keypoint_r50_fpn,
     "small_keypoint": _small_keypoint,
 }
+
+
+# ---- ResNet-C4 variants (the paper's Faster R-CNN / Mask R-CNN "C4" backbone) ----------------
+
+
+def _c4(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with the C4 backbone: its anchor sizes all at res4 (the paper: 5 scales x 3 ratios)."""
+    return cfg.replace(backbone=dataclasses.replace(cfg.backbone, kind="c4"))
+
+
+def _r50_c4() -> ModelConfig:
+    # Detectron's C4 proposal counts: one level holds all the anchors, so more before NMS.
+    rpn = RPNConfig(pre_nms_top_n_train=12000, post_nms_top_n_train=2000, pre_nms_top_n_test=6000, post_nms_top_n_test=1000)
+    return _c4(ModelConfig(rpn=rpn))
+
+
+def _r101_c4() -> ModelConfig:
+    return _r50_c4().replace(backbone=BackboneConfig(name="resnet101", kind="c4"))
+
+
+def _small_c4() -> ModelConfig:
+    """``small`` with the C4 backbone: res2-res4 of the small trunk, its last stage the box head."""
+    small = _small()
+    # about the small FPN's proposals before NMS, summed over its levels
+    rpn = dataclasses.replace(small.rpn, pre_nms_top_n_train=2000, pre_nms_top_n_test=1000)
+    return _c4(small.replace(rpn=rpn))
+
+
+PRESETS.update(r50_c4=_r50_c4, r101_c4=_r101_c4, small_c4=_small_c4)
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""Backbones: a ResNet/ResNeXt trunk with a Feature Pyramid Network (P2-P6).
+"""Backbones: a ResNet/ResNeXt trunk with a Feature Pyramid Network (P2-P6), or the paper's
+C4 variant (res4 alone, with res5 handed to the RoI head).
 
 Shapes: N images; the trunk's stages res2..res5 have strides 4, 8, 16, 32; FPN outputs
 P2..P5 and P6 (a stride-2 max pool of P5), all with ``fpn_channels`` channels.
@@ -76,6 +77,13 @@ class BackboneWithFPN(nn.Module):
 
 def build_resnet_fpn_backbone(name: str, *, norm: str, trainable_layers: int, fpn_channels: int,
                               small_widths=(16, 32, 64, 128), small_blocks=(1, 1, 1, 1)) -> BackboneWithFPN:
+    body, in_channels = build_trunk(name, norm=norm, trainable_layers=trainable_layers, small_widths=small_widths, small_blocks=small_blocks)
+    return BackboneWithFPN(body, in_channels, fpn_channels)
+
+
+def build_trunk(name: str, *, norm: str, trainable_layers: int,
+                small_widths=(16, 32, 64, 128), small_blocks=(1, 1, 1, 1)) -> tuple[nn.Module, list[int]]:
+    """The ResNet trunk with its first stages frozen, and the channels of res2..res5."""
     norm_layer = _norm_layer(norm)
     if name == "small":
         body = SmallResNet(tuple(small_widths), tuple(small_blocks), norm_layer)
@@ -93,4 +101,30 @@ def build_resnet_fpn_backbone(name: str, *, norm: str, trainable_layers: int, fp
     for param_name, param in body.named_parameters():
         if all(not param_name.startswith(layer) for layer in trainable):
             param.requires_grad_(False)
-    return BackboneWithFPN(body, in_channels, fpn_channels)
+    return body, in_channels
+
+
+class BackboneC4(nn.Module):
+    """The paper's ResNet-C4 backbone: stem and res2..res4, one output "0" (res4, stride 16).
+
+    res5 is not part of it: it is the RoI head (``roi_heads.c4_head``) that runs on each RoI.
+    """
+
+    def __init__(self, body: nn.Module, out_channels: int):
+        super().__init__()
+        # IntermediateLayerGetter keeps the trunk's children up to layer3 and drops layer4 (res5).
+        self.body = IntermediateLayerGetter(body, return_layers={"layer3": "0"})
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        return self.body(x)
+
+
+def build_resnet_c4_backbone(name: str, *, norm: str, trainable_layers: int,
+                             small_widths=(16, 32, 64, 128), small_blocks=(1, 1, 1, 1)) -> tuple[BackboneC4, nn.Module, int]:
+    """(backbone up to res4, the trunk's res5 stage for the RoI head, res5's output channels).
+
+    ``trainable_layers`` counts res5 as for FPN (1: res5 only trains, ...)."""
+    body, in_channels = build_trunk(name, norm=norm, trainable_layers=trainable_layers, small_widths=small_widths, small_blocks=small_blocks)
+    res5 = body.layer4
+    return BackboneC4(body, in_channels[2]), res5, in_channels[3]

@@ -50,10 +50,13 @@ class MaskRCNN(nn.Module):
         features = list(self.backbone(tensor).values())
         gt_boxes = [t["boxes"] for t in targets] if targets is not None else None
         proposals, rpn_losses = self.rpn(tuple(batch.tensor.shape[-2:]), batch.image_sizes, features, gt_boxes)
-        # RoI heads pool from P2..P5 only; P6 serves the RPN's largest anchors. roi_align reads
-        # NCHW (it copies NHWC input on every call): one copy per level here serves both heads.
-        pooled = [f.contiguous() for f in features[:-1]] if self.channels_last else features[:-1]
-        detections, head_losses = self.roi_heads(pooled, proposals, batch.image_sizes, targets)
+        # RoI heads pool from P2..P5 only; P6 serves the RPN's largest anchors. A one-level
+        # backbone (C4: res4) serves both. roi_align reads NCHW (it copies NHWC input on every
+        # call): one copy per level here serves both heads.
+        roi_features = features[:-1] if len(features) > 1 else features
+        if self.channels_last:
+            roi_features = [f.contiguous() for f in roi_features]
+        detections, head_losses = self.roi_heads(roi_features, proposals, batch.image_sizes, targets)
         if targets is not None:
             return {**rpn_losses, **head_losses}
         return [

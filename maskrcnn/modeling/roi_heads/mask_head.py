@@ -82,3 +82,37 @@ def mask_rcnn_inference(pred_mask_logits: Tensor, pred_labels: list[Tensor], los
     else:
         probs = probs[torch.arange(labels.shape[0], device=labels.device), labels]
     return list(probs.split([len(lb) for lb in pred_labels]))
+
+
+class MaskRCNNMLPHead(nn.Module):
+    """The paper's fully connected mask head (Table 2e, "MLP"): the flattened (R, C, S, S) mask
+    features through ``len(dims)`` fc layers with ReLU -> (R, dims[-1])."""
+
+    def __init__(self, in_features: int, dims: tuple[int, ...]):
+        super().__init__()
+        for k, width in enumerate(dims):
+            setattr(self, f"mask_fc{k + 1}", nn.Linear(in_features, width))
+            in_features = width
+        self.num_layers = len(dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(start_dim=1)  # (R, C, S, S) -> (R, C*S*S)
+        for k in range(self.num_layers):
+            x = F.relu(getattr(self, f"mask_fc{k + 1}")(x))
+        return x
+
+
+class MLPMaskPredictor(nn.Module):
+    """One fc layer to ``num_masks`` M x M mask logit maps: (R, D) -> (R, num_masks, M, M).
+
+    The layer keeps the FCN predictor's name, ``mask_fcn_logits`` (as detectron's fc mask
+    output does), so it is the class-specific layer that fine-tuning re-initialises."""
+
+    def __init__(self, in_features: int, num_masks: int, resolution: int):
+        super().__init__()
+        self.num_masks = num_masks
+        self.resolution = resolution
+        self.mask_fcn_logits = nn.Linear(in_features, num_masks * resolution * resolution)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mask_fcn_logits(x).view(x.shape[0], self.num_masks, self.resolution, self.resolution)
