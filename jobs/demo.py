@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import shlex
 import subprocess
 import sys
@@ -41,13 +42,20 @@ def main(argv: list[str] | None = None) -> int:
 
     out = os.path.abspath(args.output)
     data, run, labels, report = (os.path.join(out, p) for p in ("data", "train", "labels", "eval.json"))
+    # The demo starts over: a previous demo's run (another code version, other settings) would
+    # otherwise be resumed, or refused by jobs.train as another model config.
+    for path in (data, run, labels, report):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
     started = time.time()
     _run("sample data", ["maskrcnn.data.synthetic", "--output", data, "--train", str(args.train_images), "--val", str(args.val_images)])
     _run("train (Ray Train, 2 CPU workers)", [
         "jobs.train", "--annotations", f"{data}/train/annotations.json", "--images", f"{data}/train/images",
         "--val-annotations", f"{data}/val/annotations.json", "--val-images", f"{data}/val/images",
         "--output", run, "--arch", "small", "--num-workers", "2", "--batch-size", "2",
-        "--max-steps", str(args.steps), "--lr", str(args.lr), "--loader-workers", "0", "--log-every", "25",
+        "--max-steps", str(args.steps), "--lr", str(args.lr), "--warmup-steps", "100", "--loader-workers", "0", "--log-every", "25",
     ])
     _run("label the held-out images (Ray Data -> Parquet)", [
         "jobs.label", "--input", f"{data}/val/images", "--output", labels, "--checkpoint", f"{run}/model.pt", "--preview", "8",

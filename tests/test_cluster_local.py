@@ -182,7 +182,10 @@ def test_label_job_submitted_to_a_local_head(tmp_path_factory, checkpoint):
 
         # What --working-dir uploaded: the sources, without .git, .venv, data/ or runs/ (Ray skips
         # .git and what .gitignore names), far below Ray's 512 MiB limit on a package.
-        (package,) = [p for p in head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
+        # (The latest: a file changed between the two submissions gives each its own package.)
+        packages = [p for p in head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
+        assert packages
+        package = max(packages, key=lambda p: p.stat().st_mtime)
         names = {p.name for p in package.iterdir()}
         assert {"jobs", "maskrcnn", "pyproject.toml"} <= names, names
         assert not names & {".git", ".venv", "data", "runs", "build", ".pytest_cache"}, names
