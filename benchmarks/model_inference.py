@@ -35,6 +35,7 @@ from maskrcnn.checkpoint import convert_torchvision_state_dict
 from maskrcnn.config import InputConfig, get_preset
 from maskrcnn.modeling import build_model
 from maskrcnn.modeling.optimize import optimize_for_inference
+from tests.tv_reference import calibrate_trunk_batch_norm
 
 
 def _images(count: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -42,23 +43,17 @@ def _images(count: int, generator: torch.Generator) -> list[torch.Tensor]:
     return [torch.rand(3, *sizes[i % len(sizes)], generator=generator) for i in range(count)]
 
 
-def torchvision_model(min_size: int, max_size: int, norm_layer=FrozenBatchNorm2d) -> TorchvisionMaskRCNN:
-    """torchvision's maskrcnn_resnet50_fpn as its COCO weights build it (frozen BN, 3 trainable stages)."""
+def torchvision_model(min_size: int, max_size: int, norm_layer=FrozenBatchNorm2d, num_classes: int = 91) -> TorchvisionMaskRCNN:
+    """torchvision's maskrcnn_resnet50_fpn as its COCO weights build it (frozen BN, 3 trainable
+    stages), without downloading weights."""
     backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=norm_layer), 3)
-    return TorchvisionMaskRCNN(backbone, num_classes=91, min_size=min_size, max_size=max_size, box_score_thresh=0.0)
+    return TorchvisionMaskRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, box_score_thresh=0.0)
 
 
 def calibrated_state(images: list[torch.Tensor], min_size: int, max_size: int) -> dict[str, torch.Tensor]:
     """torchvision's initialisation, trunk BatchNorm statistics measured on ``images``."""
     model = torchvision_model(min_size, max_size, norm_layer=torch.nn.BatchNorm2d)
-    for module in model.backbone.body.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-            module.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        batch, _ = model.transform(images[:2])
-        model.backbone.body(batch.tensors)
+    calibrate_trunk_batch_norm(model, images[:2])
     return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 

@@ -29,19 +29,6 @@ import time
 import torch
 
 
-def torchvision_model(num_classes: int, min_size: int, max_size: int) -> torch.nn.Module:
-    """``maskrcnn_resnet50_fpn`` as built for a pretrained trunk (frozen BN, 3 trainable stages),
-    without downloading weights."""
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.models.resnet import resnet50
-    from torchvision.ops import misc as misc_nn_ops
-
-    trunk = resnet50(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
-    backbone = _resnet_fpn_extractor(trunk, 3)
-    return MaskRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size)
-
-
 def reference_step(model, optimizer, images, targets, autocast_dtype):
     """torchvision/references/detection/engine.py's train_one_epoch, one iteration."""
     with torch.autocast(images[0].device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -68,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="as jobs.train --precision")
     args = parser.parse_args(argv)
 
-    from jobs.train import autocast_dtype_for, targets_to
-    from maskrcnn.engine import train_step
+    from benchmarks.model_inference import torchvision_model
+    from jobs.train import targets_to
+    from maskrcnn.engine import autocast_dtype, train_step
     from maskrcnn.checkpoint import load_state
     from maskrcnn.config import get_preset
     from maskrcnn.data import CocoDataset, collate_fn, make_sample_dataset
@@ -79,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device.type == "cuda"
     min_size = args.min_size or (800 if gpu else 320)
     max_size = args.max_size or (1333 if gpu else 480)
-    autocast_dtype = autocast_dtype_for(args.precision, device)
+    autocast_to = autocast_dtype(args.precision, device)
     timed = args.steps or (20 if gpu else 3)
     warmup = 5 if gpu else 1
 
@@ -92,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = dataset.num_classes
 
     torch.manual_seed(0)
-    peer = torchvision_model(num_classes, min_size, max_size)
+    peer = torchvision_model(min_size, max_size, num_classes=num_classes)  # the score threshold does not touch training
     config = get_preset("r50_fpn", num_classes=num_classes)
     config = config.replace(input=type(config.input)(min_size=min_size, max_size=max_size))
     ours = build_model(config)
@@ -103,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         params = [p for p in model.parameters() if p.requires_grad]
         sides[name] = (model, torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=1e-4))
     steps = {
-        "ours": lambda m, o: train_step(m, o, images, targets, autocast_dtype=autocast_dtype),
-        "torchvision": lambda m, o: reference_step(m, o, images, targets, autocast_dtype),
+        "ours": lambda m, o: train_step(m, o, images, targets, autocast_dtype=autocast_to),
+        "torchvision": lambda m, o: reference_step(m, o, images, targets, autocast_to),
     }
 
     times: dict[str, list[float]] = {name: [] for name in sides}
@@ -121,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"r50_fpn training step, batch {args.batch_size}, images {min_size}-{max_size} px, {where}, "
-          f"autocast {autocast_dtype or 'off'}, median of {timed} steps:")
+          f"autocast {autocast_to or 'off'}, median of {timed} steps:")
     rates = {}
     for name in sides:
         median = statistics.median(times[name])

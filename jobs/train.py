@@ -229,13 +229,6 @@ def targets_to(targets: list[dict], device) -> list[dict]:
     return [{k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in t.items()} for t in targets]
 
 
-def autocast_dtype_for(precision: str, device):
-    """The autocast dtype for ``--precision`` on ``device`` (None: fp32, no autocast)."""
-    from maskrcnn.engine import autocast_dtype
-
-    return autocast_dtype(precision, device)
-
-
 def read_metrics(output: str, storage_options: dict | None) -> list[dict]:
     from maskrcnn.storage import join_uri, open_uri
 
@@ -307,6 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
     from maskrcnn.checkpoint import save_checkpoint
     from maskrcnn.config import ModelConfig
     from maskrcnn.data import CocoDataset, RandomHorizontalFlip, collate_fn
+    from maskrcnn.engine import autocast_dtype as engine_autocast_dtype
     from maskrcnn.engine import train_step
     from maskrcnn.modeling import build_model
     from maskrcnn.storage import join_uri
@@ -353,7 +347,7 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, plan.warmup_steps, plan.warmup_factor, plan.lr_steps, plan.lr_gamma)
     )
-    autocast_dtype = autocast_dtype_for(plan.precision, device)
+    autocast_dtype = engine_autocast_dtype(plan.precision, device)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     if resume_state:
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -427,10 +421,9 @@ def train_loop_per_worker(config: dict) -> None:
             # The loss is read back only at log steps (every checkpoint is one): between them
             # the host queues steps without waiting for the device. A diverged rank poisons
             # every rank through the gradient all-reduce, so all of them stop at the check.
-            nonfinite = ~torch.isfinite(losses["loss"])
             if not log_due and step % 20:
                 continue
-            if bool(nonfinite):
+            if not bool(torch.isfinite(losses["loss"])):
                 raise FloatingPointError(
                     f"the loss is {float(losses['loss'])} at step {step} (rank {rank}); lower --lr or lengthen --warmup-steps"
                 )

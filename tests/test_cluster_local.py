@@ -26,7 +26,7 @@ import pytest
 
 from maskrcnn.data.synthetic import make_sample_dataset
 from tests.conftest import _free_port
-from tests.labeling_helpers import local_parts, make_checkpoint, read_output
+from tests.labeling_helpers import local_parts, make_checkpoint, process_table, read_output
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the venv running the tests: its ray and python run the cluster
@@ -110,20 +110,9 @@ def job_logs(head: Head, submission_id: str) -> str:
 def processes_of(temp_dir: Path) -> set[int]:
     """The processes of the Ray node whose temp dir this is: its daemons name its session folder on
     their command line; its workers and agents (renamed ray::...) are their children."""
-    found = set()
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-            with open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if f"{temp_dir}/session_" in cmdline:
-            found.add(int(entry))
+    table = process_table()
+    parents = {pid: parent for pid, (parent, _) in table.items()}
+    found = {pid for pid, (_, cmdline) in table.items() if f"{temp_dir}/session_" in cmdline}
     while True:
         children = {pid for pid, parent in parents.items() if parent in found} - found
         if not children:

@@ -30,7 +30,7 @@ from maskrcnn.checkpoint import load_checkpoint
 from maskrcnn.masks import encode_masks
 from maskrcnn.modeling.optimize import optimize_for_inference
 from maskrcnn.storage import open_uri
-from tests.labeling_helpers import awkward_images, encode, local_parts, make_checkpoint, read_output, rgb_noise
+from tests.labeling_helpers import awkward_images, encode, local_parts, make_checkpoint, process_table, read_output, rgb_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -380,20 +380,10 @@ def _raylet_pid() -> int | None:
 
 def _predictor_pids(raylet: int | None) -> set[int]:
     """This Ray's model actors: its raylet's children whose title names the Predictor stage."""
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if raylet in (None, parent) and cmdline.startswith("ray::") and "MapBatches(Predictor)" in cmdline:
-            pids.add(int(entry))
-    return pids
+    return {
+        pid for pid, (parent, cmdline) in process_table().items()
+        if raylet in (None, parent) and cmdline.startswith("ray::") and "MapBatches(Predictor)" in cmdline
+    }
 
 
 @pytest.mark.slow

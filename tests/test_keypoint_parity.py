@@ -26,7 +26,7 @@ from maskrcnn.checkpoint import convert_torchvision_state_dict, load_checkpoint,
 from maskrcnn.config import COCO_PERSON_KEYPOINT_NAMES, InputConfig, get_preset
 from maskrcnn.modeling import build_model
 from tests.test_torchvision_parity import _legacy_layout
-from tests.tv_reference import synthetic_batch
+from tests.tv_reference import calibrate_trunk_batch_norm, synthetic_batch
 
 MIN_SIZE, MAX_SIZE, DETECTIONS = 224, 320, 20
 TOL = 1e-4
@@ -45,14 +45,8 @@ def confident_keypoint_state(seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=MIN_SIZE, max_size=MAX_SIZE)
     images, _ = synthetic_batch(torch.Generator().manual_seed(seed + 1))
-    for module in model.backbone.body.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the calibration batch
-            module.reset_running_stats()
-    model.train()
+    calibrate_trunk_batch_norm(model, images)
     with torch.no_grad():
-        batch, _ = model.transform(images)
-        model.backbone.body(batch.tensors)
         model.roi_heads.box_predictor.cls_score.weight[1] *= 10.0
         model.roi_heads.box_predictor.cls_score.bias[1] = 1.0
     return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}

@@ -37,10 +37,9 @@ def synthetic_batch(generator: torch.Generator, count: int = 2, size=(200, 260))
     return images, targets
 
 
-def trained_torchvision_state(steps: int = 30, seed: int = 0) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=224, max_size=320)
-    images, targets = synthetic_batch(torch.Generator().manual_seed(seed + 1))
+def calibrate_trunk_batch_norm(model: torch.nn.Module, images: list[torch.Tensor]) -> None:
+    """A torchvision detection model's trunk BatchNorm statistics measured on ``images`` (a
+    random trunk with identity statistics blows up); leaves the model in training mode."""
     for module in model.backbone.body.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None  # cumulative average over the calibration batch
@@ -49,6 +48,13 @@ def trained_torchvision_state(steps: int = 30, seed: int = 0) -> dict[str, torch
     with torch.no_grad():
         batch, _ = model.transform(images)
         model.backbone.body(batch.tensors)
+
+
+def trained_torchvision_state(steps: int = 30, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=224, max_size=320)
+    images, targets = synthetic_batch(torch.Generator().manual_seed(seed + 1))
+    calibrate_trunk_batch_norm(model, images)
     for param in model.backbone.body.parameters():
         param.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
