@@ -30,32 +30,50 @@ import torch
 
 
 def plain_loop(uris: list[str], model, device: str) -> tuple[float, int]:
-    """Read, decode, model, RLE: one image at a time."""
+    """Read, decode, model, RLE: one image at a time, at the precision jobs.label runs."""
     from jobs.labeling.decode import decode_image
+    from maskrcnn.engine import autocast_context, autocast_dtype
     from maskrcnn.masks import encode_masks
 
+    dtype = autocast_dtype("auto", torch.device(device))
     detections = 0
     started = time.perf_counter()
     for uri in uris:
         image = decode_image(Path(uri).read_bytes(), 10**8)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_context(torch.device(device), dtype):
             out = model([image.to(device)])[0]
         detections += len(encode_masks(out["masks"].cpu()))
     return time.perf_counter() - started, detections
 
 
 def model_alone(uris: list[str], model, device: str, batch_size: int) -> float:
-    """The model's forward alone on images already decoded and on the device: the ceiling."""
+    """The model's forward alone on images already decoded and on the device, at the precision
+    jobs.label runs (bf16 on a GPU): the ceiling."""
     from jobs.labeling.decode import decode_image
+    from maskrcnn.engine import autocast_context, autocast_dtype
 
+    dtype = autocast_dtype("auto", torch.device(device))
     images = [decode_image(Path(uri).read_bytes(), 10**8).to(device) for uri in uris]
-    started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast_context(torch.device(device), dtype):
+        model(images[:batch_size])  # warm-up (cuDNN picks its algorithms)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
         for i in range(0, len(images), batch_size):
             model(images[i : i + batch_size])
-    if device == "cuda":
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+def resize_to_jpeg(folder: Path, size: tuple[int, int]) -> None:
+    """Each synthetic PNG under ``folder`` -> a JPEG of ``size`` (height, width), as COCO's are."""
+    from PIL import Image
+
+    for png in sorted(folder.rglob("*.png")):
+        with Image.open(png) as image:
+            image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR).save(png.with_suffix(".jpg"), quality=90)
+        png.unlink()
 
 
 def run_job(images_dir: Path, output: Path, checkpoint: Path, args) -> tuple[float, int, str]:
@@ -83,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--num-actors", type=int, default=None)
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--image-size", default=None, metavar="HxW",
+                        help="turn the synthetic images into HxW JPEGs (e.g. 480x640, COCO's usual; default: the PNGs as made)")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="the model's box score threshold (0: up to 100 detections an image, the most encoding)")
     args = parser.parse_args(argv)
+    image_size = tuple(int(v) for v in args.image_size.lower().split("x")) if args.image_size else None
 
     import ray
 
@@ -97,14 +120,34 @@ def main(argv: list[str] | None = None) -> int:
     n = args.images
     make_sample_dataset(str(work / "small"), {"set": n}, seed=0)
     make_sample_dataset(str(work / "large"), {"set": n, "more": n}, seed=0)  # the first N are the same images
-    uris = sorted(str(p) for p in (work / "large").rglob("*.png"))
+    if image_size:
+        resize_to_jpeg(work / "small", image_size)
+        resize_to_jpeg(work / "large", image_size)
+    uris = sorted(str(p) for p in (work / "large").rglob("*.*g"))
     torch.manual_seed(0)
     config = get_preset(args.arch, num_classes=len(CATEGORIES) + 1)
+    if args.score_threshold is not None:
+        config.roi_heads.score_thresh = args.score_threshold
+    model = build_model(config).eval()
+    if args.arch.startswith("r50"):
+        # torchvision's initialisation with trunk statistics measured on these images: a random
+        # trunk with identity statistics blows up (benchmarks.model_inference)
+        from benchmarks.model_inference import calibrated_state
+        from jobs.labeling.decode import decode_image
+        from maskrcnn.checkpoint import convert_torchvision_state_dict
+
+        sample = [decode_image(Path(uri).read_bytes(), 10**8) for uri in uris[:2]]
+        state = calibrated_state(sample, config.input.min_size, config.input.max_size)
+        state = {k: v for k, v in state.items() if not k.startswith("roi_heads.box_predictor") and not k.startswith("roi_heads.mask_predictor.mask_fcn_logits")}
+        model.load_state_dict(convert_torchvision_state_dict(state), strict=False)  # the class layers keep our num_classes
     checkpoint = work / "model.pt"
-    save_checkpoint(str(checkpoint), build_model(config).eval(), config, CATEGORIES)
+    save_checkpoint(str(checkpoint), model, config, CATEGORIES)
+    del model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cpus = os.cpu_count() or 1
-    print(f"{len(uris)} synthetic images (160-320 px), {args.arch} preset (random weights), {device}, {cpus} CPUs, torch {torch.__version__}")
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"{len(uris)} synthetic images ({args.image_size or '160-320 px'}), {args.arch} preset (random weights), {where}, "
+          f"{cpus} CPUs, torch {torch.__version__}")
 
     # the model as the pipeline's actors run it: the fast path (maskrcnn.modeling.optimize)
     model = optimize_for_inference(load_checkpoint(str(checkpoint)).model.to(device))

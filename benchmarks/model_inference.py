@@ -120,6 +120,8 @@ def main(argv=None) -> None:
                         help="box score threshold on every side (0: every image gets 100 detections, the worst case; "
                         "torchvision's default 0.05 leaves random heads almost none)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="then profile the fast path at the largest batch and print its ROWS costliest ops (device and host)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,6 +177,30 @@ def main(argv=None) -> None:
             tv = ips["torchvision"]
             print(f"{batch_size:>5} " + " ".join(f"{ips[n]:>24.2f}" for n in names)
                   + f" {ips[names[1]] / tv:>7.2f}x {ips[names[2]] / tv:>7.2f}x")
+        if args.profile:
+            profile(run_fast, [images[i:i + max(args.batch)] for i in range(0, len(images), max(args.batch))], device, args.profile)
+
+
+def profile(fn, batches, device: torch.device, rows: int) -> None:
+    """torch.profiler over one pass of ``fn``: the costliest ops by self time on the device (or
+    the CPU), the host's, and the share of wall time the device was busy."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for batch in batches:
+            fn(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in averages) / 1e6
+        print(f"profile: {len(batches)} batches in {wall:.3f} s under the profiler; device busy {busy:.3f} s ({busy / wall:.0%})")
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

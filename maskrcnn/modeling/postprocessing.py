@@ -68,13 +68,15 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], 
     out = torch.empty((num, height, width), dtype=torch.bool if threshold is not None else mask_probs.dtype, device=mask_probs.device)
     # chunks bound the float intermediate to ~_CHUNK_ELEMENTS whatever the image size
     chunk = max(1, _CHUNK_ELEMENTS // max(height * width, 1))
-    for start in range(0, num, chunk):
-        sl = slice(start, start + chunk)
-        wy = _interpolation_matrix(y0[sl], h[sl], src, height, torch.float32)  # (d, H, M+2)
-        wx = _interpolation_matrix(x0[sl], w[sl], src, width, torch.float32)  # (d, W, M+2)
-        # (d, H, M+2) @ (d, M+2, M+2) @ (d, M+2, W) -> (d, H, W)
-        pasted = torch.bmm(torch.bmm(wy, padded[sl].float()), wx.transpose(1, 2))
-        out[sl] = pasted >= threshold if threshold is not None else pasted.to(out.dtype)
+    # fp32 under the caller's autocast too: bf16 weights would move mask edges by a pixel
+    with torch.autocast(mask_probs.device.type, enabled=False):
+        for start in range(0, num, chunk):
+            sl = slice(start, start + chunk)
+            wy = _interpolation_matrix(y0[sl], h[sl], src, height, torch.float32)  # (d, H, M+2)
+            wx = _interpolation_matrix(x0[sl], w[sl], src, width, torch.float32)  # (d, W, M+2)
+            # (d, H, M+2) @ (d, M+2, M+2) @ (d, M+2, W) -> (d, H, W)
+            pasted = torch.bmm(torch.bmm(wy, padded[sl].float()), wx.transpose(1, 2))
+            out[sl] = pasted >= threshold if threshold is not None else pasted.to(out.dtype)
     return out
 
 

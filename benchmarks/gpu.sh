@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# All GPU figures in one go: the three benchmarks (`make bench`'s) on the GPU, a profile of the
+# inference fast path, and the GPU-marked tests. Each step's log goes to $LOGS (default ./gpu-logs).
+#
+#   bash benchmarks/gpu.sh [steps...]     steps: infer train label infer32 tests (default: all)
+#
+# On a machine where the project is installed (`make install`), run it as is. On a bare image
+# with torch but without Ray or pycocotools, put their wheels (and Ray as ray-py312.tar.xz, the
+# wheel's contents less its Java jars and dashboard, to stay small) in .whl/: they are unpacked
+# into /tmp/site first.
+set -u
+cd "$(dirname "$0")/.."
+LOGS=${LOGS:-${OUT:-gpu-logs}}
+mkdir -p "$LOGS"
+PY=${PY:-python3}
+if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+if [ -d .whl ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    [ -f .whl/ray-py312.tar.xz ] && tar xJf .whl/ray-py312.tar.xz -C /tmp/site
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+steps=${*:-infer train label infer32 tests}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$LOGS/machine.txt"
+$PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name()); import os; print('cpus', os.cpu_count())" | tee -a "$LOGS/machine.txt"
+
+step() {  # name, seconds, command...
+    local name=$1 limit=$2; shift 2
+    echo "=== $name ($(date +%T))"
+    local started=$SECONDS
+    timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - started)) s"
+}
+
+for s in $steps; do
+    case $s in
+        infer) step infer 200 $PY -m benchmarks.model_inference --device cuda --batch 1 8 --images 16 --repeats 3 --precision bf16 --profile 30 ;;
+        train) step train 150 bash -c "$PY -m benchmarks.train_step --precision bf16 --steps 20 && $PY -m benchmarks.train_step --precision fp32 --steps 10" ;;
+        label) step label 240 $PY -m benchmarks.label_pipeline --arch r50_fpn --image-size 480x640 --score-threshold 0 --images 160 --batch-size 8 ;;
+        infer32) step infer32 150 $PY -m benchmarks.model_inference --device cuda --batch 1 8 --images 16 --repeats 2 --precision fp32 ;;
+        tests) step tests 280 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_path.py tests/test_job_train.py ;;
+        *) echo "unknown step $s"; exit 2 ;;
+    esac
+done
+# the summaries: the tables at the ends of the logs
+for f in "$LOGS"/*.log; do echo "----- $f"; grep -vE "^ *(aten::|cuda|void |Self CPU|Self CUDA|---|Name )" "$f" | grep -v "^$" | tail -14; done
