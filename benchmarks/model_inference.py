@@ -67,6 +67,8 @@ def autocast_for(device: torch.device, precision: str):
 def compare(reference: dict, candidate: dict) -> tuple[float, float, float]:
     """(share of the reference's detections the candidate has: same label, box within 0.5 px;
     their mean mask IoU; the largest box difference among them)."""
+    reference = {k: v.cpu() for k, v in reference.items()}
+    candidate = {k: v.cpu() for k, v in candidate.items()}
     n = len(reference["boxes"])
     if n == 0:
         return 1.0, 1.0, 0.0

@@ -76,30 +76,3 @@ def test_group_norm_trunk_runs_channels_last_with_the_same_outputs():
         torch.testing.assert_close(out["boxes"][:n], exp["boxes"][:n], rtol=0, atol=1e-2)
         torch.testing.assert_close(out["scores"][:n], exp["scores"][:n], rtol=0, atol=1e-4)
         assert out["labels"][:n].tolist() == exp["labels"][:n].tolist()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fast_path_under_bf16_on_the_gpu_keeps_the_detections():
-    """The GPU default of jobs.label (folded, channels_last, bf16 autocast) against fp32 on the
-    same GPU: the confident detections agree."""
-    from tests.tv_reference import NUM_CLASSES, synthetic_batch, trained_torchvision_state
-
-    from maskrcnn.checkpoint import convert_torchvision_state_dict
-
-    model = build_model(get_preset("r50_fpn", num_classes=NUM_CLASSES))
-    model.load_state_dict(convert_torchvision_state_dict(trained_torchvision_state()))
-    model.eval().cuda()
-    images = [img.cuda() for img in synthetic_batch(torch.Generator().manual_seed(1))[0]]
-    with torch.inference_mode():
-        expected = model(images)
-        fast = optimize_for_inference(copy.deepcopy(model))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            got = fast(images)
-    for exp, out in zip(expected, got):
-        confident = exp["scores"] > 0.5
-        assert int(confident.sum()) > 0
-        exp_boxes = exp["boxes"][confident]
-        for box, label in zip(exp_boxes, exp["labels"][confident]):
-            same = out["labels"] == label
-            assert same.any() and (out["boxes"][same] - box).abs().amax(dim=1).min() < 2.0
