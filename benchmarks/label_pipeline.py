@@ -80,7 +80,7 @@ def resize_to_jpeg(folder: Path, size: tuple[int, int]) -> None:
         png.unlink()
 
 
-def run_job(images_dir: Path, output: Path, checkpoint: Path, args) -> tuple[float, int, str]:
+def run_job(images_dir: Path, output: Path, checkpoint: Path, args, in_flight: int | None = None) -> tuple[float, int, str]:
     """(seconds of the Ray Data run, detections, the job's stdout)."""
     from jobs.label import main as label_main
 
@@ -88,6 +88,8 @@ def run_job(images_dir: Path, output: Path, checkpoint: Path, args) -> tuple[flo
                "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size), "--cpus-per-actor", str(args.cpus_per_actor)]
     if args.num_actors:
         command += ["--num-actors", str(args.num_actors)]
+    if in_flight:
+        command += ["--batches-in-flight", str(in_flight)]
     buffer = StringIO()
     with redirect_stdout(buffer):
         code = label_main(command)
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--num-actors", type=int, default=None)
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--batches-in-flight", type=int, nargs="+", default=[None],
+                        help="jobs.label --batches-in-flight; several values: one timed run each (default: the job's)")
     parser.add_argument("--image-size", default=None, metavar="HxW",
                         help="turn the synthetic images into HxW JPEGs (e.g. 480x640, COCO's usual; default: the PNGs as made)")
     parser.add_argument("--score-threshold", type=float, default=None,
@@ -196,22 +200,28 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     run_job(work / "warm", work / "labels-warm", checkpoint, args)  # Ray's workers start and import once
-    run_s, pipe_dets, text = run_job(work / "timed", work / "labels", checkpoint, args)
+    runs = []
+    for in_flight in args.batches_in_flight:
+        output = work / f"labels-{in_flight}"
+        run_s, pipe_dets, text = run_job(work / "timed", output, checkpoint, args, in_flight)
+        flight = re.search(r"(\d+) batch\(es\) in flight", text)[1]
+        runs.append((flight, run_s, pipe_dets, steady_rate(commit_times(output))))
     ray.shutdown()
     actors = re.search(r"with (\d+) model actor", text)[1]
-    steady = steady_rate(commit_times(work / "labels"))
 
     loop_rate = len(loop_uris) / loop_s
     alone_rate = n / alone_s
-    print(f"{'':<56}{'images/s':>10}{'detections':>12}")
-    print(f"{f'model alone (decoded images on the device, batch {args.batch_size})':<56}{alone_rate:>10.2f}")
-    print(f"{f'plain loop over {len(loop_uris)}, {best_threads} torch thread(s)':<56}{loop_rate:>10.2f}{loop_dets:>12}")
-    print(f"{f'pipeline, whole run over {n} (with start-up)':<56}{n / run_s:>10.2f}{pipe_dets:>12}")
-    print(f"{'pipeline, steady (first to last shard commit)':<56}{steady:>10.2f}")
-    print(f"ratio pipeline/loop: {steady / loop_rate:.2f} steady, {n / run_s / loop_rate:.2f} whole run "
-          f"({actors} actor(s) x {args.cpus_per_actor:g} CPU, batch {args.batch_size}, shards of {args.shard_size})")
-    print(f"ratio pipeline/model alone: {steady / alone_rate:.2f} steady (on a GPU the goal is >= 0.9; on a CPU the "
-          f"actors share the cores with decode and encode, so it cannot get there)")
+    print(f"{'':<60}{'images/s':>10}{'detections':>12}")
+    print(f"{f'model alone (decoded images on the device, batch {args.batch_size})':<60}{alone_rate:>10.2f}")
+    print(f"{f'plain loop over {len(loop_uris)}, {best_threads} torch thread(s)':<60}{loop_rate:>10.2f}{loop_dets:>12}")
+    for flight, run_s, pipe_dets, steady in runs:
+        print(f"{f'pipeline, {flight} batch(es) in flight, whole run over {n} (start-up)':<60}{n / run_s:>10.2f}{pipe_dets:>12}")
+        print(f"{f'pipeline, {flight} batch(es) in flight, steady (shard commits)':<60}{steady:>10.2f}")
+    print(f"({actors} actor(s) x {args.cpus_per_actor:g} CPU, batch {args.batch_size}, shards of {args.shard_size})")
+    for flight, run_s, pipe_dets, steady in runs:
+        print(f"ratio pipeline/loop with {flight} in flight: {steady / loop_rate:.2f} steady, {n / run_s / loop_rate:.2f} whole run")
+        print(f"ratio pipeline/model alone with {flight} in flight: {steady / alone_rate:.2f} steady (on a GPU the goal is >= 0.9; "
+              f"on a CPU the actors share the cores with decode and encode, so it cannot get there)")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

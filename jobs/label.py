@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the model exactly as built (no norm folding, no channels_last) instead of the fast path; "
         "with --precision fp32, the outputs of the model in a plain loop",
     )
+    run_group.add_argument(
+        "--batches-in-flight", type=int, default=None, metavar="N",
+        help="batches one actor works on at once, each in its own thread (and CUDA stream): one's copies, "
+        "NMS syncs and mask packing overlap another's GPU work; default 2 on GPUs, 1 on CPUs",
+    )
     add_wait_for_gpus(run_group)
     run_group.add_argument("--decode-batch-size", type=int, default=8, metavar="N", help="images per decode task batch")
     run_group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N", help="refuse images of more pixels (decompression bombs); the row gets an error")
@@ -91,6 +96,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("shard_size", "batch_size", "decode_batch_size", "max_pixels"):
         if getattr(args, name) < 1:
             raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.batches_in_flight is not None and args.batches_in_flight < 1:
+        raise JobError(f"--batches-in-flight must be at least 1, got {args.batches_in_flight}")
     if args.num_actors is not None and args.num_actors < 1:
         raise JobError(f"--num-actors must be at least 1, got {args.num_actors}")
     if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
@@ -270,10 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         run_id=uuid.uuid4().hex[:12],
         fast_path=not args.reference_path,
         precision=args.precision,
+        batches_in_flight=args.batches_in_flight or (2 if gpus_per_actor > 0 else 1),
     )
     print(
         f"labelling {len(pending)} of {plan.num_shards} shards with {num_actors} model actor(s) "
-        f"({gpus_per_actor:g} GPU, {args.cpus_per_actor:g} CPU each), batch {args.batch_size}",
+        f"({gpus_per_actor:g} GPU, {args.cpus_per_actor:g} CPU each), batch {args.batch_size}, "
+        f"{settings.batches_in_flight} batch(es) in flight per actor",
         flush=True,
     )
     totals = run_pipeline(plan, pending, settings)

@@ -256,10 +256,12 @@ def test_label_s3_nested_shards_matches_the_model_in_a_loop(s3_server, s3_bucket
     output = f"{s3_bucket}/labels"
 
     code = label_main(["--input", images, "--output", output, "--checkpoint", model_uri, "--shard-size", "5",
-                       "--batch-size", "1", "--preview", "3", "--storage-options", json.dumps(options)])
+                       "--batch-size", "1", "--preview", "3", "--storage-options", json.dumps(options),
+                       "--batches-in-flight", "2"])  # two threads per actor: the GPU default
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "shards: 5 labelled this run, 0 already done, 5 in all" in stdout
+    assert "2 batch(es) in flight per actor" in stdout
 
     listed = list(iter_input_uris(images, options))
     assert len(listed) == 25 and all(u.startswith("s3://") for u in listed)

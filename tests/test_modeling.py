@@ -396,3 +396,42 @@ def test_batched_nms_keeps_what_torchvision_keeps(count, classes):
     expected = box_ops.batched_nms(boxes, scores, idxs, 0.5)
     assert 0 < len(expected) < count
     assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), expected)
+
+
+@pytest.mark.parametrize("count,classes", [(3000, 90), (900, 5), (6000, 3), (1500, 1), (1, 1), (40, 40)])
+def test_dense_batched_nms_keeps_what_torchvision_keeps(count, classes):
+    """The GPU path (all groups at once, greedy NMS as a fixed point), run here on the CPU:
+    torchvision's kept indices and order, ties and chains of suppression included."""
+    from torchvision.ops import boxes as box_ops
+
+    from maskrcnn.modeling import nms
+
+    g = torch.Generator().manual_seed(count + classes)
+    xy = torch.rand(count, 2, generator=g) * 400
+    boxes = torch.cat([xy, xy + torch.rand(count, 2, generator=g) * 80 + 1], dim=1)
+    scores = torch.rand(count, generator=g)
+    scores[::5] = scores[min(1, count - 1)]  # many equal scores
+    idxs = torch.randint(0, classes, (count,), generator=g) * 7  # group ids need not be 0..G-1
+    expected = box_ops.batched_nms(boxes, scores, idxs, 0.5)
+    assert torch.equal(nms.dense_batched_nms(boxes, scores, idxs, 0.5), expected)
+    # a chain: each box overlaps the next one, so keeping alternates (many rounds to settle)
+    steps = torch.arange(30, dtype=torch.float32)[:, None] * 3.0
+    chain = torch.cat([steps, torch.zeros(30, 1), steps + 10, torch.full((30, 1), 10.0)], dim=1)
+    chain_scores = torch.linspace(1, 0.1, 30)
+    same = torch.zeros(30, dtype=torch.int64)
+    assert torch.equal(nms.dense_batched_nms(chain, chain_scores, same, 0.5), box_ops.batched_nms(chain, chain_scores, same, 0.5))
+    assert len(box_ops.batched_nms(chain, chain_scores, same, 0.5)) == 15
+
+
+def test_dense_batched_nms_in_chunks_and_empty(monkeypatch):
+    from torchvision.ops import boxes as box_ops
+
+    from maskrcnn.modeling import nms
+
+    g = torch.Generator().manual_seed(5)
+    xy = torch.rand(500, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + torch.rand(500, 2, generator=g) * 60 + 1], dim=1)
+    scores, idxs = torch.rand(500, generator=g), torch.randint(0, 9, (500,), generator=g)
+    monkeypatch.setattr(nms, "_DENSE_ELEMENTS", 1)  # one group per chunk
+    assert torch.equal(nms.dense_batched_nms(boxes, scores, idxs, 0.7), box_ops.batched_nms(boxes, scores, idxs, 0.7))
+    assert nms.dense_batched_nms(boxes[:0], scores[:0], idxs[:0], 0.7).shape == (0,)

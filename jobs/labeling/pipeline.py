@@ -24,7 +24,9 @@ node, which lives as long as the job (tests/test_cluster_local.py kills a node m
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -74,6 +76,8 @@ class LabelSettings:
     # autocast precision (engine.autocast_dtype: auto = bf16 on GPUs, fp32 on CPUs).
     fast_path: bool = True
     precision: str = "auto"
+    # Batches an actor runs at once, each in its own thread and (on a GPU) CUDA stream.
+    batches_in_flight: int = 1
 
 
 # ---------------------------------------------------------------- 1. shards -> image rows
@@ -233,14 +237,25 @@ class Predictor:
         if settings.fast_path:
             optimize_for_inference(self.model)
         self.autocast_dtype = autocast_dtype(settings.precision, self.device)
+        # one CUDA stream per calling thread (--batches-in-flight): a host sync in one batch
+        # (NMS sizes, copying results back) then waits for its own work, not the other's
+        self._local = threading.local()
+
+    def _stream(self):
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
 
     def _forward(self, images: list[torch.Tensor], sizes: list[tuple[int, int]], resized: list[bool]) -> list[dict]:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._stream():
             # uint8 images become float on the device, as maskrcnn.data.images.to_rgb_float does
             images = [as_float(img.to(self.device, non_blocking=True)) for img in images]
             with autocast_context(self.device, self.autocast_dtype):
                 outputs = self.model(images, resized=resized, original_sizes=sizes)
-        return [self._pack(out) for out in outputs]
+            return [self._pack(out) for out in outputs]  # on this thread's stream: it waits for its own work
 
     @staticmethod
     def _pack(out: dict[str, torch.Tensor]) -> bytes:
@@ -510,7 +525,12 @@ def build_dataset(pending_shards: list[int], settings: LabelSettings) -> ray.dat
         fn_constructor_kwargs={"settings": settings},
         batch_size=settings.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=settings.num_actors),
+        compute=ray.data.ActorPoolStrategy(
+            size=settings.num_actors,
+            max_concurrent_calls_per_actor=settings.batches_in_flight,
+            enable_true_multi_threading=settings.batches_in_flight > 1,
+            max_tasks_in_flight_per_actor=max(4, 2 * settings.batches_in_flight),
+        ),
         num_gpus=settings.gpus_per_actor,
         num_cpus=settings.cpus_per_actor,
     )
