@@ -379,6 +379,16 @@ def test_paste_masks_in_chunks_equals_one_pass(monkeypatch):
     torch.testing.assert_close(paste_masks(probs, boxes, (60, 80), threshold=None), whole)
 
 
+def _nms_inputs(count: int, classes: int, seed: int):
+    """Overlapping boxes in a 480 px square, scores with many ties (every fifth equal), classes."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(count, 2, generator=g) * 400
+    boxes = torch.cat([xy, xy + torch.rand(count, 2, generator=g) * 80 + 1], dim=1)
+    scores = torch.rand(count, generator=g)
+    scores[::5] = scores[min(1, count - 1)]
+    return boxes, scores, torch.randint(0, classes, (count,), generator=g)
+
+
 @pytest.mark.parametrize("count,classes", [(3000, 90), (900, 5), (6000, 3), (1500, 1)])
 def test_batched_nms_keeps_what_torchvision_keeps(count, classes):
     """Above torchvision's size switch (1000 boxes on the CPU) our grouped NMS runs; below it,
@@ -387,12 +397,7 @@ def test_batched_nms_keeps_what_torchvision_keeps(count, classes):
 
     from maskrcnn.modeling.nms import batched_nms
 
-    g = torch.Generator().manual_seed(count)
-    xy = torch.rand(count, 2, generator=g) * 400
-    boxes = torch.cat([xy, xy + torch.rand(count, 2, generator=g) * 80 + 1], dim=1)
-    scores = torch.rand(count, generator=g)
-    scores[::5] = scores[1]  # many equal scores
-    idxs = torch.randint(0, classes, (count,), generator=g)
+    boxes, scores, idxs = _nms_inputs(count, classes, seed=count)
     expected = box_ops.batched_nms(boxes, scores, idxs, 0.5)
     assert 0 < len(expected) < count
     assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), expected)
@@ -406,12 +411,8 @@ def test_dense_batched_nms_keeps_what_torchvision_keeps(count, classes):
 
     from maskrcnn.modeling import nms
 
-    g = torch.Generator().manual_seed(count + classes)
-    xy = torch.rand(count, 2, generator=g) * 400
-    boxes = torch.cat([xy, xy + torch.rand(count, 2, generator=g) * 80 + 1], dim=1)
-    scores = torch.rand(count, generator=g)
-    scores[::5] = scores[min(1, count - 1)]  # many equal scores
-    idxs = torch.randint(0, classes, (count,), generator=g) * 7  # group ids need not be 0..G-1
+    boxes, scores, idxs = _nms_inputs(count, classes, seed=count + classes)
+    idxs = idxs * 7  # group ids need not be 0..G-1
     expected = box_ops.batched_nms(boxes, scores, idxs, 0.5)
     assert torch.equal(nms.dense_batched_nms(boxes, scores, idxs, 0.5), expected)
     # a chain: each box overlaps the next one, so keeping alternates (many rounds to settle)

@@ -1,5 +1,6 @@
 """The small preset trained from scratch on the sample data learns masks: an overfit test with an AP bound."""
 
+import contextlib
 import copy
 
 import pytest
@@ -17,14 +18,23 @@ STEPS = 260
 BATCH = 4
 
 
-@pytest.fixture(scope="module")
-def overfit(tmp_path_factory):
-    """The small preset trained 260 steps on 16 sample images (on the CPU, one intra-op thread:
-    the small model's convolutions are tiny, and one thread is 6x faster than two when anything
-    else wants the second core). Returns (model, eval set, fp32 reference metrics)."""
+@contextlib.contextmanager
+def one_thread():
+    """The small model's convolutions are tiny: one intra-op thread is 6x faster than two when
+    anything else (a Ray worker, another test) wants the second core."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory):
+    """The small preset trained 260 steps on 16 sample images, on the CPU in one thread.
+    Returns (model, eval set, fp32 reference metrics, first loss, mean of the last 10 losses)."""
+    with one_thread():
         torch.manual_seed(0)
         ann, image_root = make_sample_dataset(str(tmp_path_factory.mktemp("sample")), splits={"train": 16}, seed=3)["train"]
         dataset = CocoDataset(ann, image_root, transforms=RandomHorizontalFlip(0.5))
@@ -44,8 +54,6 @@ def overfit(tmp_path_factory):
                     break
         eval_set = CocoDataset(ann, image_root)
         metrics = evaluate_model(model, eval_set, batch_size=4)
-    finally:
-        torch.set_num_threads(before)
     print(f"after {STEPS} steps: loss {first:.3f} -> {sum(last) / len(last):.3f}, mask AP {metrics['segm_AP']:.3f}, box AP {metrics['bbox_AP']:.3f}")
     return model, eval_set, metrics, first, sum(last) / len(last)
 
@@ -68,15 +76,11 @@ def test_small_preset_overfits_sample_data(overfit):
     # jobs.label's fast path keeps the outputs: channels_last (the GN trunk has no norm to fold)
     # and bf16 autocast (the GPU default; here on the CPU)
     fast = optimize_for_inference(copy.deepcopy(model))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for dtype in (None, torch.bfloat16):
             with autocast_context(torch.device("cpu"), dtype):
                 got = evaluate_model(fast, eval_set, batch_size=4)
             _assert_close_ap(got, metrics, f"fast path on the CPU, autocast {dtype}")
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.gpu

@@ -264,12 +264,12 @@ class Predictor:
             # uint8 images become float on the device, as maskrcnn.data.images.to_rgb_float does
             images = [as_float(img.to(self.device, non_blocking=True)) for img in images]
             packed: list = [None] * len(images)
-            for group in orientation_groups([tuple(img.shape[-2:]) for img in images]):
-                with autocast_context(self.device, self.autocast_dtype):
+            with autocast_context(self.device, self.autocast_dtype):
+                for group in orientation_groups([tuple(img.shape[-2:]) for img in images]):
                     outputs = self.model([images[i] for i in group], resized=[resized[i] for i in group],
                                          original_sizes=[sizes[i] for i in group])
-                for i, out in zip(group, outputs):
-                    packed[i] = self._pack(out)  # on this thread's stream: it waits for its own work
+                    for i, out in zip(group, outputs):
+                        packed[i] = self._pack(out)  # on this thread's stream: it waits for its own work
             return packed
 
     @staticmethod

@@ -28,11 +28,17 @@ from torchvision.ops import boxes as box_ops
 _DENSE_ELEMENTS = 1 << 25  # pairwise overlaps computed at once (32M: ~0.5 GB of intermediates)
 
 
+def _torchvision_runs_one_call(boxes: Tensor) -> bool:
+    """torchvision's ``batched_nms`` switch: up to this size one ``nms`` over all groups (boxes
+    offset per group), above it one ``nms`` per group."""
+    return boxes.numel() <= (4000 if boxes.device.type == "cpu" else 100_000)
+
+
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """Indices of the boxes kept by NMS within each ``idxs`` group, by decreasing score."""
     if boxes.device.type == "cuda" and boxes.shape[0] > 0:
         return dense_batched_nms(boxes, scores, idxs, iou_threshold)
-    if boxes.numel() <= 4000:
+    if _torchvision_runs_one_call(boxes):
         return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)
     order = torch.argsort(idxs, stable=True)
     _, counts = torch.unique_consecutive(idxs[order], return_counts=True)
@@ -107,5 +113,4 @@ def _dense_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshol
     kept_idx = torch.where(keep_sorted)[0]
     # equal scores in torchvision's order: its one-call path (up to its size switch) keeps them
     # in index order; its per-class path sorts the kept indices as below
-    stable = boxes.numel() <= (4000 if device.type == "cpu" else 100_000)
-    return kept_idx[scores[kept_idx].sort(descending=True, stable=stable)[1]]
+    return kept_idx[scores[kept_idx].sort(descending=True, stable=_torchvision_runs_one_call(boxes))[1]]
