@@ -11,7 +11,7 @@ from maskrcnn.modeling import build_model
 from maskrcnn.modeling.anchor_generator import AnchorGenerator
 from maskrcnn.modeling.box_regression import BoxCoder
 from maskrcnn.modeling.matcher import Matcher, sample_positives_negatives
-from maskrcnn.modeling.poolers import MultiScaleRoIPooler, assign_levels
+from maskrcnn.modeling.poolers import MultiScaleRoIPooler, assign_levels, roi_align_gather
 from maskrcnn.modeling.postprocessing import paste_masks
 from maskrcnn.modeling.preprocessing import batch_images, resize_image, resized_size
 from maskrcnn.modeling.roi_heads.box_head import fast_rcnn_loss
@@ -155,11 +155,13 @@ def _roi_align_reference(feature, box, out, scale, sampling_ratio):
     return result
 
 
-def test_roi_align_matches_slow_reference():
+@pytest.mark.parametrize("training", [True, False], ids=["gather", "torchvision"])
+def test_roi_align_matches_slow_reference(training):
     g = torch.Generator().manual_seed(0)
     feature = torch.rand(1, 2, 6, 7, generator=g, dtype=torch.float64)
     boxes = torch.tensor([[1.3, 2.2, 9.7, 10.1], [0.0, 0.0, 13.9, 11.9], [5.5, 3.25, 6.0, 4.0]], dtype=torch.float64)
-    pooler = MultiScaleRoIPooler(output_size=3, sampling_ratio=2)
+    pooler = MultiScaleRoIPooler(output_size=3, sampling_ratio=2).train(training)
+    assert pooler.gathers(feature.device) == training
     # one level at stride 2: a 12x14 image
     out = pooler([feature], [boxes], [(12, 14)])
     assert out.shape == (3, 2, 3, 3)
@@ -173,6 +175,107 @@ def test_roi_align_gradcheck():
     feature = torch.rand(1, 1, 5, 5, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 0.5, 0.7, 3.9, 4.2]], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, (2, 2), 1.0, 2), (feature,))
+
+
+def _odd_rois(count, num_images, height, width, scale, dtype, generator):
+    """RoIs of every kind roi_align must place: inside the map, across its edges, wholly
+    outside it, smaller than a pixel, inverted (x2 < x1), on every image of the batch."""
+    size = torch.tensor([width, height], dtype=dtype) / scale
+    xy = torch.rand(count, 2, generator=generator, dtype=dtype) * size * 1.4 - size * 0.2
+    wh = torch.rand(count, 2, generator=generator, dtype=dtype) * size * 0.6
+    wh[: count // 8] = 0.3  # sub-pixel
+    wh[count // 8 : count // 4] *= -0.1  # inverted
+    image = torch.randint(0, num_images, (count, 1), generator=generator).to(dtype)
+    return torch.cat([image, xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_roi_align_is_torchvisions_forward_and_backward(aligned, sampling_ratio, dtype):
+    from torchvision.ops import roi_align
+
+    g = torch.Generator().manual_seed(sampling_ratio)
+    feature = torch.randn(3, 5, 11, 17, generator=g, dtype=dtype).requires_grad_()
+    rois = _odd_rois(64, 3, 11, 17, 0.25, dtype, g)
+    expected = roi_align(feature, rois, (7, 6), 0.25, sampling_ratio, aligned)
+    got = roi_align_gather(feature, rois, (7, 6), 0.25, sampling_ratio, aligned)
+    assert got.shape == expected.shape and got.dtype == dtype
+    tol = {"rtol": 0, "atol": 1e-5 if dtype == torch.float32 else 1e-12}
+    torch.testing.assert_close(got, expected, **tol)
+    grad = torch.randn(expected.shape, generator=g, dtype=dtype)
+    (want,) = torch.autograd.grad(expected, feature, grad)
+    (have,) = torch.autograd.grad(got, feature, grad)
+    torch.testing.assert_close(have, want, **tol)
+    # a channels_last map (the inference fast path's) is read as it is, to the same result
+    nhwc = roi_align_gather(feature.detach().contiguous(memory_format=torch.channels_last), rois, (7, 6), 0.25, sampling_ratio, aligned)
+    torch.testing.assert_close(nhwc, got.detach(), rtol=0, atol=0)
+
+
+def test_gather_roi_align_samples_on_the_limits_as_torchvision():
+    """One sample per RoI, placed exactly on the limits of torchvision's rules: -1 and the map's
+    size still count (they read the edge), a hair beyond does not; 0 and size - 1 exactly."""
+    from torchvision.ops import roi_align
+
+    feature = torch.arange(4 * 5, dtype=torch.float64).view(1, 1, 4, 5) + 1
+    centres = [(-1.0, -1.0), (5.0, 4.0), (-1.0001, 2.0), (2.0, 4.0001), (0.0, 0.0), (4.0, 3.0), (2.5, 1.25)]
+    rois = torch.tensor([[0, x - 1, y - 1, x + 1, y + 1] for x, y in centres], dtype=torch.float64)
+    expected = roi_align(feature, rois, (1, 1), 1.0, 1)
+    torch.testing.assert_close(roi_align_gather(feature, rois, (1, 1), 1.0, 1), expected, rtol=0, atol=0)
+    assert expected.flatten().tolist()[2:4] == [0.0, 0.0] and min(expected.flatten().tolist()[:2]) > 0
+
+
+def test_gather_roi_align_gradcheck_empty_and_errors():
+    feature = torch.rand(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.7, 3.9, 4.2], [1, -3, -2, 9, 8.0], [1, 4.5, 3.5, 4.6, 3.6]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: roi_align_gather(f, rois, (2, 3), 1.0, 2), (feature,))
+    assert roi_align_gather(feature, rois[:0], (2, 2), 1.0, 2).shape == (0, 3, 2, 2)
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        roi_align_gather(feature, rois, (2, 2), 1.0, 0)
+
+
+def test_gather_roi_align_under_autocast_runs_in_fp32_and_returns_the_input_dtype():
+    from torchvision.ops import roi_align
+
+    g = torch.Generator().manual_seed(3)
+    feature = torch.randn(1, 4, 9, 9, generator=g).to(torch.bfloat16)
+    rois = _odd_rois(16, 1, 9, 9, 0.5, torch.float32, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = roi_align_gather(feature, rois, (3, 3), 0.5, 2)
+        expected = roi_align(feature, rois, (3, 3), 0.5, 2)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0.02)
+
+
+def test_pooler_gathers_in_training_and_on_the_fast_path_with_the_same_result():
+    """Over four FPN levels: the training-mode pooler (gather) equals the eval-mode one
+    (torchvision's kernel), gradients included; sampling_ratio 0 (adaptive) always runs
+    torchvision's kernel; optimize_for_inference switches eval mode to the gather."""
+    from maskrcnn.modeling.optimize import optimize_for_inference
+
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 4, 128 // s, 96 // s, generator=g, requires_grad=True) for s in (4, 8, 16, 32)]
+    boxes = [_random_boxes(40, 90.0, g), _random_boxes(25, 120.0, g) * 0.8]
+    pooler = MultiScaleRoIPooler(output_size=7, sampling_ratio=2)
+    device = features[0].device
+    assert pooler.train().gathers(device) and not pooler.eval().gathers(device)
+    assert not MultiScaleRoIPooler(output_size=7, sampling_ratio=0).train().gathers(device)
+    exact = pooler.eval()(features, boxes, [(128, 96), (100, 80)])
+    gathered = pooler.train()(features, boxes, [(128, 96), (100, 80)])
+    torch.testing.assert_close(gathered, exact, rtol=0, atol=1e-5)
+    weights = torch.randn(exact.shape, generator=g)
+    want = torch.autograd.grad(exact, features, weights)
+    have = torch.autograd.grad(gathered, features, weights)
+    for a, b in zip(have, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+    model = build_model(get_preset("small", num_classes=3))
+    poolers = [m for m in model.modules() if isinstance(m, MultiScaleRoIPooler)]
+    assert poolers and not any(p.eval().gathers(device) for p in poolers)
+    assert model.rpn.exact_inference and model.roi_heads.exact_inference
+    optimize_for_inference(model)
+    assert all(p.gathers(device) for p in poolers)
+    assert not model.rpn.exact_inference and not model.roi_heads.exact_inference  # NMS stops at the top-k
 
 
 def test_pooler_empty_rois_and_level_assignment():
@@ -436,3 +539,47 @@ def test_dense_batched_nms_in_chunks_and_empty(monkeypatch):
     monkeypatch.setattr(nms, "_DENSE_ELEMENTS", 1)  # one group per chunk
     assert torch.equal(nms.dense_batched_nms(boxes, scores, idxs, 0.7), box_ops.batched_nms(boxes, scores, idxs, 0.7))
     assert nms.dense_batched_nms(boxes[:0], scores[:0], idxs[:0], 0.7).shape == (0,)
+
+
+def _in_score_then_index_order(keep, scores):
+    """``keep`` reordered by decreasing score, equal scores by index (torchvision's one-call order)."""
+    return torch.tensor(sorted(keep.tolist(), key=lambda i: (-float(scores[i]), i)), dtype=torch.int64)
+
+
+@pytest.mark.parametrize("count,classes", [(3000, 90), (900, 5), (6000, 3), (1500, 1), (1, 1), (40, 40)])
+@pytest.mark.parametrize("max_keep", [1, 100, 1000])
+def test_leading_batched_nms_is_the_full_nms_top_k(count, classes, max_keep):
+    """NMS that stops once it has max_keep boxes: the same boxes as torchvision's full NMS cut to
+    max_keep, equal scores (every fifth score here) in index order."""
+    from torchvision.ops import boxes as box_ops
+
+    from maskrcnn.modeling import nms
+
+    boxes, scores, idxs = _nms_inputs(count, classes, seed=count + classes + max_keep)
+    idxs = idxs * 3
+    full = _in_score_then_index_order(box_ops.batched_nms(boxes, scores, idxs, 0.5), scores)
+    got = nms.batched_nms(boxes, scores, idxs, 0.5, max_keep=max_keep)
+    assert torch.equal(got, full[:max_keep])
+    assert torch.equal(nms.leading_batched_nms(boxes, scores, idxs, 0.5, max_keep), got)
+
+
+def test_leading_batched_nms_across_blocks_and_empty():
+    """Suppressions that reach from one block of the walk into later ones: 700 copies of one box
+    (one survives), then a 30-box chain whose keeping alternates, all in one group, and a second
+    group the first one must not suppress."""
+    from torchvision.ops import boxes as box_ops
+
+    from maskrcnn.modeling import nms
+
+    copies = torch.tensor([[0.0, 0.0, 50.0, 50.0]]).repeat(700, 1)
+    steps = torch.arange(30, dtype=torch.float32)[:, None] * 3.0 + 100
+    chain = torch.cat([steps, torch.zeros(30, 1), steps + 10, torch.full((30, 1), 10.0)], dim=1)
+    boxes = torch.cat([copies, chain, copies[:5] + 1])
+    scores = torch.cat([torch.linspace(1.0, 0.9, 700), torch.linspace(0.8, 0.1, 30), torch.full((5,), 0.05)])
+    idxs = torch.cat([torch.zeros(730, dtype=torch.int64), torch.ones(5, dtype=torch.int64)])
+    full = box_ops.batched_nms(boxes, scores, idxs, 0.5)
+    assert len(full) == 1 + 15 + 1
+    for max_keep in (1, 2, 16, 17, 100):
+        assert torch.equal(nms.leading_batched_nms(boxes, scores, idxs, 0.5, max_keep), full[:max_keep])
+    assert nms.leading_batched_nms(boxes[:0], scores[:0], idxs[:0], 0.5, 10).shape == (0,)
+    assert nms.leading_batched_nms(boxes, scores, idxs, 0.5, 0).shape == (0,)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from maskrcnn.modeling.poolers import MultiScaleRoIPooler
 from maskrcnn.modeling.postprocessing import postprocess_detections
 from maskrcnn.modeling.preprocessing import ImagePreprocessor
 
@@ -51,10 +52,11 @@ class MaskRCNN(nn.Module):
         gt_boxes = [t["boxes"] for t in targets] if targets is not None else None
         proposals, rpn_losses = self.rpn(tuple(batch.tensor.shape[-2:]), batch.image_sizes, features, gt_boxes)
         # RoI heads pool from P2..P5 only; P6 serves the RPN's largest anchors. A one-level
-        # backbone (C4: res4) serves both. roi_align reads NCHW (it copies NHWC input on every
-        # call): one copy per level here serves both heads.
+        # backbone (C4: res4) serves both. torchvision's roi_align reads NCHW (it copies NHWC
+        # input on every call): one copy per level here serves both heads. The CPU's gather
+        # RoIAlign reads NHWC as it is.
         roi_features = features[:-1] if len(features) > 1 else features
-        if self.channels_last:
+        if self.channels_last and not self._poolers_read_nhwc(tensor.device):
             roi_features = [f.contiguous() for f in roi_features]
         detections, head_losses = self.roi_heads(roi_features, proposals, batch.image_sizes, targets)
         if targets is not None:
@@ -63,6 +65,11 @@ class MaskRCNN(nn.Module):
             postprocess_detections(det, resized_size, original_size, mask_threshold)
             for det, resized_size, original_size in zip(detections, batch.image_sizes, original_sizes)
         ]
+
+
+    def _poolers_read_nhwc(self, device: torch.device) -> bool:
+        poolers = [m for m in self.roi_heads.modules() if isinstance(m, MultiScaleRoIPooler)]
+        return bool(poolers) and all(p.gathers(device) for p in poolers)
 
 
 def _check_targets(targets: list[dict[str, Tensor]], num_images: int, needs_masks: bool, needs_keypoints: bool = False) -> None:

@@ -34,8 +34,15 @@ def _torchvision_runs_one_call(boxes: Tensor) -> bool:
     return boxes.numel() <= (4000 if boxes.device.type == "cpu" else 100_000)
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """Indices of the boxes kept by NMS within each ``idxs`` group, by decreasing score."""
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *, max_keep: int | None = None) -> Tensor:
+    """Indices of the boxes kept by NMS within each ``idxs`` group, by decreasing score.
+
+    ``max_keep``: only the first ``max_keep`` of them are wanted (the caller's top-k). On the CPU
+    they are then found by ``leading_batched_nms``, which stops once it has them; equal scores
+    come in index order (torchvision's one-call order), not in the order its per-group path's
+    unstable sort happens to give them."""
+    if max_keep is not None and boxes.device.type == "cpu":
+        return leading_batched_nms(boxes, scores, idxs, iou_threshold, max_keep)
     if boxes.device.type == "cuda" and boxes.shape[0] > 0:
         return dense_batched_nms(boxes, scores, idxs, iou_threshold)
     if _torchvision_runs_one_call(boxes):
@@ -49,15 +56,22 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     return keep[scores[keep].sort(descending=True)[1]]
 
 
+def _overlap_exceeds(a: Tensor, b: Tensor, iou_threshold: float) -> Tensor:
+    """(..., A, 4) and (..., B, 4) -> (..., A, B) bool: IoU above the threshold, computed as
+    torchvision's nms kernels compute it (same operations, same order, same rounding)."""
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter) > iou_threshold
+
+
 def _suppressions(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
     """(G, K, 4) boxes by decreasing score -> (G, K, K) bool: [g, i, j] when the higher-scoring
     box j overlaps box i by more than the threshold, computed as torchvision's kernels do."""
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    lt = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
-    rb = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    over = inter / (area[:, :, None] + area[:, None, :] - inter) > iou_threshold
+    over = _overlap_exceeds(boxes, boxes, iou_threshold)
     k = boxes.shape[1]
     earlier = torch.ones(k, k, dtype=torch.bool, device=boxes.device).tril(-1)  # j < i
     return over & earlier & valid[:, None, :]
@@ -114,3 +128,50 @@ def _dense_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshol
     # equal scores in torchvision's order: its one-call path (up to its size switch) keeps them
     # in index order; its per-class path sorts the kept indices as below
     return kept_idx[scores[kept_idx].sort(descending=True, stable=_torchvision_runs_one_call(boxes))[1]]
+
+
+def leading_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, max_keep: int) -> Tensor:
+    """The first ``max_keep`` indices of ``batched_nms``'s result, without NMS over the rest.
+
+    Whether greedy NMS keeps a box depends only on the boxes of its group that come before it
+    (higher score; equal scores: lower index). So the boxes are walked in that order over all
+    groups at once, a block at a time: a block's boxes first lose those that a box kept so far
+    overlaps, then the rest are settled among themselves as the fixed point of ``dense_batched_nms``
+    (a box stays unless a kept, earlier box of its group in the block overlaps it). The walk stops
+    once ``max_keep`` boxes are kept. At the box head's score threshold 0 (1000 RoIs x 90
+    classes), 100 detections are settled in the first block or two instead of 90 ``nms`` calls
+    over all 90,000 boxes. Exact: the same boxes as the full NMS's first ``max_keep``, by
+    decreasing score, equal scores in index order."""
+    n = boxes.shape[0]
+    if n == 0 or max_keep <= 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    with torch.autocast(boxes.device.type, enabled=False):
+        order = torch.sort(scores, descending=True, stable=True)[1]
+        block = 128  # small blocks: the fixed point's matrix is block x block, settled in a few rounds
+        kept: list[Tensor] = []
+        kept_boxes = boxes.new_empty((0, 4))
+        kept_groups = idxs.new_empty((0,))
+        total = 0
+        for start in range(0, n, block):
+            candidates = order[start : start + block]
+            cand_boxes, cand_groups = boxes[candidates], idxs[candidates]
+            alive = ~(_overlap_exceeds(cand_boxes, kept_boxes, iou_threshold)
+                      & (cand_groups[:, None] == kept_groups[None, :])).any(dim=1)
+            m = candidates.shape[0]
+            earlier = torch.ones(m, m, dtype=torch.bool, device=boxes.device).tril(-1)
+            suppress = (_overlap_exceeds(cand_boxes, cand_boxes, iou_threshold)
+                        & (cand_groups[:, None] == cand_groups[None, :]) & earlier & alive[None, :]).float()
+            keep = alive
+            while True:
+                again = alive & ~((suppress @ keep.float()) > 0)
+                if torch.equal(again, keep):
+                    break
+                keep = again
+            chosen = torch.where(keep)[0]
+            kept.append(candidates[chosen])
+            total += chosen.shape[0]
+            if total >= max_keep:
+                break
+            kept_boxes = torch.cat([kept_boxes, cand_boxes[chosen]])
+            kept_groups = torch.cat([kept_groups, cand_groups[chosen]])
+        return torch.cat(kept)[:max_keep]

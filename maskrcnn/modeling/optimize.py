@@ -8,6 +8,12 @@
 - **channels_last.** Convolution weights and the batched input are stored NHWC, the layout
   oneDNN (CPU) and cuDNN tensor cores (GPU) run natively, so no layout reorders happen
   between layers.
+- **RoIAlign on the CPU** runs as a weighted gather over NHWC rows (``poolers.roi_align_gather``)
+  instead of torchvision's one-thread kernel: the same samples and weights, summed in another
+  order.
+- **NMS stops at the top-k** (``nms.leading_batched_nms``, CPU): the RPN's and the box head's
+  NMS walk the boxes by score and stop once they have the post-NMS top-k, instead of running
+  NMS over every box of every class. The same boxes; equal scores in index order.
 
 The model keeps its outputs' meaning; its ``state_dict`` no longer matches a checkpoint (the
 norms are gone), so save checkpoints from a model that was not optimized. Mixed precision
@@ -78,4 +84,9 @@ def optimize_for_inference(model: nn.Module, *, fold: bool = True, channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)
         model.channels_last = True
+    for module in model.modules():
+        # poolers: the CPU's gather RoIAlign (poolers.py); RPN and box head: NMS that stops
+        # at the top-k (nms.batched_nms)
+        if hasattr(module, "exact_inference"):
+            module.exact_inference = False
     return model

@@ -86,6 +86,10 @@ class RegionProposalNetwork(nn.Module):
         self.nms_thresh = nms_thresh
         self.score_thresh = score_thresh
         self.min_size = min_size
+        # Eval mode runs torchvision's NMS, for its exact outputs (equal scores in the order its
+        # unstable sort gives them); optimize_for_inference turns this off, and training needs
+        # no such order: then NMS stops once it has post_nms_top_n boxes (see nms.batched_nms).
+        self.exact_inference = True
 
     def pre_nms_top_n(self) -> int:
         return self._pre_nms_top_n["training" if self.training else "testing"]
@@ -148,7 +152,9 @@ class RegionProposalNetwork(nn.Module):
             boxes, score, lvl = boxes[keep], score[keep], lvl[keep]
             keep = torch.where(score >= self.score_thresh)[0]
             boxes, score, lvl = boxes[keep], score[keep], lvl[keep]
-            keep = batched_nms(boxes, score, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            top_n = self.post_nms_top_n()
+            leading = top_n if self.training or not self.exact_inference else None
+            keep = batched_nms(boxes, score, lvl, self.nms_thresh, max_keep=leading)[:top_n]
             results.append(boxes[keep])
         return results
 

@@ -62,10 +62,14 @@ def fast_rcnn_inference(
     score_thresh: float,
     nms_thresh: float,
     detections_per_img: int,
+    *,
+    leading_nms: bool = False,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per image: (D, 4) boxes, (D,) scores, (D,) labels after class-wise NMS, best first.
 
     Each RoI yields one candidate per foreground class whose score passes ``score_thresh``.
+    ``leading_nms``: NMS stops once it has ``detections_per_img`` boxes (``nms.batched_nms``'s
+    ``max_keep``; equal scores then come in index order).
     """
     num_classes = pred_class_logits.shape[-1]
     boxes_per_image = [p.shape[0] for p in proposals]
@@ -84,6 +88,7 @@ def fast_rcnn_inference(
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        keep = batched_nms(boxes, scores, labels, nms_thresh, max_keep=detections_per_img if leading_nms else None)
+        keep = keep[:detections_per_img]
         results.append((boxes[keep], scores[keep], labels[keep]))
     return results

@@ -55,6 +55,9 @@ class RoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
+        # Eval mode: torchvision's NMS, for its exact outputs; off on the fast path, where NMS
+        # stops once it has detections_per_img boxes (see nms.batched_nms).
+        self.exact_inference = True
         self.mask_loss_type = mask_loss_type
         # torchvision's attribute names, so its state dicts' keys match
         self.keypoint_roi_pool = keypoint_pooler
@@ -145,7 +148,7 @@ class RoIHeads(nn.Module):
         class_logits, box_deltas = self.box_predictor(box_features)
         detections = fast_rcnn_inference(
             class_logits, box_deltas, proposals, image_sizes, self.box_coder,
-            self.score_thresh, self.nms_thresh, self.detections_per_img,
+            self.score_thresh, self.nms_thresh, self.detections_per_img, leading_nms=not self.exact_inference,
         )
         results = [{"boxes": b, "scores": s, "labels": lb} for b, s, lb in detections]
         if self.has_keypoint:
