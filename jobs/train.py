@@ -291,6 +291,27 @@ def _load_start_weights(model, plan: TrainPlan, storage_options) -> None:
     load_state(model, state, plan.weights, skip_class_specific=plan.reinit_class_layers)
 
 
+def _check_same_run(plan: "TrainPlan", resume_state: dict) -> None:
+    """A resumed run must be the same model on the same classes. Configs are compared field by
+    field, with defaults for fields the saved one leaves out (a run checkpointed by an older
+    version resumes under a newer one that added fields)."""
+    from maskrcnn.config import ModelConfig
+
+    hint = "use a new --output, or the original --annotations/--arch/--weights/--min-size/--max-size"
+    if resume_state["categories"] != plan.categories:
+        raise RuntimeError(f"the run in {plan.output} was started with other categories than this command's; {hint}")
+    try:
+        saved = ModelConfig.from_dict(resume_state["config"])
+    except ValueError as exc:
+        raise RuntimeError(f"the run in {plan.output} was checkpointed with a model config this version cannot read ({exc}); {hint}") from None
+    changed = saved.differences(ModelConfig.from_dict(plan.model_config))
+    if changed:
+        raise RuntimeError(
+            f"the run in {plan.output} was started with another model config than this command's "
+            f"(run -> command: {'; '.join(changed)}); {hint}"
+        )
+
+
 def train_loop_per_worker(config: dict) -> None:
     import torch
     import ray.train
@@ -327,11 +348,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume_state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        if resume_state["categories"] != plan.categories or resume_state["config"] != plan.model_config:
-            raise RuntimeError(
-                f"the run in {plan.output} was started with other categories or another model config than this command's; "
-                "use a new --output, or the original --annotations/--arch/--weights/--min-size/--max-size"
-            )
+        _check_same_run(plan, resume_state)
         model.load_state_dict(resume_state["model"])
     elif plan.weights and rank == 0:
         # Only rank 0 reads the weights: DDP broadcasts rank 0's parameters and buffers to the

@@ -161,6 +161,11 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def differences(self, other: "ModelConfig") -> list[str]:
+        """The fields where ``other`` differs, as ``"rpn.nms_thresh: 0.7 -> 0.5"``; [] when equal.
+        Fields a config (say, one saved by an older version) leaves out count as their defaults."""
+        return _differences(self.to_dict(), other.to_dict(), "")
+
 
 def _to_plain(value: Any) -> Any:
     if isinstance(value, dict):
@@ -168,6 +173,12 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_to_plain(v) for v in value]
     return value
+
+
+def _differences(a: Any, b: Any, where: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b)) for d in _differences(a.get(key), b.get(key), f"{where}.{key}" if where else key)]
+    return [] if a == b else [f"{where}: {a!r} -> {b!r}"]
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:

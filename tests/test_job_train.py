@@ -157,6 +157,33 @@ def test_help_documents_every_option():
         assert name in text
 
 
+def test_a_run_resumes_under_a_config_that_only_adds_defaulted_fields():
+    """A checkpoint's saved model config is compared field by field with the command's: one
+    saved before fields were added (they are missing, so they take their defaults) is the same
+    config; a changed field, an unreadable config or other categories stop the resume, naming
+    what differs."""
+    from types import SimpleNamespace
+
+    from jobs.train import _check_same_run
+    from maskrcnn.config import get_preset
+
+    config = get_preset("small", num_classes=3).to_dict()
+    categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    plan = SimpleNamespace(output="/runs/x", categories=categories, model_config=config)
+    older = json.loads(json.dumps(config))
+    del older["keypoint_head"], older["roi_heads"]["aligned"], older["input"]["train_min_sizes"]
+    _check_same_run(plan, {"categories": categories, "config": older})
+
+    changed = json.loads(json.dumps(older))
+    changed["rpn"]["nms_thresh"] = 0.5
+    with pytest.raises(RuntimeError, match=r"another model config.*rpn\.nms_thresh: 0\.5 -> 0\.7.*new --output"):
+        _check_same_run(plan, {"categories": categories, "config": changed})
+    with pytest.raises(RuntimeError, match=r"cannot read.*nms_treshold"):
+        _check_same_run(plan, {"categories": categories, "config": {**older, "rpn": {"nms_treshold": 0.5}}})
+    with pytest.raises(RuntimeError, match="other categories"):
+        _check_same_run(plan, {"categories": categories[:1], "config": config})
+
+
 def test_train_step_runs_under_bf16_autocast():
     """--precision bf16 (the GPU default) runs the model's forward under autocast; on a CPU here."""
     from maskrcnn.engine import train_step
