@@ -105,6 +105,7 @@ def evaluate(
     from maskrcnn.data import collate_fn
     from maskrcnn.engine import autocast_context
     from maskrcnn.evaluation import evaluate_coco, iou_types_for, predictions_to_coco_results
+    from maskrcnn.modeling.meta_arch import predict_by_orientation
 
     if class_map is None:
         class_map = {k + 1: c["id"] for k, c in enumerate(dataset.categories)}
@@ -120,7 +121,8 @@ def evaluate(
         with torch.inference_mode():
             for images, targets in loader:
                 with autocast_context(torch.device(device), autocast_dtype):
-                    predictions = model([image.to(device, non_blocking=True) for image in images])
+                    # one forward per orientation, as jobs.label runs: the AP is that of its labels
+                    predictions = predict_by_orientation(model, [image.to(device, non_blocking=True) for image in images])
                 ids = [int(t["image_id"]) for t in targets]
                 for prediction in predictions:
                     keep = torch.tensor([int(label) in class_map for label in prediction["labels"].tolist()], dtype=torch.bool)

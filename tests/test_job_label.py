@@ -96,7 +96,8 @@ def test_a_mixed_batch_runs_as_one_batch_per_orientation(tmp_path, checkpoint):
     whole-batch forward gives other detections)."""
     import pickle
 
-    from jobs.labeling.pipeline import LabelSettings, Predictor, decode_batch, orientation_groups
+    from jobs.labeling.pipeline import LabelSettings, Predictor, decode_batch
+    from maskrcnn.modeling.meta_arch import orientation_groups
 
     assert orientation_groups([(48, 64), (64, 48), (50, 50), (70, 40)]) == [[0, 2], [1, 3]]
     assert orientation_groups([(64, 48), (70, 60)]) == [[0, 1]]

@@ -424,6 +424,34 @@ def test_inference_outputs_original_sizes_and_sorted_scores():
         assert bool((out["boxes"][:, 2] <= w + 1e-3).all()) and bool((out["boxes"][:, 3] <= h + 1e-3).all())
 
 
+def test_predict_by_orientation_runs_each_orientation_as_its_own_batch():
+    """Landscape (and square) images in one forward, portrait ones in another, the per-image
+    keyword arguments split alike; the predictions come back in the images' order."""
+    from maskrcnn.modeling.meta_arch import orientation_groups, predict_by_orientation
+
+    assert orientation_groups([(48, 64), (64, 48), (50, 50), (70, 40)]) == [[0, 2], [1, 3]]
+    assert orientation_groups([(64, 48), (70, 60)]) == [[0, 1]]
+    assert orientation_groups([]) == []
+    model = _small_model()
+    model.roi_heads.score_thresh = 0.0
+    model.eval()
+    g = torch.Generator().manual_seed(4)
+    images = [torch.rand(3, h, w, generator=g) for h, w in [(60, 90), (100, 70), (64, 64), (120, 50)]]
+    originals = [(2 * h, 2 * w) for h, w in [(60, 90), (100, 70), (64, 64), (120, 50)]]
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    with torch.inference_mode():
+        got = predict_by_orientation(model, images, original_sizes=originals)
+        alone = {}
+        for group in ([0, 2], [1, 3]):
+            alone.update(zip(group, model([images[i] for i in group], original_sizes=[originals[i] for i in group])))
+    assert calls == [2, 2, 2, 2]
+    for i, out in enumerate(got):
+        assert out["masks"].shape[-2:] == originals[i]
+        torch.testing.assert_close(out["boxes"], alone[i]["boxes"])
+        torch.testing.assert_close(out["scores"], alone[i]["scores"])
+
+
 def test_inference_with_no_detections():
     model = _small_model()
     model.roi_heads.score_thresh = 1.0

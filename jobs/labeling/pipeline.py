@@ -46,6 +46,7 @@ from jobs.labeling.schema import OUTPUT_SCHEMA, PIECE_SCHEMA, instances_array
 from maskrcnn.data.images import as_float
 from maskrcnn.engine import autocast_context, autocast_dtype
 from maskrcnn.masks import encode_crops
+from maskrcnn.modeling.meta_arch import predict_by_orientation
 from maskrcnn.modeling.optimize import optimize_for_inference
 from maskrcnn.storage import filesystem
 
@@ -223,16 +224,6 @@ def crop_masks(masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return extents_cpu, np.packbits(flat)
 
 
-def orientation_groups(sizes: list[tuple[int, int]]) -> list[list[int]]:
-    """A batch's indices split into its landscape (and square) images and its portrait ones, each
-    in order; one group when all share an orientation. A batch is padded to its largest height
-    and its largest width: a 480x640 beside a 640x480 pads both to 1088x1088 after the model's
-    resize, 1.4x the pixels of either. Apart, each group pads only within itself."""
-    landscape = [i for i, (h, w) in enumerate(sizes) if w >= h]
-    portrait = [i for i, (h, w) in enumerate(sizes) if w < h]
-    return [g for g in (landscape, portrait) if g]
-
-
 class Predictor:
     """One model per actor: loads the checkpoint once from its URI, then labels batches."""
 
@@ -263,14 +254,9 @@ class Predictor:
         with torch.inference_mode(), self._stream():
             # uint8 images become float on the device, as maskrcnn.data.images.to_rgb_float does
             images = [as_float(img.to(self.device, non_blocking=True)) for img in images]
-            packed: list = [None] * len(images)
             with autocast_context(self.device, self.autocast_dtype):
-                for group in orientation_groups([tuple(img.shape[-2:]) for img in images]):
-                    outputs = self.model([images[i] for i in group], resized=[resized[i] for i in group],
-                                         original_sizes=[sizes[i] for i in group])
-                    for i, out in zip(group, outputs):
-                        packed[i] = self._pack(out)  # on this thread's stream: it waits for its own work
-            return packed
+                outputs = predict_by_orientation(self.model, images, resized=resized, original_sizes=sizes)
+            return [self._pack(out) for out in outputs]  # on this thread's stream: it waits for its own work
 
     @staticmethod
     def _pack(out: dict[str, torch.Tensor]) -> bytes:
