@@ -10,6 +10,7 @@ import torch
 from maskrcnn.data import CocoDataset
 from maskrcnn.data.synthetic import make_sample_dataset
 from maskrcnn.evaluation import STAT_NAMES, evaluate_coco, evaluate_model, predictions_to_coco_results
+from maskrcnn.modeling.meta_arch import orientation_groups
 
 HEADLINES = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")
 
@@ -118,28 +119,30 @@ def test_summary_is_logged_not_printed(dataset, capsys, caplog):
 
 
 class _Oracle(torch.nn.Module):
-    """Returns the ground truth of the images it is shown, in dataset order."""
+    """Returns the ground truth of the images it is shown, whichever they are and in whichever
+    order: each image is recognised by its pixels."""
 
-    def __init__(self, predictions):
+    def __init__(self, dataset, predictions):
         super().__init__()
-        self.predictions = list(predictions)
+        self.known = [(dataset[i][0], prediction) for i, prediction in enumerate(predictions)]
         self.calls = []
 
     def forward(self, images):
         assert not self.training and torch.is_inference_mode_enabled()
-        self.calls.append(len(images))
-        out = self.predictions[: len(images)]
-        del self.predictions[: len(images)]
-        for image, prediction in zip(images, out):
-            assert image.shape[-2:] == prediction["masks"].shape[-2:]
-        return out
+        self.calls.append([tuple(image.shape[-2:]) for image in images])
+        return [next(p for known, p in self.known if known.shape == image.shape and torch.equal(known, image)) for image in images]
 
 
 def test_evaluate_model(dataset):
     predictions, _ = _ground_truth_predictions(dataset)
-    model = _Oracle(predictions)
+    model = _Oracle(dataset, predictions)
     model.train()
     metrics = evaluate_model(model, dataset, batch_size=5)
-    assert model.calls == [5, 5, 2]
+    # batches of 5, 5 and 2, each run as one forward per orientation
+    sizes = [tuple(dataset[i][0].shape[-2:]) for i in range(len(dataset))]
+    expected = [[sizes[start + i] for i in group] for start in (0, 5, 10)
+                for group in orientation_groups(sizes[start : min(start + 5, len(sizes))])]
+    assert model.calls == expected and sum(map(len, expected)) == len(dataset) == 12
+    assert len({w >= h for h, w in sizes}) == 2, "the sample images should hold both orientations"
     for key in HEADLINES:
         assert metrics[key] == pytest.approx(1.0), key
