@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from maskrcnn.data.transforms import Compose, RandomHorizontalFlip, hflip
@@ -66,3 +67,22 @@ def test_compose_applies_in_order():
 
     out_image, _ = Compose([tag("a"), RandomHorizontalFlip(1.0), tag("b")])(image, target)
     assert calls == ["a", "b"] and torch.equal(out_image, image.flip(-1))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (7, 1), (5, 4)])
+def test_decoded_images_own_their_pixels(size):
+    """PIL hands numpy a read-only buffer; the (3, H, W) tensor must be a writable copy of it
+    at every size, 1-pixel-wide images included (their transpose is already contiguous)."""
+    import warnings
+
+    from PIL import Image
+
+    from maskrcnn.data.images import to_rgb_tensor
+
+    image = Image.new("RGB", size, (10, 20, 30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+        tensor = to_rgb_tensor(image)
+    assert tuple(tensor.shape) == (3, size[1], size[0]) and tensor[:, 0, 0].tolist() == [10, 20, 30]
+    tensor.zero_()
+    assert image.getpixel((0, 0)) == (10, 20, 30)

@@ -43,4 +43,6 @@ def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
     if image.mode != "RGB":
         image = image.convert("RGB")
     array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    # a copy in (3, H, W) order; always a copy, so never PIL's read-only buffer (a 1-pixel-wide
+    # image's transpose is already contiguous, and ascontiguousarray would hand that buffer on)
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))
