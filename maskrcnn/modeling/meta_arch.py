@@ -66,7 +66,6 @@ class MaskRCNN(nn.Module):
             for det, resized_size, original_size in zip(detections, batch.image_sizes, original_sizes)
         ]
 
-
     def _poolers_read_nhwc(self, device: torch.device) -> bool:
         poolers = [m for m in self.roi_heads.modules() if isinstance(m, MultiScaleRoIPooler)]
         return bool(poolers) and all(p.gathers(device) for p in poolers)

@@ -77,6 +77,26 @@ def _suppressions(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
     return over & earlier & valid[:, None, :]
 
 
+def _settle(suppress: Tensor, valid: Tensor) -> Tensor:
+    """Greedy NMS's kept boxes as the fixed point of "kept unless a kept box that ``suppress``
+    marks overlaps it": ``suppress`` (G, K, K) 0/1 in the dtype to multiply in (half precision
+    is exact here: the products accumulate in fp32), ``valid`` (G, K) the real boxes. A round is
+    one batched matrix-vector product; a few rounds run between checks, as each check syncs
+    the host on a GPU."""
+
+    def round_(kept: Tensor) -> Tensor:
+        return valid & ~(torch.bmm(suppress, kept.to(suppress.dtype)[..., None])[..., 0] > 0)
+
+    kept = valid
+    while True:
+        for _ in range(4):
+            kept = round_(kept)
+        again = round_(kept)
+        if torch.equal(again, kept):
+            return kept
+        kept = again
+
+
 def dense_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """``batched_nms``'s result (torchvision's kept indices, in its order), computed for all
     groups at once: the GPU path (see the module's notes). Works on any device."""
@@ -106,22 +126,7 @@ def _dense_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshol
     per_chunk = max(1, _DENSE_ELEMENTS // (k * k))
     for start in range(0, num_groups, per_chunk):
         sl = slice(start, start + per_chunk)
-        # 0/1 in half precision on a GPU (exact; the products accumulate in fp32): a round is
-        # then one batched matrix-vector product
-        suppress = _suppressions(padded[sl], valid[sl], iou_threshold).to(dtype)
-        kept = valid[sl]
-
-        def round_(kept: Tensor) -> Tensor:
-            return valid[sl] & ~(torch.bmm(suppress, kept.to(dtype)[..., None])[..., 0] > 0)
-
-        while True:
-            for _ in range(4):  # a few rounds between checks: each check syncs the host
-                kept = round_(kept)
-            again = round_(kept)
-            if torch.equal(again, kept):
-                break
-            kept = again
-        keep[sl] = kept
+        keep[sl] = _settle(_suppressions(padded[sl], valid[sl], iou_threshold).to(dtype), valid[sl])
     keep_sorted = torch.zeros(n, dtype=torch.bool, device=device)
     keep_sorted[order] = keep[inverse, slot]
     kept_idx = torch.where(keep_sorted)[0]
@@ -157,17 +162,9 @@ def leading_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_thresho
             cand_boxes, cand_groups = boxes[candidates], idxs[candidates]
             alive = ~(_overlap_exceeds(cand_boxes, kept_boxes, iou_threshold)
                       & (cand_groups[:, None] == kept_groups[None, :])).any(dim=1)
-            m = candidates.shape[0]
-            earlier = torch.ones(m, m, dtype=torch.bool, device=boxes.device).tril(-1)
-            suppress = (_overlap_exceeds(cand_boxes, cand_boxes, iou_threshold)
-                        & (cand_groups[:, None] == cand_groups[None, :]) & earlier & alive[None, :]).float()
-            keep = alive
-            while True:
-                again = alive & ~((suppress @ keep.float()) > 0)
-                if torch.equal(again, keep):
-                    break
-                keep = again
-            chosen = torch.where(keep)[0]
+            # the block as one group of _suppressions, then only pairs of the same group
+            suppress = _suppressions(cand_boxes[None], alive[None], iou_threshold)[0] & (cand_groups[:, None] == cand_groups[None, :])
+            chosen = torch.where(_settle(suppress[None].float(), alive[None])[0])[0]
             kept.append(candidates[chosen])
             total += chosen.shape[0]
             if total >= max_keep:
