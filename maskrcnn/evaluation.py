@@ -180,10 +180,10 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, batch_size: int = 2, de
     :func:`evaluate_coco`'s metrics against ``dataset.coco`` on the dataset's images.
 
     ``model(list of (3, H, W) images)`` must return one prediction dict per image at the
-    image's own size. A batch runs as one forward per orientation (landscape, portrait), as
+    image's own size. A batch runs as one forward per padded size (``predict_by_size``), as
     jobs.label runs it. Masks are encoded batch by batch, so memory stays flat.
     """
-    from maskrcnn.modeling.meta_arch import predict_by_orientation
+    from maskrcnn.modeling.meta_arch import predict_by_size
 
     model.eval()
     results: list[dict] = []
@@ -193,7 +193,7 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, batch_size: int = 2, de
             batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             images = [image.to(device) for image, _ in batch]
             batch_ids = [int(target["image_id"]) for _, target in batch]
-            predictions = predict_by_orientation(model, images)  # as jobs.label runs it
+            predictions = predict_by_size(model, images)  # as jobs.label runs it
             results.extend(predictions_to_coco_results(predictions, batch_ids, dataset.class_to_category_id))
             image_ids.extend(batch_ids)
     return evaluate_coco(dataset.coco, results, image_ids=image_ids, iou_types=iou_types_for(model))

@@ -424,32 +424,45 @@ def test_inference_outputs_original_sizes_and_sorted_scores():
         assert bool((out["boxes"][:, 2] <= w + 1e-3).all()) and bool((out["boxes"][:, 3] <= h + 1e-3).all())
 
 
-def test_predict_by_orientation_runs_each_orientation_as_its_own_batch():
-    """Landscape (and square) images in one forward, portrait ones in another, the per-image
-    keyword arguments split alike; the predictions come back in the images' order."""
-    from maskrcnn.modeling.meta_arch import orientation_groups, predict_by_orientation
+def test_predict_by_size_gives_each_image_its_batch_1_detections():
+    """Images are batched only with others of their padded size, so each gets the detections it
+    gets alone (the small preset's GroupNorm and every conv bias see the padding: a whole-batch
+    forward gives others); per-image keyword arguments are split alike and the predictions come
+    back in the images' order."""
+    from maskrcnn.modeling.meta_arch import predict_by_size, size_groups
 
-    assert orientation_groups([(48, 64), (64, 48), (50, 50), (70, 40)]) == [[0, 2], [1, 3]]
-    assert orientation_groups([(64, 48), (70, 60)]) == [[0, 1]]
-    assert orientation_groups([]) == []
+    assert size_groups([(64, 96), (96, 64), (64, 96), (64, 64)]) == [[0, 2], [1], [3]]
+    assert size_groups([]) == []
     model = _small_model()
     model.roi_heads.score_thresh = 0.0
     model.eval()
     g = torch.Generator().manual_seed(4)
-    images = [torch.rand(3, h, w, generator=g) for h, w in [(60, 90), (100, 70), (64, 64), (120, 50)]]
-    originals = [(2 * h, 2 * w) for h, w in [(60, 90), (100, 70), (64, 64), (120, 50)]]
+    shapes = [(60, 90), (100, 70), (61, 92), (120, 50), (58, 88)]
+    images = [torch.rand(3, h, w, generator=g) for h, w in shapes]
+    originals = [(2 * h, 2 * w) for h, w in shapes]
+    padded = [model.transform.padded_size(h, w) for h, w in shapes]
+    assert padded[0] == padded[2] == padded[4] and len(set(padded)) == 3, padded
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
     with torch.inference_mode():
-        got = predict_by_orientation(model, images, original_sizes=originals)
-        alone = {}
-        for group in ([0, 2], [1, 3]):
-            alone.update(zip(group, model([images[i] for i in group], original_sizes=[originals[i] for i in group])))
-    assert calls == [2, 2, 2, 2]
+        got = predict_by_size(model, images, original_sizes=originals)
+        alone = [model([image], original_sizes=[size])[0] for image, size in zip(images, originals)]
+        together = model(images, original_sizes=originals)
+    assert calls[:3] == [3, 1, 1]
+    calls.clear()
+    with torch.inference_mode():
+        chunked = predict_by_size(model, images, max_batch=2, original_sizes=originals)
+    assert calls == [2, 1, 1, 1]  # the group of 3 in forwards of at most 2
+    for out, exp in zip(chunked, alone):
+        torch.testing.assert_close(out["scores"], exp["scores"], atol=1e-5, rtol=0)
     for i, out in enumerate(got):
         assert out["masks"].shape[-2:] == originals[i]
-        torch.testing.assert_close(out["boxes"], alone[i]["boxes"])
-        torch.testing.assert_close(out["scores"], alone[i]["scores"])
+        assert torch.equal(out["labels"], alone[i]["labels"])
+        torch.testing.assert_close(out["boxes"], alone[i]["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(out["scores"], alone[i]["scores"], atol=1e-5, rtol=0)
+    # the case the grouping avoids: padded with the others, the same images detect differently
+    assert any(together[i]["scores"].shape != alone[i]["scores"].shape
+               or not torch.allclose(together[i]["scores"], alone[i]["scores"], atol=1e-5) for i in range(len(images)))
 
 
 def test_inference_with_no_detections():

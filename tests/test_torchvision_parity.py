@@ -167,3 +167,120 @@ def test_written_back_in_torchvision_layout(tv_state):
     assert all(k.endswith("num_batches_tracked") for k in missing) and not unexpected
     for key, value in exported.items():
         assert torch.equal(reference.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------- through jobs.label, as users run it
+
+
+def _mixed_size_images(folder):
+    """Images of five sizes, landscape and portrait, some sharing a padded size at 400/560
+    (200x260 and 210x270 both pad to 416x544) and some not: in a batch of any size, some pad
+    others. Saved as PNG, and returned as the float images the job decodes (uint8 / 255)."""
+    from PIL import Image
+
+    images, uris = [], []
+    for k, size in enumerate([(200, 260), (333, 250), (210, 270), (200, 260), (300, 300), (333, 250), (190, 330), (210, 270)]):
+        (image,), _ = synthetic_batch(torch.Generator().manual_seed(100 + k), count=1, size=size)
+        pixels = (image * 255).round().to(torch.uint8)
+        uri = str(folder / f"{k:02d}.png")
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(uri)
+        images.append(pixels.float() / 255)
+        uris.append(uri)
+    return images, uris
+
+
+def _label(tmp_path, name, images_dir, checkpoint, categories, *extra):
+    from jobs.label import main as label_main
+    from tests.labeling_helpers import read_output
+
+    out = str(tmp_path / name)
+    assert label_main(["--input", str(images_dir), "--output", out, "--checkpoint", checkpoint, "--arch", "r50_fpn",
+                       "--categories", categories, "--min-size", "400", "--max-size", "560", *extra]) == 0
+    rows = read_output(out).to_pylist()
+    return {row["image_uri"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def labelled(tv_state, tmp_path_factory, ray_local):
+    """The mixed-size images labelled by jobs.label with torchvision's weights (a bare state dict)
+    at its default batch size, and again at --batch-size 1 and 8 with other shard sizes."""
+    import json
+
+    tmp_path = tmp_path_factory.mktemp("tv_label")
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    images, uris = _mixed_size_images(images_dir)
+    checkpoint = str(tmp_path / "tv.pth")
+    torch.save(tv_state, checkpoint)
+    categories = str(tmp_path / "categories.json")
+    with open(categories, "w") as f:
+        json.dump({"categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]}, f)
+    runs = {
+        "default": _label(tmp_path, "default", images_dir, checkpoint, categories),
+        "batch1": _label(tmp_path, "batch1", images_dir, checkpoint, categories, "--batch-size", "1", "--shard-size", "3"),
+        "batch8": _label(tmp_path, "batch8", images_dir, checkpoint, categories, "--batch-size", "8", "--shard-size", "5"),
+    }
+    return images, uris, runs
+
+
+def test_jobs_label_at_its_defaults_gives_torchvisions_detections(tv_state, labelled):
+    """jobs.label as users run it (default batch size, fast path, mixed image sizes in a batch)
+    against torchvision's model on each image alone: every confident detection (>= 0.3) has its
+    twin both ways (same category, box within 0.01 px, score within 1e-4; the fast path's
+    criteria, see test_fast_path_same_detections_as_torchvision), and the twins' masks agree."""
+    from maskrcnn.masks import decode_masks
+
+    images, uris, runs = labelled
+    reference, _ = _models(tv_state, 400, 560)
+    confident = 0
+    ious = []
+    for image, uri in zip(images, uris):
+        with torch.inference_mode():
+            (exp,) = reference([image])
+        row = runs["default"][uri]
+        assert row["error"] is None and (row["height"], row["width"]) == tuple(image.shape[-2:])
+        instances = row["instances"]
+        out = {
+            "boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (i["bbox"] for i in instances)]).reshape(-1, 4),
+            "scores": torch.tensor([i["score"] for i in instances]),
+            "labels": torch.tensor([i["category_id"] for i in instances], dtype=torch.int64),
+        }
+        pairs = _pairs(exp, out, box_tol=0.01, score_tol=1e-4)
+        matched_exp, matched_out = {i for i, _ in pairs}, {j for _, j in pairs}
+        for k in range(len(exp["scores"])):
+            assert k in matched_exp or float(exp["scores"][k]) < 0.3, f"{uri}: torchvision's confident detection {k} has no twin"
+        for k in range(len(out["scores"])):
+            assert k in matched_out or float(out["scores"][k]) < 0.3, f"{uri}: the job's confident detection {k} has no twin"
+        confident += int((exp["scores"] >= 0.3).sum())
+        masks = torch.from_numpy(decode_masks([instances[j]["mask"] for _, j in pairs], *image.shape[-2:])).bool()
+        for (i, _), mask in zip(pairs, masks):
+            ious.append(_mask_iou(mask[None], (exp["masks"][i, 0] >= 0.5)[None]).item())
+    assert confident >= 8, "the reference weights must give confident detections, or the test proves little"
+    assert min(ious) >= 0.8 and sorted(ious)[len(ious) // 2] >= 0.99, sorted(ious)[:5]
+
+
+def test_an_images_labels_do_not_depend_on_its_batch(labelled):
+    """The same image, labelled at --batch-size 1, 4 and 8 with other shards around it, gets the
+    same row: same categories and masks, boxes and scores equal up to the float rounding of a
+    batched kernel."""
+    from maskrcnn.masks import decode_masks
+
+    _, uris, runs = labelled
+    compared = 0
+    ious = []
+    for uri in uris:
+        alone = runs["batch1"][uri]
+        for name in ("default", "batch8"):
+            row = runs[name][uri]
+            assert (row["width"], row["height"], row["error"]) == (alone["width"], alone["height"], alone["error"])
+            assert [i["category_id"] for i in row["instances"]] == [i["category_id"] for i in alone["instances"]], (name, uri)
+            for got, exp in zip(row["instances"], alone["instances"]):
+                assert abs(got["score"] - exp["score"]) <= 1e-5, (name, uri)
+                assert max(abs(a - b) for a, b in zip(got["bbox"], exp["bbox"])) <= 1e-3, (name, uri)
+                masks = torch.from_numpy(decode_masks([got["mask"], exp["mask"]])).bool()
+                ious.append(_mask_iou(masks[:1], masks[1:]).item())
+                compared += 1
+    assert compared >= 3 * len(uris)
+    # Pasting truncates a box to whole pixels: a box 1e-5 px across an integer moves a mask's
+    # edge by a pixel. So nearly all masks are the same bits, none far off.
+    assert min(ious) >= 0.9 and sum(iou == 1.0 for iou in ious) >= 0.95 * len(ious), sorted(ious)[:5]

@@ -94,25 +94,40 @@ def _check_targets(targets: list[dict[str, Tensor]], num_images: int, needs_mask
             raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no positive width and height")
 
 
-def orientation_groups(sizes: list[tuple[int, int]]) -> list[list[int]]:
-    """A batch's indices split into its landscape (and square) images and its portrait ones, each
-    in order; one group when all share an orientation. A batch is padded to its largest height
-    and its largest width: a 480x640 beside a 640x480 pads both to 1088x1088 after the model's
-    resize, 1.4x the pixels of either. Apart, each group pads only within itself."""
-    landscape = [i for i, (h, w) in enumerate(sizes) if w >= h]
-    portrait = [i for i, (h, w) in enumerate(sizes) if w < h]
-    return [g for g in (landscape, portrait) if g]
+def size_groups(padded_sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """A batch's indices grouped by the padded size each image has alone, groups in order of
+    first appearance, indices in order within each."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(padded_sizes):
+        groups.setdefault(tuple(size), []).append(i)
+    return list(groups.values())
 
 
-def predict_by_orientation(model: nn.Module, images: list[Tensor], **per_image: list) -> list[dict[str, Tensor]]:
-    """``model(images, **per_image)`` in eval mode, run as one forward per orientation group
-    (``orientation_groups``): the predictions, in the images' order. ``per_image``: keyword
-    arguments that hold one value per image (``resized``, ``original_sizes``), split alike.
-    On the CPU, 2 + 2 landscape and portrait images at 800 px take 19.0 s this way instead of
-    29.2 s in one forward (R50-FPN, one thread); a model with GroupNorm also sees less padding."""
+def predict_by_size(model: nn.Module, images: list[Tensor], max_batch: int | None = None, **per_image: list) -> list[dict[str, Tensor]]:
+    """``model(images, **per_image)`` in eval mode, run as one forward per group of images that
+    are padded to the same size (``size_groups``): the predictions, in the images' order.
+
+    Why: a batch is zero-padded to its largest image, and the padding is not zero after the first
+    convolution (biases, folded norms) nor to GroupNorm's statistics, so an image's features near
+    its right and bottom borders, and so its detections, would depend on which images share its
+    batch. Batched only with images of its own padded size, each image sees exactly the tensor it
+    sees alone: its labels are those of batch 1, whatever the batch, shard or job (and a GPU sees
+    few distinct shapes). ``per_image``: keyword arguments that hold one value per image
+    (``resized``, ``original_sizes``), split alike; ``resized`` also tells the padded size.
+    ``max_batch``: at most this many images per forward (a group is cut into chunks)."""
+    resized = per_image.get("resized", False)
+    flags = [resized] * len(images) if isinstance(resized, bool) else list(resized)
+    shapes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    padded_size = getattr(getattr(model, "transform", None), "padded_size", None)
+    # Another model (torchvision's, a test's): images of one shape pad alike in any model.
+    padded = [padded_size(h, w, flag) for (h, w), flag in zip(shapes, flags)] if padded_size else shapes
     predictions: list = [None] * len(images)
-    for group in orientation_groups([(int(img.shape[-2]), int(img.shape[-1])) for img in images]):
-        outputs = model([images[i] for i in group], **{k: [v[i] for i in group] for k, v in per_image.items()})
+    groups = size_groups(padded)
+    if max_batch is not None:
+        groups = [g[k : k + max_batch] for g in groups for k in range(0, len(g), max_batch)]
+    for group in groups:
+        kwargs = {k: ([v[i] for i in group] if isinstance(v, (list, tuple)) else v) for k, v in per_image.items()}
+        outputs = model([images[i] for i in group], **kwargs)
         for i, out in zip(group, outputs):
             predictions[i] = out
     return predictions

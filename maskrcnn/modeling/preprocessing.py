@@ -144,6 +144,14 @@ class ImagePreprocessor(torch.nn.Module):
             out_images.append(image)
         return batch_images(out_images, self.size_divisible), out_targets
 
+    def padded_size(self, height: int, width: int, resized: bool = False) -> tuple[int, int]:
+        """The (H, W) of the batch tensor that an (height, width) image alone is padded to in eval
+        mode: resized (unless it already is), then rounded up to ``size_divisible``."""
+        if not resized:
+            height, width = resized_size(height, width, self.min_size, self.max_size)
+        d = self.size_divisible
+        return int(math.ceil(height / d) * d), int(math.ceil(width / d) * d)
+
     def _min_size(self) -> float:
         if self.training and self.train_min_sizes:
             # torchvision's draw (GeneralizedRCNNTransform.torch_choice), from torch's RNG
