@@ -1,0 +1,240 @@
+"""Which Ray a job runs on, and how it ends: jobs.common.init_ray and run_main, through real
+`python -m jobs.label` processes.
+
+Each job here gets its own RAY_TMPDIR: Ray derives every path it looks at from it (its
+``ray_current_cluster`` record, its session folders), so these tests neither see nor disturb
+the other Rays of the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.common import JobError, run_main
+from jobs.label import main as label_main
+from jobs.labeling.inputs import iter_input_uris
+from tests.labeling_helpers import local_parts, make_checkpoint, process_table, read_output, rgb_noise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
+    make_checkpoint(path)
+    return path
+
+
+def _images(root: Path, count: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rgb_noise(64, 48, seed=i).save(root / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def few_images(tmp_path_factory) -> Path:
+    return _images(tmp_path_factory.mktemp("few"), 12)
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    return _images(tmp_path_factory.mktemp("many"), 60)
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A short, private RAY_TMPDIR (Unix socket paths under it must stay short)."""
+    path = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(ray_tmpdir: str, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmpdir, PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+class Job:
+    """`python -m jobs.label ...` in a subprocess; its output collected line by line."""
+
+    def __init__(self, args: list[str], env: dict):
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jobs.label", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if predicate():
+                return True
+            time.sleep(0.05)
+        return predicate()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"the job did not end within {timeout} s; its output:\n" + self.output[-3000:])
+        self._reader.join(timeout=10)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _label_args(images: Path, output: Path, checkpoint: str, *extra: str) -> list[str]:
+    return ["--input", str(images), "--output", str(output), "--checkpoint", checkpoint, *extra]
+
+
+def _assert_each_image_once(output: Path, images: Path) -> None:
+    uris = read_output(str(output)).column("image_uri").to_pylist()
+    assert len(uris) == len(set(uris)) and sorted(uris) == sorted(iter_input_uris(str(images)))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _processes_under(path: str) -> list[int]:
+    return [pid for pid, (_, cmdline) in process_table().items() if path in cmdline and pid != os.getpid()]
+
+
+# ---------------------------------------------------------------- errors are one line, no Ray
+
+
+def test_value_and_job_errors_are_one_line_exit_2(capsys):
+    def bad_value(argv):
+        raise ValueError("--thing must be positive")
+
+    def bad_input(argv):
+        raise JobError("no such file")
+
+    for main, message in ((bad_value, "error: --thing must be positive"), (bad_input, "error: no such file")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(main, [])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.strip() == message and "Traceback" not in err
+
+
+def test_a_ray_address_that_does_not_answer_is_one_line_quickly(tmp_path, checkpoint, few_images, ray_tmpdir):
+    dead = f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    job = Job(_label_args(few_images, tmp_path / "out", checkpoint), _env(ray_tmpdir, RAY_ADDRESS=dead))
+    assert job.wait(120) == 2, job.output[-3000:]
+    assert time.monotonic() - started < 60
+    assert f"error: cannot reach the Ray cluster at {dead} (from RAY_ADDRESS)" in job.lines[-1], job.output[-3000:]
+    assert "Traceback" not in job.output
+    # --address says the same, naming the option
+    job = Job(_label_args(few_images, tmp_path / "out", checkpoint, "--address", dead), _env(ray_tmpdir))
+    assert job.wait(120) == 2, job.output[-3000:]
+    assert f"error: cannot reach the Ray cluster at {dead} (from --address)" in job.lines[-1], job.output[-3000:]
+
+
+# ---------------------------------------------------------------- which Ray
+
+
+def test_another_programs_private_ray_is_never_joined(tmp_path, checkpoint, few_images, ray_tmpdir):
+    """Another program's private ``ray.init()`` on this machine (in the same RAY_TMPDIR, even) is
+    not the job's: it writes no ``ray_current_cluster``, the job starts its own Ray, and
+    killing the other program mid-run costs the job nothing. Also: the line per committed
+    shard that a job prints when its stdout is not a terminal."""
+    other_code = (
+        "import ray, time; ray.init(num_cpus=1, include_dashboard=False); "
+        "print('up', ray.get_runtime_context().gcs_address, flush=True); time.sleep(600)"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", other_code], env=_env(ray_tmpdir), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, start_new_session=True,
+    )
+    try:
+        line = other.stdout.readline()
+        assert line.startswith("up "), line
+        other_address = line.split()[1]
+        assert not os.path.exists(os.path.join(ray_tmpdir, "ray", "ray_current_cluster")), "a private ray.init() wrote the record"
+
+        output = tmp_path / "out"
+        job = Job(_label_args(few_images, output, checkpoint, "--shard-size", "2"), _env(ray_tmpdir))
+        assert job.wait_for(lambda: any(s.startswith("ray: ") for s in job.lines), 180), job.output[-3000:]
+        os.killpg(other.pid, signal.SIGKILL)  # the other program goes away mid-run
+        other.wait(timeout=30)
+        assert job.wait(240) == 0, job.output[-3000:]
+    finally:
+        if other.poll() is None:
+            os.killpg(other.pid, signal.SIGKILL)
+            other.wait(timeout=30)
+    where = next(s for s in job.lines if s.startswith("ray: "))
+    assert where.startswith("ray: private local Ray (") and other_address not in job.output, where
+    _assert_each_image_once(output, few_images)
+    progress = [s for s in job.lines if s.startswith("shard ") and " committed: " in s]
+    assert progress, job.output[-3000:]
+    assert progress[-1].startswith("shard 6/6 committed: 12 of 12 images, ") and " images/s, ETA " in progress[-1], progress
+
+
+def test_a_stale_ray_start_record_is_warned_about_and_skipped(tmp_path, checkpoint, few_images, ray_tmpdir):
+    """``ray_current_cluster`` names a head that is gone (``ray start`` then a reboot or a crash):
+    Ray's own ``address="auto"`` would retry it for ever; the job says so and runs on a private Ray."""
+    dead = f"127.0.0.1:{_free_port()}"
+    os.makedirs(os.path.join(ray_tmpdir, "ray"))
+    with open(os.path.join(ray_tmpdir, "ray", "ray_current_cluster"), "w") as f:
+        f.write(dead)
+    output = tmp_path / "out"
+    job = Job(_label_args(few_images, output, checkpoint), _env(ray_tmpdir))
+    assert job.wait(240) == 0, job.output[-3000:]
+    assert any(s.startswith("warning: the `ray start` head recorded in") and dead in s and "does not answer" in s for s in job.lines), job.output[-3000:]
+    assert any(s.startswith("ray: private local Ray (") for s in job.lines), job.output[-3000:]
+    _assert_each_image_once(output, few_images)
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_job_says_how_far_it_got_and_resumes(tmp_path, checkpoint, many_images, ray_tmpdir, ray_local, capsys, sig, code):
+    output = tmp_path / "out"
+    args = _label_args(many_images, output, checkpoint, "--shard-size", "2", "--batch-size", "1")
+    job = Job(args, _env(ray_tmpdir))
+    assert job.wait_for(lambda: local_parts(str(output)), 240), job.output[-3000:]
+    job.process.send_signal(sig)
+    sent = time.monotonic()
+    assert job.wait(120) == code, job.output[-3000:]
+    assert time.monotonic() - sent < 60
+    committed = len(local_parts(str(output)))
+    assert 1 <= committed < 30, job.output[-3000:]
+    assert f"interrupted: {committed} of 30 shards committed; run the same command again to resume" in job.lines, job.output[-3000:]
+    assert "Traceback" not in job.output, job.output[-5000:]
+    # its private Ray went with it
+    deadline = time.monotonic() + 30
+    while _processes_under(ray_tmpdir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_under(ray_tmpdir)
+
+    assert label_main(args) == 0  # the rerun (in this process, on the session's Ray)
+    assert f"{30 - committed} labelled this run, {committed} already done" in capsys.readouterr().out
+    _assert_each_image_once(output, many_images)
