@@ -26,8 +26,10 @@ bench: install
 	$(BIN)/python -m benchmarks.label_pipeline
 	$(BIN)/python -m benchmarks.train_step
 
+# Build and test artefacts only: never runs/ or data/ (the README's examples put a user's labels and models there).
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache build dist
+	find . -path ./runs -prune -o -path ./data -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -type d -prune -exec rm -rf {} +
 
 # The paper's Table 2 ablations at CPU scale (~18 min on the shared 2-core CPU): e.g. make ablation ABLATION_ARGS="--seeds 0,1 --steps 150"
 ABLATION_ARGS ?=

@@ -105,7 +105,7 @@ def evaluate(
     from maskrcnn.data import collate_fn
     from maskrcnn.engine import autocast_context
     from maskrcnn.evaluation import evaluate_coco, iou_types_for, predictions_to_coco_results
-    from maskrcnn.modeling.meta_arch import predict_by_orientation
+    from maskrcnn.modeling.meta_arch import predict_by_size
 
     if class_map is None:
         class_map = {k + 1: c["id"] for k, c in enumerate(dataset.categories)}
@@ -121,8 +121,8 @@ def evaluate(
         with torch.inference_mode():
             for images, targets in loader:
                 with autocast_context(torch.device(device), autocast_dtype):
-                    # one forward per orientation, as jobs.label runs: the AP is that of its labels
-                    predictions = predict_by_orientation(model, [image.to(device, non_blocking=True) for image in images])
+                    # one forward per padded size, as jobs.label runs: the AP is that of its labels
+                    predictions = predict_by_size(model, [image.to(device, non_blocking=True) for image in images])
                 ids = [int(t["image_id"]) for t in targets]
                 for prediction in predictions:
                     keep = torch.tensor([int(label) in class_map for label in prediction["labels"].tolist()], dtype=torch.bool)
@@ -172,6 +172,10 @@ def format_table(metrics: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     storage_options = parse_storage_options(args.storage_options)
+    from maskrcnn.config import PRESETS
+
+    if args.arch is not None and args.arch not in PRESETS:
+        raise JobError(f"--arch {args.arch} is not a model preset; choose one of: {', '.join(sorted(PRESETS))}")
     for name in ("min_size", "max_size", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -189,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         raise JobError(f"--annotations {args.annotations} does not exist") from None
     except AnnotationError as exc:
         raise JobError(f"--annotations: {exc}") from None
+    except Exception as exc:  # permission, network, credentials
+        from maskrcnn.storage import explain_storage_error
+
+        raise JobError(f"cannot read --annotations {args.annotations}: {explain_storage_error(exc)}") from None
     if len(dataset) == 0:
         raise JobError(f"--annotations {args.annotations} lists no images; nothing to evaluate")
     missing = missing_images(dataset)
@@ -204,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             categories = categories_from_coco(args.categories or args.annotations, storage_options)
         loaded = load_checkpoint(args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options)
     except CheckpointError as exc:
-        raise JobError(str(exc)) from None
+        message = str(exc)  # "checkpoint X ..." -> "--checkpoint X ...": name the option
+        raise JobError("--" + message if message.startswith("checkpoint ") else message) from None
     except ValueError as exc:  # an unknown --arch preset
         raise JobError(str(exc)) from None
     if args.min_size is not None or args.max_size is not None:

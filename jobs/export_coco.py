@@ -21,43 +21,119 @@ training annotations), else generic names. Without masks (a model with no mask h
 no ``segmentation``, and an annotation's ``area`` is its box's.
 
 Without ``--annotations`` images are numbered 1, 2, ... in the output's order (part files by
-shard, rows in plan order), the same numbering in both formats. Rows whose image failed (error
-set) have no size and are left out, counted on stderr. Streams: one part file at a time.
+shard, rows in plan order), the same numbering in both formats. Then ``--format results`` also
+writes the numbering beside the results: ``<output stem>.images.json`` (``results.json`` ->
+``results.images.json``), a COCO file with the ``images`` (id, file_name, width, height) and
+``categories`` and no annotations, so ``COCO("results.images.json").loadRes("results.json")``
+maps every detection back to its file. Rows whose image failed (error set) have no size and are
+left out, counted on stderr. Streams: one part file at a time, into a temporary file that
+becomes the output only when the whole JSON is written (a failed export leaves no file).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import posixpath
 import sys
+import tempfile
+import uuid
 from typing import Iterator
 
 import pyarrow.parquet as pq
 
 from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
 from jobs.common import HelpFormatter
-from jobs.labeling.plan import PART_RE, read_plan
-from maskrcnn.storage import filesystem, open_uri
+from jobs.labeling.plan import PART_RE, is_local, read_plan
+from maskrcnn.storage import explain_storage_error, filesystem, open_uri
 
 
 def iter_rows(label_output: str, storage_options: dict | None, columns: list[str]) -> Iterator[dict]:
     """The output's rows, part file by part file in shard order, batch by batch."""
-    fs, root = filesystem(label_output, storage_options)
-    root = root.rstrip("/")
-    if fs.isfile(root) and root.endswith(".parquet"):
-        parts = [root]
-    else:
+    parts, fs = list_parts(label_output, storage_options)
+    for part in parts:
         try:
+            with fs.open(part, "rb") as f:
+                batches = pq.ParquetFile(f).iter_batches(batch_size=1024, columns=columns)
+                for batch in batches:
+                    yield from batch.to_pylist()
+        except (JobError, GeneratorExit):
+            raise
+        except Exception as exc:  # not Parquet, not jobs.label's columns, storage
+            raise JobError(f"--input {label_output}: cannot read {part}: {explain_storage_error(exc)}; is it a jobs.label --output?") from None
+
+
+def list_parts(label_output: str, storage_options: dict | None) -> tuple[list[str], object]:
+    """The output's part files in shard order, and their filesystem; JobError when there are none."""
+    try:
+        fs, root = filesystem(label_output, storage_options)
+        root = root.rstrip("/")
+        if root.endswith(".parquet") and fs.isfile(root):
+            parts = [root]
+        else:
             parts = sorted(p for p in fs.ls(root, detail=False) if PART_RE.match(p.rstrip("/").rsplit("/", 1)[-1]))
-        except FileNotFoundError:
-            raise JobError(f"--input {label_output} does not exist") from None
+    except FileNotFoundError:
+        raise JobError(f"--input {label_output} does not exist") from None
+    except NotADirectoryError:
+        parts = []
+    except Exception as exc:
+        raise JobError(f"cannot read --input {label_output}: {explain_storage_error(exc)}") from None
     if not parts:
         raise JobError(f"--input {label_output} holds no part-*.parquet files: is it a jobs.label --output?")
-    for part in parts:
-        with fs.open(part, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=columns):
-                yield from batch.to_pylist()
+    return parts, fs
+
+
+class AtomicOutput:
+    """A text file that appears at ``uri`` whole when the ``with`` block ends without an error,
+    else not at all: written to a temporary file (locally beside ``uri``, then renamed; for an
+    object store in the local temp folder, then uploaded in one put)."""
+
+    def __init__(self, uri: str, storage_options: dict | None, option: str = "--output"):
+        self.uri, self.storage_options, self.option = uri, storage_options, option
+
+    def _fail(self, exc: BaseException) -> JobError:
+        return JobError(f"cannot write {self.option} {self.uri}: {explain_storage_error(exc)}")
+
+    def __enter__(self):
+        try:
+            self.fs, self.path = filesystem(self.uri, self.storage_options)
+            self.local = is_local(self.fs)
+            if self.local:
+                if os.path.isdir(self.path):
+                    raise IsADirectoryError(f"{self.path} is a folder; give a .json file")
+                parent = os.path.dirname(os.path.abspath(self.path))
+                os.makedirs(parent, exist_ok=True)
+                self.temporary = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(self.path)}")
+            else:
+                handle, self.temporary = tempfile.mkstemp(suffix=".json")
+                os.close(handle)
+            self.file = open(self.temporary, "w", encoding="utf-8")
+        except Exception as exc:
+            raise self._fail(exc) from None
+        return self.file
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        try:
+            self.file.close()
+            if kind is None:
+                try:
+                    if self.local:
+                        os.replace(self.temporary, self.path)
+                    else:
+                        self.fs.put_file(self.temporary, self.path)
+                except Exception as error:
+                    raise self._fail(error) from None
+        finally:
+            if os.path.exists(self.temporary):
+                os.remove(self.temporary)
+        return False
+
+
+def images_sidecar_uri(output: str) -> str:
+    """Where ``--format results`` writes its image numbering: ``r.json`` -> ``r.images.json``."""
+    return (output[: -len(".json")] if output.lower().endswith(".json") else output) + ".images.json"
 
 
 def relative_name(image_uri: str, images_root: str | None) -> str:
@@ -78,9 +154,16 @@ def _default_images_root(label_output: str, storage_options: dict | None) -> str
 
 
 def _ground_truth_ids(uri: str, storage_options: dict | None) -> dict[str, int]:
-    with open_uri(uri, "rb", storage_options) as f:
-        data = json.load(f)
-    return {_clean(str(img["file_name"])): int(img["id"]) for img in data.get("images", [])}
+    try:
+        with open_uri(uri, "rb", storage_options) as f:
+            data = json.load(f)
+        return {_clean(str(img["file_name"])): int(img["id"]) for img in data.get("images", [])}
+    except FileNotFoundError:
+        raise JobError(f"--annotations {uri} does not exist") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise JobError(f"--annotations {uri} is not a COCO file with images [{{id, file_name}}]: {exc}") from None
+    except Exception as exc:
+        raise JobError(f"cannot read --annotations {uri}: {explain_storage_error(exc)}") from None
 
 
 def _clean(file_name: str) -> str:
@@ -113,27 +196,45 @@ def export(
     storage_options: dict | None = None,
     categories_uri: str | None = None,
 ) -> dict:
-    """Writes the JSON; returns counts (images, detections, failed, unmatched)."""
+    """Writes the JSON (and, for results numbered here, its ``.images.json``) whole or not at
+    all; returns counts (images, detections, failed, unmatched)."""
+    if fmt not in ("results", "annotations"):
+        raise JobError(f"--format must be 'results' or 'annotations', got {fmt!r}")
+    list_parts(label_output, storage_options)  # a bad --input fails before any output exists
     if images_root is None:
         images_root = _default_images_root(label_output, storage_options)
     ground_truth = _ground_truth_ids(annotations, storage_options) if annotations else None
     counts = {"images": 0, "detections": 0, "failed": 0, "unmatched": 0}
-    with open_uri(output, "w", storage_options) as out:
+    numbered_here = fmt == "results" and ground_truth is None
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(AtomicOutput(output, storage_options))
+        # beside it, committed just before it (ExitStack unwinds in reverse)
+        side = stack.enter_context(AtomicOutput(images_sidecar_uri(output), storage_options)) if numbered_here else None
         if fmt == "results":
             out.write("[")
             ids = _ImageIds(ground_truth)
             first = True
-            for row in iter_rows(label_output, storage_options, ["image_uri", "instances", "error"]):
+            categories: dict[int, str] = {}
+            if side is not None:
+                info = {"description": f"the images of the COCO results {output} (jobs.export_coco)", "source": label_output}
+                side.write('{"info": ' + json.dumps(info) + ',\n"images": [')
+            columns = ["image_uri", "instances", "error"] + (["width", "height"] if side is not None else [])
+            for row in iter_rows(label_output, storage_options, columns):
                 if row["error"] is not None:
                     counts["failed"] += 1
                     continue
-                image_id = ids(relative_name(row["image_uri"], images_root))
+                file_name = relative_name(row["image_uri"], images_root)
+                image_id = ids(file_name)
                 if image_id is None:
                     continue
+                if side is not None:
+                    image = {"id": image_id, "file_name": file_name, "width": row["width"], "height": row["height"]}
+                    side.write(("" if counts["images"] == 0 else ",\n") + json.dumps(image))
                 counts["images"] += 1
                 for inst in row["instances"]:
                     if inst["score"] < min_score:
                         continue
+                    categories.setdefault(inst["category_id"], inst["category"])
                     item = {
                         "image_id": image_id,
                         "category_id": inst["category_id"],
@@ -150,6 +251,9 @@ def export(
                     counts["detections"] += 1
             out.write("]\n")
             counts["unmatched"] = ids.unmatched
+            if side is not None:
+                cats = [{"id": k, "name": v, "supercategory": ""} for k, v in sorted(categories.items())]
+                side.write('],\n"annotations": [],\n"categories": ' + json.dumps(cats) + "}\n")
         elif fmt == "annotations":
             out.write('{"info": {"description": "Mask R-CNN labels (jobs.label)", "source": ' + json.dumps(label_output) + '},\n')
             out.write('"licenses": [],\n"images": [')
@@ -207,8 +311,6 @@ def export(
             if keypoint_counts:
                 _add_keypoint_names(cats, keypoint_counts, categories_uri, storage_options)
             out.write('],\n"categories": ' + json.dumps(cats) + "}\n")
-        else:
-            raise JobError(f"--format must be 'results' or 'annotations', got {fmt!r}")
     return counts
 
 
@@ -264,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     storage_options = parse_storage_options(args.storage_options)
     counts = export(args.input, args.output, args.format, args.images_root, args.annotations, args.min_score, storage_options, args.categories)
     print(f"wrote {args.output}: {counts['images']} images, {counts['detections']} detections ({args.format})")
+    if args.format == "results" and not args.annotations:
+        print(f"wrote {images_sidecar_uri(args.output)}: the image ids' file names, width and height "
+              "(a COCO file without annotations: COCO(it).loadRes(results) maps the detections to their files)")
     if counts["failed"]:
         print(f"note: {counts['failed']} images that failed to label (error set) are left out", file=sys.stderr)
     if counts["unmatched"]:

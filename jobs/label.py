@@ -20,10 +20,13 @@ from jobs.common import (
     HelpFormatter,
     JobError,
     add_storage_options,
+    add_ray_options,
     add_wait_for_gpus,
     init_ray,
     parse_storage_options,
+    ray_is_fixed,
     run_main,
+    shutdown_ray,
     wait_for_gpus,
 )
 from jobs.labeling.plan import PIECES_DIR, PLAN_DIR, PREVIEW_DIR, finished_shards, read_plan, write_plan
@@ -54,11 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="folder or prefix for part-NNNNNN.parquet files (one per shard); _plan/ and _preview/ go beside them",
     )
-    io_group.add_argument("--checkpoint", required=True, metavar="URI", help="a model.pt written by jobs.train, or a torchvision Mask R-CNN or Keypoint R-CNN state dict (then give --arch and --categories)")
+    io_group.add_argument("--checkpoint", required=True, metavar="URI", help="a model.pt written by jobs.train, or a torchvision Mask R-CNN or Keypoint R-CNN state dict (then give --arch, and --categories unless it is torchvision's COCO one)")
     io_group.add_argument("--arch", default=None, metavar="PRESET", help="architecture preset of a bare torchvision state dict (r50_fpn, r101_fpn, x101_32x8d_fpn, small; keypoint_r50_fpn for keypointrcnn_resnet50_fpn)")
-    io_group.add_argument("--categories", default=None, metavar="URI", help="a COCO JSON whose 'categories' name the classes of a bare state dict (class index = category id)")
+    io_group.add_argument("--categories", default=None, metavar="URI", help="a COCO JSON whose 'categories' name the classes of a bare state dict (class index = category id); "
+                          "default for torchvision's COCO state dicts: COCO's 80 categories (91 classes), or person (keypoint_r50_fpn)")
     io_group.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help="images per shard = rows per output file; the unit of commit and resume (fixed by the first run)")
     io_group.add_argument("--preview", type=int, default=0, metavar="N", help="also write N PNG images with their masks drawn to <output>/_preview/")
+    io_group.add_argument(
+        "--preview-min-score", type=float, default=0.5, metavar="F",
+        help="previews draw only the detections scoring at least F (the labels keep every one above --score-threshold)",
+    )
     add_storage_options(io_group)
 
     model_group = parser.add_argument_group("model (defaults: the checkpoint's own; torchvision's 800, 1333, 0.05, 100 for r50_fpn)")
@@ -68,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument("--max-detections", type=int, default=None, metavar="N", help="keep at most N detections per image, best first")
 
     run_group = parser.add_argument_group("execution")
-    run_group.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass of one actor")
+    run_group.add_argument("--batch-size", type=int, default=4, metavar="N", help="at most N images per forward pass of one actor; an image shares a forward only with images of its own "
+                           "padded size, so its labels do not depend on the batch")
     run_group.add_argument("--num-actors", type=int, default=None, metavar="N", help="model replicas (default: one per --gpus-per-actor share of the cluster's GPUs; without GPUs, one per 4 CPUs, at least 1)")
     run_group.add_argument("--gpus-per-actor", type=float, default=None, metavar="F", help="GPUs per model replica, fractions allowed (0.5: two replicas per GPU); default 1 when the cluster has GPUs, else 0 (CPU)")
     run_group.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="F", help="CPUs reserved per model replica (on the CPU, its torch threads)")
@@ -87,12 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         "NMS syncs and mask packing overlap another's GPU work; default 2 on GPUs, 1 on CPUs",
     )
     add_wait_for_gpus(run_group)
+    add_ray_options(run_group)
     run_group.add_argument("--decode-batch-size", type=int, default=8, metavar="N", help="images per decode task batch")
     run_group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N", help="refuse images of more pixels (decompression bombs); the row gets an error")
     return parser
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from maskrcnn.config import PRESETS
+
+    if args.arch is not None and args.arch not in PRESETS:
+        raise JobError(f"--arch {args.arch} is not a model preset; choose one of: {', '.join(sorted(PRESETS))}")
+    for name, value in (("--score-threshold", args.score_threshold), ("--preview-min-score", args.preview_min_score)):
+        if value is not None and not 0 <= value <= 1:
+            raise JobError(f"{name} must be in [0, 1] (a detection's score is a probability), got {value:g}")
     for name in ("shard_size", "batch_size", "decode_batch_size", "max_pixels"):
         if getattr(args, name) < 1:
             raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -129,7 +146,17 @@ def _check_output_writable(output_uri: str, storage_options: dict | None) -> Non
     except JobError:
         raise
     except Exception as exc:
-        raise JobError(f"cannot write to --output {output_uri}: {type(exc).__name__}: {exc}") from None
+        from maskrcnn.storage import explain_storage_error
+
+        raise JobError(f"cannot write to --output {output_uri}: {explain_storage_error(exc)}") from None
+
+
+def _name_option(message: str) -> str:
+    """A checkpoint module's message, naming the option: "checkpoint X ..." -> "--checkpoint X ..."."""
+    for prefix, option in (("checkpoint ", "--checkpoint "), ("categories file ", "--categories ")):
+        if message.startswith(prefix):
+            return option + message[len(prefix):]
+    return message
 
 
 def load_model_for_labeling(args: argparse.Namespace, storage_options: dict | None):
@@ -141,7 +168,9 @@ def load_model_for_labeling(args: argparse.Namespace, storage_options: dict | No
         categories = categories_from_coco(args.categories, storage_options) if args.categories else None
         loaded = load_checkpoint(args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options)
     except CheckpointError as exc:
-        raise JobError(str(exc)) from None
+        raise JobError(_name_option(str(exc))) from None
+    if loaded.categories_note:
+        print(loaded.categories_note, flush=True)
     config = loaded.config
     overrides = {}
     if args.min_size is not None or args.max_size is not None:
@@ -184,6 +213,17 @@ def _resources(ray, args) -> tuple[int, float]:
     else:
         num_actors = max(1, int(cluster.get("CPU", 1) // 4))
     cpus = float(cluster.get("CPU", 0))
+    short = []
+    if num_actors * args.cpus_per_actor > cpus - 1:
+        short.append(f"{num_actors} x --cpus-per-actor {args.cpus_per_actor:g} CPUs for the actors plus 1 CPU to decode, it has {cpus:g} CPUs")
+    if num_actors * gpus_per_actor > gpus + 1e-9:
+        short.append(f"{num_actors} x --gpus-per-actor {gpus_per_actor:g} GPUs, it has {gpus:g} GPUs")
+    if short and ray_is_fixed(ray):
+        # A private local Ray never grows: Ray Data would wait for the missing resources for ever.
+        raise JobError(
+            f"--num-actors {num_actors} cannot start on this private local Ray: the job needs {'; and '.join(short)}; "
+            "lower --num-actors or --cpus-per-actor, or run on a larger cluster (--address, RAY_ADDRESS)"
+        )
     if num_actors * args.cpus_per_actor > cpus - 1:
         # The actors would hold every CPU and decoding none: Ray Data would wait, silently, for ever.
         print(
@@ -199,6 +239,10 @@ def _resources(ray, args) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    from maskrcnn.storage import absolute_uri
+
+    for name in ("input", "output", "checkpoint", "categories"):  # Ray's workers may run in another directory
+        setattr(args, name, absolute_uri(getattr(args, name)))
     storage_options = parse_storage_options(args.storage_options)
     started = time.perf_counter()
 
@@ -250,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     label_map = loaded.label_map
     del loaded  # the actors load their own copies
 
-    ray = init_ray()
+    ray = init_ray(args.address)
     num_actors, gpus_per_actor = _resources(ray, args)
     from jobs.labeling.pipeline import LabelSettings, run_pipeline
     from maskrcnn.storage import filesystem
@@ -285,7 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{settings.batches_in_flight} batch(es) in flight per actor",
         flush=True,
     )
-    totals = run_pipeline(plan, pending, settings)
+    try:
+        totals = run_pipeline(plan, pending, settings)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (jobs.common.run_main): stop, then count what is committed
+        shutdown_ray()  # commits are atomic: each part file is whole or absent
+        committed = len(finished_shards(args.output, storage_options))
+        exc.args = (f"{committed} of {plan.num_shards} shards committed; run the same command again to resume",)
+        raise
     if fs.exists(pieces_root):
         fs.rm(pieces_root, recursive=True)
 
@@ -312,8 +362,36 @@ def _write_preview(args, storage_options) -> None:
     if args.preview:
         from jobs.labeling.preview import write_previews
 
-        written = write_previews(args.output, args.preview, storage_options)
-        print(f"preview: {written} images with masks drawn in {args.output.rstrip('/')}/{PREVIEW_DIR}/")
+        written = write_previews(args.output, args.preview, storage_options, min_score=args.preview_min_score)
+        print(
+            f"preview: {written} images with the masks scoring at least {args.preview_min_score:g} (--preview-min-score) "
+            f"drawn in {args.output.rstrip('/')}/{PREVIEW_DIR}/"
+        )
+
+
+def label(input: str, output: str, checkpoint: str, **options) -> None:
+    """This job from Python: ``label("photos/", "labels/", "model.pt", batch_size=8)`` runs what
+    ``python -m jobs.label --input photos/ --output labels/ --checkpoint model.pt --batch-size 8``
+    runs, in this process and on its Ray when it has one. ``options`` are the command line's
+    options with underscores; a flag takes True; ``storage_options`` may be a dict. Raises
+    JobError for bad input, RuntimeError when shards are left unfinished (call it again)."""
+    import json
+
+    argv = ["--input", input, "--output", output, "--checkpoint", checkpoint]
+    actions = {a.dest: a for a in build_parser()._actions if a.option_strings and a.dest not in ("help", "input", "output", "checkpoint")}
+    for name, value in options.items():
+        action = actions.get(name)
+        if action is None:
+            raise TypeError(f"label() got an unknown option {name!r}; the options are {sorted(actions)}")
+        if value is None or value is False:
+            continue
+        if action.nargs == 0:  # a flag
+            argv.append(action.option_strings[-1])
+        else:
+            argv += [action.option_strings[-1], json.dumps(value) if isinstance(value, dict) else str(value)]
+    code = main(argv)
+    if code:
+        raise RuntimeError(f"jobs.label ended with exit status {code}; call label() again with the same arguments to finish")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,19 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs.common import HelpFormatter, JobError, add_storage_options, add_wait_for_gpus, parse_storage_options, run_main, wait_for_gpus
+from jobs.common import (
+    HelpFormatter,
+    JobError,
+    add_ray_options,
+    add_storage_options,
+    add_wait_for_gpus,
+    format_duration,
+    parse_storage_options,
+    ray_is_fixed,
+    run_main,
+    shutdown_ray,
+    wait_for_gpus,
+)
 
 __all__ = ["main", "build_parser", "train_loop_per_worker", "lr_factor", "shard_indices", "TrainPlan"]
 
@@ -121,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--use-gpu", action="store_true", help="train on GPUs (NCCL); fails before training when the cluster has none (see --wait-for-gpus)")
     cluster.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="F", help="CPUs Ray reserves for each worker (its DataLoader processes run there too)")
     add_wait_for_gpus(cluster)
+    add_ray_options(cluster)
     cluster.add_argument(
         "--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
         help="autocast precision of the forward pass; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
@@ -418,6 +431,7 @@ def train_loop_per_worker(config: dict) -> None:
     step = last_record_step = start_step
     model.train()
     last_time = time.perf_counter()
+    train_seconds = 0.0  # in training steps only (not evaluation or checkpoints): the ETA's mean step time
     while step < plan.total_steps:
         epoch, skip_batches = divmod(step, plan.steps_per_epoch)
         indices = shard_indices(len(dataset), world_size, rank, epoch, plan.seed)[skip_batches * plan.batch_size :]
@@ -464,12 +478,14 @@ def train_loop_per_worker(config: dict) -> None:
                 "images_per_s": float(values[-1]) * (step - last_record_step) / (now - last_time),
                 "time": time.time(),
             }
+            train_seconds += now - last_time
             last_time, last_record_step = now, step
             if rank == 0:
                 metrics_log.add(record)
+                eta = format_duration((plan.total_steps - step) * train_seconds / (step - start_step))
                 _log(
                     f"step {step}/{plan.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-                    f"({' '.join(f'{_SHORT_LOSS_NAMES[k]} {v:.3f}' for k, v in loss_terms.items())}) lr {lr:.5f} {record['images_per_s']:.1f} img/s"
+                    f"({' '.join(f'{_SHORT_LOSS_NAMES[k]} {v:.3f}' for k, v in loss_terms.items())}) lr {lr:.5f} {record['images_per_s']:.1f} img/s ETA {eta}"
                 )
             report = {k: v for k, v in record.items() if k != "time"}
             if (epoch_end or last) and val_dataset is not None:
@@ -506,8 +522,10 @@ def _check_dataset(annotations: str, images: str, storage_options, what: str):
         raise JobError(f"--{what}annotations {annotations} does not exist") from None
     except AnnotationError as exc:
         raise JobError(f"--{what}annotations: {exc}") from None
-    except OSError as exc:
-        raise JobError(f"cannot read --{what}annotations {annotations}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # permission, network, credentials (botocore's errors are no OSError)
+        from maskrcnn.storage import explain_storage_error
+
+        raise JobError(f"cannot read --{what}annotations {annotations}: {explain_storage_error(exc)}") from None
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     if len(dataset) == 0:
@@ -632,16 +650,11 @@ def _ray_storage(output: str, storage_options):
     return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def _absolute(uri: str | None) -> str | None:
-    """A local path made absolute: Ray Train workers run in another working directory."""
-    from fsspec.utils import get_protocol
-
-    if uri is None or get_protocol(uri) not in ("file", "local"):
-        return uri
-    return os.path.abspath(uri.removeprefix("file://"))
-
-
 def _validate_args(args) -> None:
+    from maskrcnn.config import PRESETS
+
+    if args.arch is not None and args.arch not in PRESETS:
+        raise JobError(f"--arch {args.arch} is not a model preset; choose one of: {', '.join(sorted(PRESETS))}")
     positive = ("num_workers", "batch_size", "max_steps", "epochs", "min_size", "max_size", "log_every", "keep_checkpoints", "eval_batch_size")
     for name in positive:
         value = getattr(args, name)
@@ -669,6 +682,11 @@ def _validate_args(args) -> None:
 def _check_cluster(ray, args) -> None:
     if not args.use_gpu:
         resources = ray.cluster_resources()
+        if resources.get("CPU", 0) < args.num_workers * args.cpus_per_worker and ray_is_fixed(ray):
+            raise JobError(
+                f"--num-workers {args.num_workers} x --cpus-per-worker {args.cpus_per_worker:g} CPUs cannot start on this private "
+                f"local Ray of {resources.get('CPU', 0):g} CPUs; lower them, or run on a larger cluster (--address, RAY_ADDRESS)"
+            )
         if resources.get("CPU", 0) < args.num_workers * args.cpus_per_worker:
             print(f"warning: {args.num_workers} workers x {args.cpus_per_worker:g} CPUs; the cluster has {resources.get('CPU', 0):g} CPUs now "
                   "(the job waits for an autoscaler to add them)", file=sys.stderr)
@@ -682,6 +700,8 @@ def _check_cluster(ray, args) -> None:
             "drop --use-gpu to train on CPUs, submit to a cluster with GPU nodes, "
             "or give --wait-for-gpus SECONDS where the cluster adds GPU nodes on demand"
         )
+    if gpus < args.num_workers and ray_is_fixed(ray):
+        raise JobError(f"--use-gpu --num-workers {args.num_workers} needs {args.num_workers} GPUs; this private local Ray has {gpus:g}")
     if gpus < args.num_workers:
         print(f"warning: --num-workers {args.num_workers} with --use-gpu needs {args.num_workers} GPUs; the cluster has {gpus:g} now "
               "(the job waits for an autoscaler to add them)", file=sys.stderr)
@@ -733,11 +753,35 @@ def plot_metrics(records: list[dict], uri: str, storage_options) -> bool:
     return True
 
 
+def _fit(trainer) -> None:
+    """``trainer.fit()`` in a thread, so that Ctrl-C and SIGTERM reach this (main) thread as
+    KeyboardInterrupt (jobs.common.run_main: one line, exit 130 or 143) instead of Ray Train's
+    own SIGINT handler, which it installs only on the main thread."""
+    import threading
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread; a stopped run's errors go unseen
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _validate_args(args)
-    for name in ("annotations", "images", "val_annotations", "val_images", "output", "weights"):
-        setattr(args, name, _absolute(getattr(args, name)))
+    from maskrcnn.storage import absolute_uri
+
+    for name in ("annotations", "images", "val_annotations", "val_images", "output", "weights"):  # Ray Train workers run elsewhere
+        setattr(args, name, absolute_uri(getattr(args, name)))
     storage_options = parse_storage_options(args.storage_options)
     from maskrcnn.storage import join_uri
 
@@ -782,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     # Workers print to their stdout as is (one copy, in order), and pycocotools' printout
     # stays inside evaluate_coco's redirect; Ray Train propagates this variable to them.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray = init_ray()
+    ray = init_ray(args.address)
     _check_cluster(ray, args)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -804,7 +848,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     try:
-        trainer.fit()
+        _fit(trainer)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (jobs.common.run_main)
+        shutdown_ray()
+        exc.args = (f"a rerun of the same command resumes from the last checkpoint in {plan.output}",)
+        raise
     except Exception as exc:  # ray.train.TrainingFailedError: the workers' errors, retries spent
         print(f"error: training failed: {exc}", file=sys.stderr)
         return 1

@@ -7,7 +7,10 @@ A project checkpoint is one ``torch.save`` file, readable with ``torch.load(weig
 
 A bare torchvision state dict (the COCO checkpoints' layout, old or new key names) is accepted
 too; its architecture and categories come from the caller, and as in torchvision its class
-index is the category id. torchvision's ``keypointrcnn_resnet50_fpn`` state dicts (keys
+index is the category id. Without categories, one of torchvision's COCO shapes takes the ones
+shipped in ``maskrcnn/data/``: 91 classes (a Mask R-CNN) COCO's 80 categories at their ids
+(``coco_categories.json``), 2 classes with a keypoint head COCO's person
+(``person_keypoints.json``). torchvision's ``keypointrcnn_resnet50_fpn`` state dicts (keys
 ``roi_heads.keypoint_head.*``, ``roi_heads.keypoint_predictor.*``, the same in our layout) load
 with ``arch="keypoint_r50_fpn"``; the number of keypoints is read from the state dict.
 """
@@ -23,7 +26,7 @@ import torch
 
 from maskrcnn.config import ModelConfig, get_preset
 from maskrcnn.modeling import MaskRCNN, build_model
-from maskrcnn.storage import open_uri
+from maskrcnn.storage import explain_storage_error, open_uri
 
 FORMAT = "maskrcnn-ray/1"
 # Layers whose shape depends on the number of classes: re-initialised when fine-tuning.
@@ -46,6 +49,9 @@ class LoadedCheckpoint:
     label_map: dict[int, dict]
     model_hash: str
     uri: str
+    # set when the categories are the shipped default, e.g.
+    # "categories: COCO's 80 (maskrcnn/data/coco_categories.json)"; the jobs print it
+    categories_note: str | None = None
 
 
 def convert_torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,8 +84,8 @@ def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {uri} does not exist") from None
-    except Exception as exc:  # permission, network, bad bucket
-        raise CheckpointError(f"cannot read checkpoint {uri}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # permission, network, credentials
+        raise CheckpointError(f"checkpoint {uri} cannot be read: {explain_storage_error(exc)}") from None
 
 
 def read_checkpoint(uri: str, storage_options: dict | None = None) -> tuple[dict, str]:
@@ -145,7 +151,30 @@ def categories_from_coco(uri: str, storage_options: dict | None = None) -> list[
         raise CheckpointError(f"categories file {uri} does not exist") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"categories file {uri} has no usable 'categories' list of {{id, name}}: {exc}") from None
+    except Exception as exc:  # permission, network, credentials
+        raise CheckpointError(f"categories file {uri} cannot be read: {explain_storage_error(exc)}") from None
     return sorted(cats, key=lambda c: c["id"])
+
+
+# (num_classes, has a keypoint head) of torchvision's COCO checkpoints -> their categories,
+# shipped in maskrcnn/data/, and how to name them
+DEFAULT_CATEGORIES = {
+    (91, False): ("coco_categories.json", "COCO's 80"),
+    (2, True): ("person_keypoints.json", "COCO's person"),
+}
+
+
+def default_categories(num_classes: int, keypoints: bool) -> tuple[list[dict], str] | None:
+    """The shipped categories of torchvision's COCO checkpoints for a state dict of this shape,
+    and a one-line note that says so; None for any other shape."""
+    from importlib import resources
+
+    entry = DEFAULT_CATEGORIES.get((num_classes, keypoints))
+    if entry is None:
+        return None
+    name, what = entry
+    path = resources.files("maskrcnn.data") / name
+    return categories_from_coco(str(path)), f"categories: {what} (maskrcnn/data/{name})"
 
 
 def load_checkpoint(
@@ -162,17 +191,29 @@ def load_checkpoint(
     ``{"input": InputConfig(min_size=600)}`` or a changed ``roi_heads``.
     """
     obj, digest = read_checkpoint(uri, storage_options)
+    outside: list[int] = []  # category ids a bare state dict has no class for
+    note = None
     if is_torchvision_state_dict(obj):
         if arch is None:
             raise CheckpointError(
                 f"checkpoint {uri} is a bare torchvision state dict: name its architecture with --arch "
-                "(e.g. r50_fpn) and its classes with --categories (a COCO JSON)"
+                "(e.g. r50_fpn) and, unless it is one of torchvision's COCO checkpoints, its classes with --categories (a COCO JSON)"
             )
         state = convert_torchvision_state_dict(obj)
         config = fit_keypoint_head(get_preset(arch, num_classes=num_classes_of(state)), num_keypoints_of(state))
         if categories is None:
-            raise CheckpointError(f"checkpoint {uri} is a bare torchvision state dict: name its classes with --categories (a COCO JSON)")
-        # torchvision's convention: the class index is the category id
+            default = default_categories(config.num_classes, num_keypoints_of(state) is not None)
+            if default is None:
+                raise CheckpointError(
+                    f"checkpoint {uri} is a bare torchvision state dict of {config.num_classes} classes (not COCO's 91): "
+                    "name its classes with --categories (a COCO JSON)"
+                )
+            categories, note = default
+        # torchvision's convention: the class index is the category id. An id the model has no
+        # class for would silently never be labelled: refuse it. Classes the categories leave
+        # unnamed are labelled "class K" (id K).
+        if note is None:  # refused after the weights load: a wrong --arch is the first thing to say
+            outside = [c["id"] for c in categories if not 0 <= c["id"] < config.num_classes]
         label_map = {c["id"]: c for c in categories if 0 < c["id"] < config.num_classes}
     elif obj.get("format") == FORMAT:
         try:
@@ -200,8 +241,14 @@ def load_checkpoint(
         config = config.replace(**config_overrides)
     model = build_model(config)
     load_state(model, state, uri)
+    if outside:
+        raise CheckpointError(
+            f"--categories names category ids {outside[:10]} that checkpoint {uri} has no class for: a bare torchvision state "
+            f"dict's class index is the category id, and it has {config.num_classes} classes (ids 1-{config.num_classes - 1}, "
+            "0 is the background); give the categories this model was trained with"
+        )
     model.eval()
-    return LoadedCheckpoint(model=model, config=config, label_map=label_map, model_hash=digest, uri=uri)
+    return LoadedCheckpoint(model=model, config=config, label_map=label_map, model_hash=digest, uri=uri, categories_note=note)
 
 
 def load_state(model: MaskRCNN, state: dict[str, torch.Tensor], uri: str = "state dict", skip_class_specific: bool = False) -> None:

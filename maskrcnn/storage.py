@@ -16,7 +16,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.utils import get_protocol
 
-__all__ = ["filesystem", "open_uri", "join_uri"]
+__all__ = ["filesystem", "open_uri", "join_uri", "explain_storage_error"]
 
 _S3_PROTOCOLS = ("s3", "s3a")
 
@@ -44,11 +44,54 @@ def _s3_options(storage_options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+# botocore's defaults wait 60 s to connect and retry a refused connection 4 times with
+# backoff ("legacy" mode): a wrong AWS_ENDPOINT_URL took minutes to fail. The AWS SDKs' "standard"
+# mode (3 attempts, also on throttling) with a 10 s connect timeout fails in seconds; a store
+# that answers is unaffected. AWS_MAX_ATTEMPTS / AWS_RETRY_MODE or --storage-options' config_kwargs win.
+S3_CONNECT_TIMEOUT_S = 10
+S3_RETRIES = {"max_attempts": 3, "mode": "standard"}
+
+
+def _s3_client_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    config_kwargs = dict(options.get("config_kwargs") or {})
+    config_kwargs.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
+    if "retries" not in config_kwargs and not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
+        config_kwargs["retries"] = dict(S3_RETRIES)
+    return {**options, "config_kwargs": config_kwargs}
+
+
 def _options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     options = dict(storage_options or {})
     if get_protocol(uri) in _S3_PROTOCOLS:
-        options = _s3_options(options)
+        options = _s3_client_defaults(_s3_options(options))
     return options
+
+
+def explain_storage_error(exc: BaseException) -> str:
+    """Why a read or write failed, in one line that says what to check (for ``error: ...``).
+
+    Knows botocore's and s3fs's failures by name (no import of either): no credentials, an
+    endpoint that does not answer, credentials refused or without permission; else the
+    exception's type and first line. Never shows credentials (the messages hold none)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    if names & {"NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError", "CredentialRetrievalError"}:
+        return (
+            f"no usable S3 credentials ({first_line}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+            "or give key and secret in --storage-options"
+        )
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ProxyConnectionError"} or isinstance(
+        exc, (ConnectionError, TimeoutError)
+    ):
+        return f"cannot reach the storage endpoint ({first_line}): check AWS_ENDPOINT_URL (or endpoint_url in --storage-options) and the network"
+    if isinstance(exc, PermissionError):
+        return (
+            f"access denied ({first_line}): check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) "
+            "and their permissions on this bucket and prefix"
+        )
+    if isinstance(exc, FileNotFoundError):
+        return f"it does not exist ({first_line})"
+    return f"{type(exc).__name__}: {first_line}"
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -88,6 +131,14 @@ def join_uri(base: str, *parts: str) -> str:
     if base.endswith("://"):  # a bare protocol, e.g. "s3://"
         return base + "/".join(cleaned)
     return "/".join([base.rstrip("/")] + cleaned)
+
+
+def absolute_uri(uri: str | None) -> str | None:
+    """A local path made absolute (``file://`` dropped); other URIs as they are. For what a job
+    hands to Ray's workers, which run in another working directory."""
+    if uri is None or get_protocol(uri) not in ("file", "local"):
+        return uri
+    return os.path.abspath(uri.removeprefix("file://"))
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

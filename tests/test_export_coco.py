@@ -118,3 +118,26 @@ def test_images_root_option_and_bad_input(label_output, tmp_path, capsys):
         run_main(export_main, ["--input", str(tmp_path / "nothing"), "--output", path])
     assert exit_info.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_results_carry_their_image_numbering_beside_them(label_output, tmp_path):
+    """Numbered here (no --annotations), results say which file each image id is: results.json
+    gets results.images.json, a COCO file with the images and categories that loadRes takes."""
+    out, rows, masks = label_output
+    results = tmp_path / "r.json"
+    assert export_main(["--input", out, "--output", str(results)]) == 0
+    sidecar = tmp_path / "r.images.json"
+    coco = COCO(str(sidecar))
+    assert [(i["file_name"], i["width"], i["height"]) for i in sorted(coco.imgs.values(), key=lambda i: i["id"])] == [
+        ("s0/a.png", 50, 40), ("s0/b.png", 50, 41), ("s1/c.png", 50, 42), ("s1/d.jpg", 50, 43)]
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["circle", "square"]
+    detected = coco.loadRes(str(results))  # the results stay a plain list that loadRes reads
+    assert isinstance(json.load(open(results)), list) and len(detected.anns) == 6
+    for ann in detected.anns.values():
+        uri = f"/data/images/{detected.imgs[ann['image_id']]['file_name']}"
+        np.testing.assert_array_equal(detected.annToMask(ann), masks[(uri, ann["category_id"] - 1)])
+    # with --annotations the ids are that file's own: nothing to write beside
+    gt = {"images": [{"id": 70, "file_name": "s0/b.png"}], "annotations": [], "categories": []}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    assert export_main(["--input", out, "--output", str(tmp_path / "g.json"), "--annotations", str(tmp_path / "gt.json")]) == 0
+    assert not (tmp_path / "g.images.json").exists()

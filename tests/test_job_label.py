@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.common import run_main
+from jobs.common import JobError, run_main
 from jobs.label import main as label_main
 from jobs.labeling.decode import ImageDecodeError, decode_image, prepare_image, to_rgb_float
 from jobs.labeling.inputs import iter_input_uris
@@ -89,18 +89,15 @@ def test_plan_shards_and_finished_shards(tmp_path):
     assert finished_shards(out) == {0, 5, 142}
 
 
-def test_a_mixed_batch_runs_as_one_batch_per_orientation(tmp_path, checkpoint):
-    """Landscape and portrait images in one batch would pad each other to a square: the actor
-    runs each orientation as its own batch, so every image's detections are those of the model
-    on its orientation's images alone (the small preset's GroupNorm sees the padding, so a
-    whole-batch forward gives other detections)."""
+def test_a_mixed_batch_gives_each_image_its_batch_1_detections(tmp_path, checkpoint):
+    """Images of other sizes in one batch would pad each other: the actor batches an image only
+    with others of its padded size, so every image's detections are those of the model on it
+    alone (the small preset's GroupNorm sees the padding, so a whole-batch forward gives other
+    detections)."""
     import pickle
 
     from jobs.labeling.pipeline import LabelSettings, Predictor, decode_batch
-    from maskrcnn.modeling.meta_arch import orientation_groups
 
-    assert orientation_groups([(48, 64), (64, 48), (50, 50), (70, 40)]) == [[0, 2], [1, 3]]
-    assert orientation_groups([(64, 48), (70, 60)]) == [[0, 1]]
     sizes = [(120, 90), (90, 130), (140, 100), (80, 150)]  # (width, height): landscape, portrait, ...
     uris = []
     for k, (w, h) in enumerate(sizes):
@@ -124,13 +121,13 @@ def test_a_mixed_batch_runs_as_one_batch_per_orientation(tmp_path, checkpoint):
     fast = optimize_for_inference(copy.deepcopy(loaded.model))
     images = [decode_image(Path(u).read_bytes(), 10**8) for u in uris]
     with torch.inference_mode():
-        alone = {i: out for group in ([0, 2], [1, 3]) for i, out in zip(group, fast([images[i] for i in group]))}
+        alone = {i: fast([image])[0] for i, image in enumerate(images)}
         together = fast(images)
     for i in range(4):
         assert len(got[i]["scores"]) > 0
         np.testing.assert_allclose(got[i]["boxes"], alone[i]["boxes"].numpy(), atol=1e-3)
         np.testing.assert_allclose(got[i]["scores"], alone[i]["scores"].numpy(), atol=1e-5)
-    # the case the split avoids: padded to one square, the same images detect differently
+    # the case the grouping avoids: padded to one square, the same images detect differently
     assert any(together[i]["scores"].shape != alone[i]["scores"].shape
                or not torch.allclose(together[i]["scores"], alone[i]["scores"], atol=1e-5) for i in range(4))
 
@@ -234,16 +231,22 @@ def test_wait_for_gpus_asks_the_autoscaler_then_gives_up_naming_the_option(tmp_p
     assert not list((tmp_path / "out").glob("part-*")), "no work may have been done"
 
 
-def test_a_pool_that_leaves_no_cpu_to_decode_is_warned_about(ray_local, capsys):
+def test_a_pool_that_leaves_no_cpu_to_decode_stops_the_job_on_a_private_ray(ray_local, capsys):
     """Model actors holding every CPU would leave the decoding tasks none: Ray Data then waits for
-    ever, with no error. The job says so at the start."""
+    ever, with no error. On a private local Ray (this session's ``ray.init()``, as a job's own
+    one), which no autoscaler grows, the job stops at the start naming the options; on a cluster
+    that may grow it warns (the warning path is the same check without ``ray_is_fixed``)."""
+    from jobs.common import ray_is_fixed
     from jobs.label import _resources, build_parser
 
+    assert ray_is_fixed(ray_local)
     cpus = int(ray_local.cluster_resources()["CPU"])
     base = ["--input", "in", "--output", "out", "--checkpoint", "m.pt", "--gpus-per-actor", "0"]
-    assert _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus)])) == (cpus, 0.0)
-    err = capsys.readouterr().err
-    assert f"warning: {cpus} model actor(s) x 1 CPU leave less than the 1 CPU that decoding needs of the cluster's {cpus} CPUs" in err, err
+    with pytest.raises(JobError, match=rf"--num-actors {cpus} cannot start on this private local Ray: the job needs {cpus} x "
+                       rf"--cpus-per-actor 1 CPUs for the actors plus 1 CPU to decode, it has {cpus} CPUs"):
+        _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus)]))
+    with pytest.raises(JobError, match=rf"--cpus-per-actor {cpus} CPUs"):
+        _resources(ray_local, build_parser().parse_args([*base, "--num-actors", "1", "--cpus-per-actor", str(cpus)]))
     assert _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus - 1)])) == (cpus - 1, 0.0)
     assert "decoding needs" not in capsys.readouterr().err
 

@@ -207,13 +207,13 @@ def test_train_step_runs_under_bf16_autocast():
 
 
 def test_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
-    from jobs.train import _absolute
+    from maskrcnn.storage import absolute_uri
 
     monkeypatch.chdir(tmp_path)
-    assert _absolute("runs/r1") == str(tmp_path / "runs" / "r1")
-    assert _absolute("file:///data/x.json") == "/data/x.json"
-    assert _absolute("s3://bucket/runs/r1") == "s3://bucket/runs/r1"
-    assert _absolute(None) is None
+    assert absolute_uri("runs/r1") == str(tmp_path / "runs" / "r1")
+    assert absolute_uri("file:///data/x.json") == "/data/x.json"
+    assert absolute_uri("s3://bucket/runs/r1") == "s3://bucket/runs/r1"
+    assert absolute_uri(None) is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from jobs.common import JobError
-from maskrcnn.storage import filesystem
+from maskrcnn.storage import explain_storage_error, filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST_EXTENSIONS = (".txt", ".parquet")
@@ -47,10 +47,12 @@ def iter_input_uris(input_uri: str, storage_options: dict | None = None, exclude
             return
         if not fs.isdir(path):
             raise JobError(f"--input {input_uri} does not exist (no such folder, prefix or manifest)")
-    except (PermissionError, OSError) as exc:
+    except JobError:
+        raise
+    except Exception as exc:  # permission, network, credentials (botocore's errors are no OSError)
         if isinstance(exc, FileNotFoundError):
             raise JobError(f"--input {input_uri} does not exist") from None
-        raise JobError(f"cannot read --input {input_uri}: {type(exc).__name__}: {exc}") from None
+        raise JobError(f"cannot read --input {input_uri}: {explain_storage_error(exc)}") from None
     exclude = None
     if exclude_uri:
         exclude_fs, exclude_path = filesystem(exclude_uri, storage_options)

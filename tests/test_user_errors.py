@@ -1,0 +1,279 @@
+"""The mistakes people make on the command line, each run as the real job in a subprocess: exit
+status 2, exactly one ``error:`` line on stderr that names the option (and the URI), no
+traceback, and nothing half-written where the output goes. S3 is moto's server (a second one
+that checks credentials for the wrong-credentials cases); no mock of anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskrcnn.config import PRESETS, get_preset
+from maskrcnn.modeling import build_model
+from tests.labeling_helpers import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_job(module: str, args: list[str], env: dict | None = None, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", f"jobs.{module}", *map(str, args)],
+        cwd=ROOT, env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout,
+    )
+    return proc, time.monotonic() - started
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """The one ``error:`` line, after checking the exit status, that there is no traceback and
+    that the line holds every needle."""
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Images, a project checkpoint, a bare state dict of the small preset (4 classes), COCO files."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((64, 80, 3)) * 255).astype(np.uint8)).save(root / "images" / "a.png")
+    make_checkpoint(str(root / "model.pt"))
+    torch.manual_seed(0)
+    torch.save(build_model(get_preset("small")).state_dict(), root / "bare.pt")
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 80, "height": 64}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0,
+                         "segmentation": [[10, 10, 30, 10, 30, 30, 10, 30]]}],
+        "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 7, "name": "triangle"}],
+    }
+    (root / "coco.json").write_text(json.dumps(coco))
+    (root / "two.json").write_text(json.dumps({"categories": coco["categories"][:1]}))
+    return root
+
+
+def label_args(inputs: Path, output: Path, **changes) -> list[str]:
+    options = {"--input": inputs / "images", "--output": output, "--checkpoint": inputs / "model.pt", **changes}
+    return [str(v) for kv in options.items() for v in kv]
+
+
+# -- presets, thresholds, categories ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("job", ["label", "train", "evaluate"])
+def test_unknown_arch_lists_the_presets(job, inputs, tmp_path):
+    out = tmp_path / "out"
+    if job == "label":
+        args = label_args(inputs, out, **{"--checkpoint": inputs / "bare.pt", "--arch": "r50fpn"})
+    elif job == "train":
+        args = ["--annotations", inputs / "coco.json", "--images", inputs / "images", "--output", out, "--arch", "r50fpn"]
+    else:
+        args = ["--checkpoint", inputs / "bare.pt", "--annotations", inputs / "coco.json", "--images", inputs / "images",
+                "--output", out / "eval.json", "--arch", "r50fpn"]
+    proc, _ = run_job(job, args)
+    line = assert_user_error(proc, "--arch r50fpn", *sorted(PRESETS))
+    assert "r50_fpn" in line
+    assert files_under(out) == []
+
+
+@pytest.mark.parametrize("option, value", [("--score-threshold", "2"), ("--score-threshold", "-0.1"), ("--preview-min-score", "1.5")])
+def test_scores_outside_zero_one(option, value, inputs, tmp_path):
+    proc, _ = run_job("label", label_args(inputs, tmp_path / "out", **{option: value}))
+    assert_user_error(proc, option, "[0, 1]")
+    assert files_under(tmp_path / "out") == []
+
+
+def test_categories_naming_a_class_the_model_lacks(inputs, tmp_path):
+    # the bare small state dict has 4 classes (ids 1-3); coco.json names id 7
+    args = label_args(inputs, tmp_path / "out", **{"--checkpoint": inputs / "bare.pt", "--arch": "small", "--categories": inputs / "coco.json"})
+    proc, _ = run_job("label", args)
+    assert_user_error(proc, "--categories", "[7]", "4 classes")
+    assert files_under(tmp_path / "out") == []
+
+
+def test_categories_covering_fewer_classes_name_the_rest_by_index(inputs):
+    from maskrcnn.checkpoint import categories_from_coco, load_checkpoint
+
+    loaded = load_checkpoint(str(inputs / "bare.pt"), arch="small", categories=categories_from_coco(str(inputs / "two.json")))
+    assert loaded.label_map == {1: {"id": 1, "name": "circle"}}  # classes 2 and 3: "class 2", "class 3" in the labels
+
+
+def test_missing_files(inputs, tmp_path):
+    out = tmp_path / "run"
+    proc, _ = run_job("train", ["--annotations", tmp_path / "nope.json", "--images", inputs / "images", "--output", out, "--arch", "small"])
+    assert_user_error(proc, "--annotations", "nope.json", "does not exist")
+    assert not out.exists()
+    proc, _ = run_job("evaluate", ["--checkpoint", tmp_path / "no.pt", "--annotations", inputs / "coco.json", "--images", inputs / "images",
+                                   "--output", out / "eval.json"])
+    assert_user_error(proc, "--checkpoint", "no.pt", "does not exist")
+    assert not out.exists()
+
+
+# -- S3 ------------------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _no_credentials_env(endpoint: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1", AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_CONFIG_FILE="/dev/null",
+        AWS_EC2_METADATA_DISABLED="true",  # no instance-metadata lookup: this test machine is no EC2 instance
+    )
+    return env
+
+
+@pytest.fixture
+def s3_inputs(s3_bucket, inputs):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(str(inputs / "model.pt"), f"{s3_bucket}/model.pt")
+    fs.put(str(inputs / "images" / "a.png"), f"{s3_bucket}/images/a.png")
+    return s3_bucket
+
+
+@pytest.fixture(scope="module")
+def checking_s3_server():
+    """A second moto server, in its own process, that checks credentials (moto's
+    INITIAL_NO_AUTH_ACTION_COUNT=0): every key it is given is unknown to it."""
+    port = _closed_port()
+    code = ("import sys, time; from moto.server import ThreadedMotoServer; "
+            f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start(); time.sleep(3600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("which", ["--checkpoint", "--input", "--output"])
+def test_s3_without_credentials(which, s3_inputs, s3_server, inputs, tmp_path):
+    uri = {"--checkpoint": f"{s3_inputs}/model.pt", "--input": f"{s3_inputs}/images", "--output": f"{s3_inputs}/labels"}[which]
+    out = tmp_path / "out"
+    args = label_args(inputs, out, **{which: uri})
+    proc, _ = run_job("label", args, env=_no_credentials_env(s3_server))
+    assert_user_error(proc, which, uri, "credentials", "AWS_ACCESS_KEY_ID")
+    assert files_under(out) == []
+
+
+@pytest.mark.parametrize("which", ["--checkpoint", "--input", "--output"])
+def test_s3_bucket_that_does_not_exist(which, s3_server, inputs, tmp_path):
+    uri = {"--checkpoint": "s3://no-such-bucket/model.pt", "--input": "s3://no-such-bucket/images", "--output": "s3://no-such-bucket/labels"}[which]
+    out = tmp_path / "out"
+    proc, _ = run_job("label", label_args(inputs, out, **{which: uri}))
+    assert_user_error(proc, which, uri)
+    assert files_under(out) == []
+
+
+@pytest.mark.parametrize("which", ["--checkpoint", "--input", "--output"])
+def test_s3_wrong_credentials(which, checking_s3_server, inputs, tmp_path):
+    uri = {"--checkpoint": "s3://bucket/model.pt", "--input": "s3://bucket/images", "--output": "s3://bucket/labels"}[which]
+    env = {**_no_credentials_env(checking_s3_server), "AWS_ACCESS_KEY_ID": "AKIAWRONG", "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
+    out = tmp_path / "out"
+    proc, _ = run_job("label", label_args(inputs, out, **{which: uri}), env=env)
+    line = assert_user_error(proc, which, uri, "access denied", "AWS_ACCESS_KEY_ID", "permissions")
+    assert "wrong-secret" not in proc.stdout + proc.stderr and "wrong-secret" not in line
+    assert files_under(out) == []
+
+
+@pytest.mark.parametrize("which", ["--checkpoint", "--input"])
+def test_s3_endpoint_that_does_not_answer(which, inputs, tmp_path):
+    env = {**_no_credentials_env(f"http://127.0.0.1:{_closed_port()}"), "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    uri = {"--checkpoint": "s3://bucket/model.pt", "--input": "s3://bucket/images"}[which]
+    proc, seconds = run_job("label", label_args(inputs, tmp_path / "out", **{which: uri}), env=env, timeout=90)
+    assert_user_error(proc, which, uri, "AWS_ENDPOINT_URL")
+    # botocore's defaults (60 s connect timeout, 5 attempts) took minutes; a bound, not a figure
+    assert seconds < 45, seconds
+
+
+# -- jobs.export_coco leaves nothing behind ------------------------------------------------------
+
+
+def test_export_of_something_else_writes_nothing(tmp_path):
+    not_labels = tmp_path / "photos"
+    not_labels.mkdir()
+    (not_labels / "a.png").write_bytes(b"png")
+    out = tmp_path / "export"
+    proc, _ = run_job("export_coco", ["--input", not_labels, "--output", out / "results.json"])
+    assert_user_error(proc, "--input", str(not_labels), "jobs.label --output")
+    assert files_under(out) == []
+    # a part file that is not Parquet: found while writing, and still no file
+    (not_labels / "part-000000.parquet").write_bytes(b"not parquet")
+    for fmt in ("results", "annotations"):
+        proc, _ = run_job("export_coco", ["--input", not_labels, "--output", out / "results.json", "--format", fmt])
+        assert_user_error(proc, "--input", "part-000000.parquet")
+        assert files_under(out) == []
+
+
+def test_export_to_an_unwritable_output_writes_nothing(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.labeling.plan import part_name
+    from jobs.labeling.schema import OUTPUT_SCHEMA
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    row = {"image_uri": "/images/a.png", "width": 8, "height": 6, "instances": [], "error": None, "model": "sha256:x"}
+    pq.write_table(pa.Table.from_pylist([row], schema=OUTPUT_SCHEMA), labels / part_name(0))
+    (tmp_path / "a-file").write_text("x")
+    for output in (tmp_path / "a-file" / "results.json", tmp_path):  # under a file; a folder
+        proc, _ = run_job("export_coco", ["--input", labels, "--output", output])
+        assert_user_error(proc, "--output", str(output))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "labels"]
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+# -- make clean ------------------------------------------------------------------------------------
+
+
+def test_make_clean_keeps_runs_and_data(tmp_path):
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    keep = [tmp_path / "runs" / "labels" / "part-000000.parquet", tmp_path / "data" / "sample" / "a.png",
+            tmp_path / "runs" / "pkg" / "__pycache__" / "x.pyc"]
+    gone = [tmp_path / ".venv" / "bin" / "python", tmp_path / ".pytest_cache" / "v", tmp_path / "jobs" / "__pycache__" / "a.pyc",
+            tmp_path / "maskrcnn_ray.egg-info" / "PKG-INFO"]
+    for path in keep + gone:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    subprocess.run(["make", "clean"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    assert [p for p in keep if not p.exists()] == []
+    assert [p for p in gone if p.exists()] == []
