@@ -82,3 +82,13 @@ def ray_local(tmp_path_factory):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A small checkpoint (``tests.labeling_helpers.make_checkpoint``) for a module's labeling runs."""
+    from tests.labeling_helpers import make_checkpoint
+
+    path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
+    make_checkpoint(path)
+    return path

@@ -26,7 +26,7 @@ import pytest
 
 from maskrcnn.data.synthetic import make_sample_dataset
 from tests.conftest import _free_port
-from tests.labeling_helpers import local_parts, make_checkpoint, process_table, read_output
+from tests.labeling_helpers import local_parts, process_table, read_output
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the venv running the tests: its ray and python run the cluster
@@ -140,13 +140,6 @@ def check_labels(output: Path, images: Path, count: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
-    make_checkpoint(path)
-    return path
 
 
 @pytest.mark.slow

@@ -36,13 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
-    make_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def shapes_folder(tmp_path_factory) -> Path:
     """60 synthetic images in nested shard folders (plus their annotations.json, not images)."""
     from maskrcnn.data.synthetic import make_sample_dataset

@@ -24,16 +24,9 @@ import pytest
 from jobs.common import JobError, run_main
 from jobs.label import main as label_main
 from jobs.labeling.inputs import iter_input_uris
-from tests.labeling_helpers import local_parts, make_checkpoint, process_table, read_output, rgb_noise
+from tests.labeling_helpers import local_parts, process_table, read_output, rgb_noise
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
-    make_checkpoint(path)
-    return path
 
 
 def _images(root: Path, count: int) -> Path:
