@@ -13,6 +13,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from jobs.common import JobError
+from jobs.labeling.plan import PLAN_DIR
 from maskrcnn.storage import explain_storage_error, filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -24,12 +25,20 @@ def is_image_name(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def is_skipped_name(name: str) -> bool:
+    """A file or folder name that a folder input never takes: hidden (``.``) or bookkeeping
+    (``_``: a labeling output's ``_plan/``, ``_pieces/``, ``_preview/``, Spark's ``_SUCCESS``)."""
+    return name.startswith((".", "_"))
+
+
 def iter_input_uris(input_uri: str, storage_options: dict | None = None, exclude_uri: str | None = None) -> Iterator[str]:
     """Every image URI of the input, in a deterministic order.
 
-    A folder/prefix yields its images (by extension, any depth) in sorted path order; a manifest
-    yields its lines/rows as written. ``exclude_uri``: a folder to skip (the job's output, when it
-    lies inside the input). Raises JobError when the input does not exist.
+    A folder/prefix yields its images (by extension, any depth) in sorted path order, skipping
+    hidden and bookkeeping names (``is_skipped_name``: a ``.`` or ``_`` start, as Hive, Spark
+    and pyarrow skip them) and any folder that holds a labeling plan (another run's output); a
+    manifest yields its lines/rows as written. ``exclude_uri``: a folder to skip (the job's
+    output, when it lies inside the input). Raises JobError when the input does not exist.
     """
     fs, path = filesystem(input_uri, storage_options)
     lowered = path.lower()
@@ -58,9 +67,29 @@ def iter_input_uris(input_uri: str, storage_options: dict | None = None, exclude
         exclude_fs, exclude_path = filesystem(exclude_uri, storage_options)
         if type(exclude_fs) is type(fs):
             exclude = exclude_path.rstrip("/") + "/"
-    for found in _walk_files(fs, path.rstrip("/")):
+    root = path.rstrip("/")
+    for found in _walk_files(fs, root):
+        below = found[len(root) + 1 :] if found.startswith(root + "/") else found.rsplit("/", 1)[-1]
+        if any(is_skipped_name(part) for part in below.split("/")):
+            continue
         if is_image_name(found) and not (exclude and found.startswith(exclude)):
             yield _as_uri(fs, found, input_uri)
+
+
+def check_output_apart(input_uri: str, output_uri: str, storage_options: dict | None = None) -> None:
+    """Refuses an --output that is --input's folder or holds it: the labels' bookkeeping would
+    sit among the images (an --output inside --input is fine: the listing skips it)."""
+    in_fs, in_path = filesystem(input_uri, storage_options)
+    out_fs, out_path = filesystem(output_uri, storage_options)
+    if type(in_fs) is not type(out_fs):
+        return
+    in_path, out_path = in_path.rstrip("/"), out_path.rstrip("/")
+    if in_path == out_path or in_path.startswith(out_path + "/"):
+        what = "is" if in_path == out_path else "contains"
+        raise JobError(
+            f"--output {output_uri} {what} --input {input_uri}: the labels would be written among the images; "
+            "give an --output outside the input (or in a folder of its own inside it)"
+        )
 
 
 def _as_uri(fs: fsspec.AbstractFileSystem, path: str, input_uri: str) -> str:
@@ -87,9 +116,12 @@ def _walk_files(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
         if hasattr(fs, "invalidate_cache"):
             fs.invalidate_cache(path)  # fsspec caches listings; a 10M-file walk must not keep them
         keyed = []
+        names = {entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries}
+        if path != root and PLAN_DIR in names:
+            continue  # another labeling run's output: its previews are no input
         for entry in entries:
             name = entry["name"].rstrip("/")
-            if name == path.rstrip("/"):
+            if name == path.rstrip("/") or is_skipped_name(name.rsplit("/", 1)[-1]):
                 continue
             directory = entry.get("type") == "directory"
             keyed.append((name + "/" if directory else name, name, directory))
