@@ -2,7 +2,7 @@
 
     python -m benchmarks.ablation [--steps 150] [--images 32] [--val-images 16] [--seeds 0]
                                   [--b-backbone fpn|c4|both] [--c-backbone c4|fpn|both]
-                                  [--batch-size 4] [--lr 0.02]
+                                  [--batch-size 4] [--lr F]
                                   [--only c4,fpn] [--output runs/ablation] [--fresh]
 
 Every variant is the ``small`` preset (a narrow GroupNorm ResNet, trained from scratch) or its
@@ -143,14 +143,14 @@ def batch_schedule(num_images: int, steps: int, batch_size: int, seed: int) -> l
 
 def train_and_evaluate(cfg: ModelConfig, train_items: list, val_set, args, seed: int) -> dict:
     from maskrcnn.data.transforms import hflip
-    from maskrcnn.engine import make_optimizer, make_scheduler, train_step
+    from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, make_optimizer, make_scheduler, train_step
     from maskrcnn.evaluation import evaluate_model
     from maskrcnn.modeling import build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg)
     optimizer = make_optimizer(model, lr=args.lr)
-    scheduler = make_scheduler(optimizer, args.steps, warmup_steps=max(1, min(50, args.steps // 5)))
+    scheduler = make_scheduler(optimizer, args.steps)  # jobs.train's default warmup and steps down
     schedule = batch_schedule(len(train_items), args.steps, args.batch_size, seed)
     torch.manual_seed(seed + 1)  # the RPN's and RoI heads' sampling starts alike for every variant
     model.train()
@@ -160,7 +160,7 @@ def train_and_evaluate(cfg: ModelConfig, train_items: list, val_set, args, seed:
     diverged = False
     for picks in schedule:
         batch = [hflip(*train_items[i]) if flip else train_items[i] for i, flip in picks]
-        losses = train_step(model, optimizer, [b[0] for b in batch], [b[1] for b in batch], scheduler=scheduler, clip_grad_norm=10.0)
+        losses = train_step(model, optimizer, [b[0] for b in batch], [b[1] for b in batch], scheduler=scheduler, clip_grad_norm=DEFAULT_CLIP_GRAD_NORM)
         value = float(losses["loss"])
         if not torch.isfinite(torch.tensor(value)):
             diverged = True
@@ -242,7 +242,7 @@ def render_markdown(results: dict, settings: dict, table_groups: list) -> str:
     compute = sum(r["train_s"] + r["eval_s"] for v in results.values() for r in v["runs"])
     header = (
         f"Budget per variant: {settings['steps']} steps x {settings['batch_size']} images, lr {settings['lr']} "
-        f"(warmup, x0.1 at 2/3 and 8/9), {settings['train_images']} training / {settings['val_images']} held-out sample images, "
+        f"(warmup {settings.get('warmup_steps', '')}, x0.1 at 2/3 and 8/9, gradient norm clipped at {settings.get('clip_grad_norm', '')}), {settings['train_images']} training / {settings['val_images']} held-out sample images, "
         f"seed(s) {', '.join(map(str, settings['seeds']))}, {settings['threads']} torch thread(s). "
         f"APs in percent on the held-out split; {'mean ±half the range over seeds; ' if seeds > 1 else ''}"
         f"train s: wall seconds of training (mean over seeds). Machine: {settings['machine']}. "
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=32, help="training images of the sample data (default 32)")
     parser.add_argument("--val-images", type=int, default=16, help="held-out images to score on (default 16)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
-    parser.add_argument("--lr", type=float, default=0.02, help="peak learning rate (default 0.02, as the demo: from scratch, 4 images a step)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: jobs.train's for the small presets at --batch-size)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds; each variant trains once per seed (default 0)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the sample data (default 0)")
     parser.add_argument(
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BUDGET_KEYS = ("steps", "batch_size", "lr", "train_images", "val_images", "data_seed", "threads")
+BUDGET_KEYS = ("steps", "batch_size", "lr", "warmup_steps", "clip_grad_norm", "train_images", "val_images", "data_seed", "threads")
 
 
 def _previous_variants(path: str, settings: dict) -> dict[str, dict]:
@@ -331,13 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from maskrcnn.data import CocoDataset, make_sample_dataset
+    from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, default_lr, default_warmup_steps
+
+    args.lr = args.lr or default_lr(args.batch_size, get_preset("small").backbone.norm)
 
     started = time.perf_counter()
     os.makedirs(args.output, exist_ok=True)
     json_path, md_path = os.path.join(args.output, "ablation.json"), os.path.join(args.output, "ablation.md")
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, shared with other work"
     settings = {
-        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "train_images": args.images,
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": default_warmup_steps(args.steps),
+        "clip_grad_norm": DEFAULT_CLIP_GRAD_NORM, "train_images": args.images,
         "val_images": args.val_images, "seeds": seeds, "data_seed": args.data_seed, "threads": args.threads,
         "b_backbone": args.b_backbone, "c_backbone": args.c_backbone, "machine": machine, "total_s": 0.0,
     }

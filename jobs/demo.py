@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/demo", help="folder for the data, the run, the labels and the report (default runs/demo)")
     parser.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
-    parser.add_argument("--lr", type=float, default=0.02, help="peak learning rate (default 0.02: from scratch, 4 images a step)")
     parser.add_argument("--train-images", type=int, default=48, help="sample training images (default 48)")
     parser.add_argument("--val-images", type=int, default=16, help="held-out sample images (default 16)")
     args = parser.parse_args(argv)
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "jobs.train", "--annotations", f"{data}/train/annotations.json", "--images", f"{data}/train/images",
         "--val-annotations", f"{data}/val/annotations.json", "--val-images", f"{data}/val/images",
         "--output", run, "--arch", "small", "--num-workers", "2", "--batch-size", "2",
-        "--max-steps", str(args.steps), "--lr", str(args.lr), "--warmup-steps", "100", "--loader-workers", "0", "--log-every", "25",
+        "--max-steps", str(args.steps), "--loader-workers", "0", "--log-every", "25",
     ])
     _run("label the held-out images (Ray Data -> Parquet)", [
         "jobs.label", "--input", f"{data}/val/images", "--output", labels, "--checkpoint", f"{run}/model.pt", "--preview", "8",

@@ -1,8 +1,14 @@
-"""Training pieces shared by the Ray job and plain loops: optimizer, LR schedule, one step.
+"""The one training recipe, used by ``jobs.train``, the overfit test and the ablation benchmark:
+optimizer, learning-rate schedule, gradient clipping, one step.
 
-The paper's schedule: SGD with momentum 0.9 and weight decay 1e-4, lr 0.02 at 16 images per
-iteration scaled linearly with the batch (Goyal et al.'s rule), linear warmup, and the lr cut
-by 10x at fixed fractions of the run.
+The paper's recipe, as detectron2's and torchvision's references run it: SGD with momentum 0.9
+and weight decay 1e-4 (none on norm layers' affine parameters, as detectron2, nor on biases), lr
+0.02 at 16 images per iteration scaled linearly with the batch (Goyal et al.'s rule), linear
+warmup from a thousandth of it, and the lr cut by 10x at fixed points of the run. Two additions,
+for models trained from scratch on a CPU-sized batch: a GroupNorm trunk (the ``small`` presets)
+takes a floor under the scaled lr; and gradients are clipped at a total norm of
+``DEFAULT_CLIP_GRAD_NORM`` (for every model; the references do not clip).
+``docs/performance.md`` has what the defaults gave against the alternatives.
 """
 
 from __future__ import annotations
@@ -12,19 +18,36 @@ import contextlib
 import torch
 from torch import Tensor
 
-BASE_LR = 0.02
-BASE_BATCH = 16
+REFERENCE_LR = 0.02  # the paper's lr ...
+REFERENCE_BATCH = 16  # ... at its 8 GPUs x 2 images
+# The least default lr of a model whose trunk uses GroupNorm and trains from scratch (the
+# ``small`` presets): at a CPU's 4 images a step the linear rule's lr leaves it undertrained.
+GROUPNORM_LR_FLOOR = 0.02
+MAX_WARMUP_STEPS = 1000  # detectron2's and torchvision's warmup, capped at a tenth of a short run
+DEFAULT_MILESTONES = (2 / 3, 8 / 9)  # detectron's 1x schedule: 60k and 80k of 90k steps
+DEFAULT_CLIP_GRAD_NORM = 10.0
 
 
-def scaled_lr(total_batch: int, base_lr: float = BASE_LR, base_batch: int = BASE_BATCH) -> float:
-    """The linear scaling rule: lr proportional to the images per iteration across all workers."""
-    return base_lr * total_batch / base_batch
+def default_lr(total_batch: int, norm: str = "frozen_bn") -> float:
+    """The peak lr for ``total_batch`` images per step across all workers: the linear scaling
+    rule, at least ``GROUPNORM_LR_FLOOR`` for a trunk with ``norm`` "gn"."""
+    lr = REFERENCE_LR * total_batch / REFERENCE_BATCH
+    return max(lr, GROUPNORM_LR_FLOOR) if norm == "gn" else lr
+
+
+def default_warmup_steps(total_steps: int) -> int:
+    return min(MAX_WARMUP_STEPS, total_steps // 10)
+
+
+def milestone_steps(milestones, total_steps: int) -> list[int]:
+    """Milestones as steps: a value below 1 is a fraction of ``total_steps``, any other a step."""
+    return sorted(int(round(m * total_steps)) if m < 1 else int(m) for m in milestones)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4) -> torch.optim.Optimizer:
     """SGD over the trainable parameters; no weight decay on norm layers' affine parameters and biases."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 else decay).append(param)
@@ -32,8 +55,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, momentum: float = 0.9, wei
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
-def warmup_multistep_factor(step: int, warmup_steps: int, milestones: tuple[int, ...], warmup_factor: float = 0.001, gamma: float = 0.1) -> float:
-    """The lr multiplier at ``step``: linear warmup from ``warmup_factor``, then x``gamma`` at each milestone."""
+def warmup_multistep_factor(step: int, warmup_steps: int, milestones, warmup_factor: float = 0.001, gamma: float = 0.1) -> float:
+    """The lr multiplier at ``step``: linear warmup from ``warmup_factor`` to 1 over
+    ``warmup_steps``, then x``gamma`` at each milestone (a step) passed."""
     factor = gamma ** sum(step >= m for m in milestones)
     if step < warmup_steps:
         alpha = step / warmup_steps
@@ -42,12 +66,13 @@ def warmup_multistep_factor(step: int, warmup_steps: int, milestones: tuple[int,
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int | None = None,
-                   milestones: tuple[float, ...] = (2 / 3, 8 / 9)) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup over ``warmup_steps`` (default: min(500, total/10)), decay at fractions of the run."""
+                   milestones=DEFAULT_MILESTONES, warmup_factor: float = 0.001, gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup over ``warmup_steps`` (default: ``default_warmup_steps``), then decay by ``gamma``
+    at ``milestones`` (fractions of the run below 1, steps otherwise); stepped once per step."""
     if warmup_steps is None:
-        warmup_steps = min(500, max(1, total_steps // 10))
-    steps = tuple(int(f * total_steps) for f in milestones)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_multistep_factor(s, warmup_steps, steps))
+        warmup_steps = default_warmup_steps(total_steps)
+    steps = milestone_steps(milestones, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_multistep_factor(s, warmup_steps, steps, warmup_factor, gamma))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
