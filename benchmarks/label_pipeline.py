@@ -13,6 +13,9 @@ the pipeline's efficiency (the goal on a GPU: at least 0.9). Figures are CPU her
 absolute images/s only from a GPU (shared/DESIGN.md, "Performance method").
 
     python -m benchmarks.label_pipeline [--images 96] [--arch small] [--batch-size 1] [--num-actors N]
+    # CPU only, end to end against the loop a user would write (torchvision's model, PIL, one image
+    # at a time, torch's default threads), Ray start included: --cpu-vs-loop (below)
+    python -m benchmarks.label_pipeline --cpu-vs-loop [--images 120] [--variant "--cpus-per-actor 1" ...]
     # on a GPU, COCO-like: R50-FPN, 480x640 JPEGs, 100 detections an image
     python -m benchmarks.label_pipeline --arch r50_fpn --image-size 480x640 --score-threshold 0 \\
         --images 2000 --distinct 64 --loop-images 64 --batch-size 8 --shard-size 64
@@ -35,7 +38,7 @@ import torch
 
 def plain_loop(uris: list[str], model, device: str) -> tuple[float, int]:
     """Read, decode, model, RLE: one image at a time, at the precision jobs.label runs."""
-    from jobs.labeling.decode import decode_image
+    from maskrcnn.data.images import decode_image
     from maskrcnn.engine import autocast_context, autocast_dtype
     from maskrcnn.masks import encode_masks
 
@@ -53,7 +56,7 @@ def plain_loop(uris: list[str], model, device: str) -> tuple[float, int]:
 def model_alone(uris: list[str], model, device: str, batch_size: int) -> float:
     """The model's forward alone on images already decoded and on the device, at the precision
     jobs.label runs (bf16 on a GPU): the ceiling."""
-    from jobs.labeling.decode import decode_image
+    from maskrcnn.data.images import decode_image
     from maskrcnn.engine import autocast_context, autocast_dtype
 
     dtype = autocast_dtype("auto", torch.device(device))
@@ -85,7 +88,9 @@ def run_job(images_dir: Path, output: Path, checkpoint: Path, args, in_flight: i
     from jobs.label import main as label_main
 
     command = ["--input", str(images_dir), "--output", str(output), "--checkpoint", str(checkpoint),
-               "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size), "--cpus-per-actor", str(args.cpus_per_actor)]
+               "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size)]
+    if args.cpus_per_actor is not None:
+        command += ["--cpus-per-actor", str(args.cpus_per_actor)]
     if args.num_actors:
         command += ["--num-actors", str(args.num_actors)]
     if in_flight:
@@ -116,16 +121,130 @@ def steady_rate(parts: list[tuple[float, int]]) -> float:
     return sum(rows for _, rows in parts[1:]) / max(parts[-1][0] - parts[0][0], 1e-9)
 
 
+CPU_VS_LOOP_DOC = """jobs.label end to end on the CPU against the loop a user would write.
+
+The loop: torchvision's ``maskrcnn_resnet50_fpn`` in eval mode loaded from a state dict file,
+each image opened with PIL and turned into a tensor, one image at a time, torch's default
+threads; timed from loading the model to its last output. jobs.label: the same state dict as a
+bare torchvision checkpoint (``--arch r50_fpn``), every option at its default, called in this
+process with no Ray running (``--address local``: it starts its own private Ray), timed from the
+call to its return: Ray's start, the actors' start and model load, and the writing of the
+Parquet included. Same images (JPEGs of 320-512 px a side), same weights (torchvision's
+initialisation, trunk statistics calibrated on the images), same score threshold (torchvision's
+0.05 unless --score-threshold). The machine's load average is printed beside each run: on a
+shared machine, threads of other programs slow both sides, intra-op threads most.
+"""
+
+
+def cpu_vs_loop(args) -> int:
+    import random
+
+    import torchvision
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    from benchmarks.model_inference import calibrated_state
+    from jobs.common import shutdown_ray
+    from jobs.label import main as label_main
+    from maskrcnn.data.synthetic import make_sample_dataset
+
+    n = args.images
+    work = Path(tempfile.mkdtemp(prefix="label-cpu-vs-loop-"))
+    make_sample_dataset(str(work / "made"), {"set": min(n, 24)}, seed=0)
+    made = sorted((work / "made").rglob("*.png"))
+    rng = random.Random(0)
+    (work / "images").mkdir()
+    for i in range(n):
+        height, width = rng.randint(320, 512), rng.randint(320, 512)
+        with Image.open(made[i % len(made)]) as image:
+            image.convert("RGB").resize((width, height), Image.BILINEAR).save(work / "images" / f"{i:05d}.jpg", quality=90)
+    uris = sorted(str(p) for p in (work / "images").iterdir())
+    sample = [to_tensor(Image.open(uri).convert("RGB")) for uri in uris[:2]]
+    checkpoint = work / "maskrcnn_resnet50_fpn.pth"
+    torch.manual_seed(0)
+    torch.save(calibrated_state(sample, 800, 1333), checkpoint)
+    threshold = 0.05 if args.score_threshold is None else args.score_threshold
+    print(f"{n} JPEGs of 320-512 px, R50-FPN (a torchvision state dict, calibrated random weights), score threshold {threshold:g}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads by default)", flush=True)
+
+    def load() -> str:
+        return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+    def loop() -> tuple[float, int]:
+        started = time.perf_counter()
+        model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, box_score_thresh=threshold)
+        model.load_state_dict(torch.load(checkpoint, weights_only=True))
+        model.eval()
+        detections = 0
+        with torch.inference_mode():
+            for uri in uris:
+                image = to_tensor(Image.open(uri).convert("RGB"))
+                detections += len(model([image])[0]["scores"])
+        return time.perf_counter() - started, detections
+
+    def job(extra: list[str]) -> tuple[float, int, str, float]:
+        output = work / f"labels-{uuid_hex()}"
+        command = ["--input", str(work / "images"), "--output", str(output), "--checkpoint", str(checkpoint), "--arch", "r50_fpn",
+                   "--address", "local", *extra]
+        if args.score_threshold is not None:
+            command += ["--score-threshold", str(args.score_threshold)]
+        buffer = StringIO()
+        started = time.perf_counter()
+        with redirect_stdout(buffer):
+            code = label_main(command)
+        seconds = time.perf_counter() - started
+        shutdown_ray()
+        text = buffer.getvalue()
+        if code != 0:
+            raise SystemExit(text)
+        done = re.search(r"labelled \d+ images in ([\d.]+) s .*: (\d+) detections", text)
+        actors = re.search(r"with (\d+ model actor\(s\) \(.*?\)), batch", text)[1]
+        return seconds, int(done[2]), actors, float(done[1])
+
+    variants = [[]] + [v.split() for v in args.variant]
+    print(f"plain loop ... ({load()})", flush=True)
+    loop_s, loop_dets = loop()
+    print(f"plain loop: {loop_s:.1f} s, {n / loop_s:.3f} images/s, {loop_dets} detections ({load()})", flush=True)
+    results = []
+    for extra in variants:
+        name = "jobs.label " + (" ".join(extra) or "(defaults)")
+        print(f"{name} ... ({load()})", flush=True)
+        job_s, job_dets, actors, pipeline_s = job(extra)
+        results.append((name, job_s, job_dets, actors))
+        print(f"{name}: {job_s:.1f} s, {n / job_s:.3f} images/s, {job_dets} detections, {actors}; of which the Ray Data run "
+              f"{pipeline_s:.1f} s, start-up (Ray, checkpoint check, plan) {job_s - pipeline_s:.1f} s ({load()})", flush=True)
+    if args.loop_again:
+        print(f"plain loop again ... ({load()})", flush=True)
+        again_s, _ = loop()
+        print(f"plain loop again: {again_s:.1f} s ({load()}); the ratios below use the mean of both loops", flush=True)
+        loop_s = (loop_s + again_s) / 2
+    for name, job_s, job_dets, actors in results:
+        print(f"ratio {name} / plain loop, end to end: {loop_s / job_s:.2f}x  ({actors})")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def uuid_hex() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:8]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=96, help="N: images in the timed pipeline run and the model-alone run")
+    parser.add_argument("--cpu-vs-loop", action="store_true",
+                        help="jobs.label at its defaults end to end against a plain torchvision loop on the CPU: " + CPU_VS_LOOP_DOC.split("\n\n")[1].replace("\n", " "))
+    parser.add_argument("--variant", action="append", default=[], metavar="OPTIONS",
+                        help="--cpu-vs-loop: also time jobs.label with these options (e.g. \"--cpus-per-actor 1\", the old default); repeatable")
+    parser.add_argument("--loop-again", action="store_true", help="--cpu-vs-loop: time the loop again after the jobs (drift of the machine's load)")
+    parser.add_argument("--images", type=int, default=None, help="N: images in the timed pipeline run and the model-alone run (default 96; --cpu-vs-loop: 120)")
     parser.add_argument("--distinct", type=int, default=None, help="distinct synthetic images, copied to make N (default N)")
     parser.add_argument("--loop-images", type=int, default=None, help="images for the plain loop (default N)")
     parser.add_argument("--arch", default="small", help="model preset, random weights (small: 50 detections an image)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--num-actors", type=int, default=None)
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--cpus-per-actor", type=float, default=None, help="jobs.label --cpus-per-actor (default: the job's)")
     parser.add_argument("--batches-in-flight", type=int, nargs="+", default=[None],
                         help="jobs.label --batches-in-flight; several values: one timed run each (default: the job's)")
     parser.add_argument("--image-size", default=None, metavar="HxW",
@@ -133,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="the model's box score threshold (0: up to 100 detections an image, the most encoding)")
     args = parser.parse_args(argv)
+    if args.cpu_vs_loop:
+        args.images = args.images or 120
+        return cpu_vs_loop(args)
+    args.images = args.images or 96
     image_size = tuple(int(v) for v in args.image_size.lower().split("x")) if args.image_size else None
 
     import ray
@@ -164,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         # torchvision's initialisation with trunk statistics measured on these images: a random
         # trunk with identity statistics blows up (benchmarks.model_inference)
         from benchmarks.model_inference import calibrated_state
-        from jobs.labeling.decode import decode_image
+        from maskrcnn.data.images import decode_image
         from maskrcnn.checkpoint import convert_torchvision_state_dict
 
         sample = [decode_image(Path(uri).read_bytes(), 10**8) for uri in uris[:2]]
@@ -207,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         flight = re.search(r"(\d+) batch\(es\) in flight", text)[1]
         runs.append((flight, run_s, pipe_dets, steady_rate(commit_times(output))))
     ray.shutdown()
-    actors = re.search(r"with (\d+) model actor", text)[1]
+    actors = re.search(r"with (\d+ model actor\(s\) \(.*?\)), batch", text)[1]
 
     loop_rate = len(loop_uris) / loop_s
     alone_rate = n / alone_s
@@ -217,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     for flight, run_s, pipe_dets, steady in runs:
         print(f"{f'pipeline, {flight} batch(es) in flight, whole run over {n} (start-up)':<60}{n / run_s:>10.2f}{pipe_dets:>12}")
         print(f"{f'pipeline, {flight} batch(es) in flight, steady (shard commits)':<60}{steady:>10.2f}")
-    print(f"({actors} actor(s) x {args.cpus_per_actor:g} CPU, batch {args.batch_size}, shards of {args.shard_size})")
+    print(f"({actors}, batch {args.batch_size}, shards of {args.shard_size})")
     for flight, run_s, pipe_dets, steady in runs:
         print(f"ratio pipeline/loop with {flight} in flight: {steady / loop_rate:.2f} steady, {n / run_s / loop_rate:.2f} whole run")
         print(f"ratio pipeline/model alone with {flight} in flight: {steady / alone_rate:.2f} steady (on a GPU the goal is >= 0.9; "

@@ -17,7 +17,6 @@ torchvision: the class index is the category id (then ``--arch`` names its archi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 
 from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
 
-__all__ = ["main", "build_parser", "evaluate", "class_map_for"]
+__all__ = ["main", "build_parser", "class_map_for"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,59 +83,6 @@ def class_map_for(label_map: dict[int, dict], gt_category_ids: set[int], checkpo
             f"(ids {sorted(gt_category_ids)[:10]}); evaluate a checkpoint trained on these categories"
         )
     return class_map
-
-
-def evaluate(
-    model: torch.nn.Module,
-    dataset,
-    class_map: dict[int, int] | None = None,
-    device: str | torch.device = "cpu",
-    batch_size: int = 2,
-    loader_workers: int = 2,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, Any]:
-    """COCO box and mask AP of ``model`` on ``dataset`` (a ``CocoDataset``).
-
-    Like ``maskrcnn.evaluation.evaluate_model``, but images are read by DataLoader workers (an
-    ``s3://`` dataset is not read one image at a time) and class indices map to category ids
-    through ``class_map`` (default: the dataset's own categories). Detections of classes that
-    ``class_map`` lacks (e.g. torchvision's unused COCO indices) are dropped.
-    """
-    from maskrcnn.data import collate_fn
-    from maskrcnn.engine import autocast_context
-    from maskrcnn.evaluation import evaluate_coco, iou_types_for, predictions_to_coco_results
-    from maskrcnn.modeling.meta_arch import predict_by_size
-
-    if class_map is None:
-        class_map = {k + 1: c["id"] for k, c in enumerate(dataset.categories)}
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers, collate_fn=collate_fn,
-        pin_memory=torch.device(device).type == "cuda",
-    )
-    was_training = model.training
-    model.eval()
-    results: list[dict] = []
-    image_ids: list[int] = []
-    try:
-        with torch.inference_mode():
-            for images, targets in loader:
-                with autocast_context(torch.device(device), autocast_dtype):
-                    # one forward per padded size, as jobs.label runs: the AP is that of its labels
-                    predictions = predict_by_size(model, [image.to(device, non_blocking=True) for image in images])
-                ids = [int(t["image_id"]) for t in targets]
-                for prediction in predictions:
-                    keep = torch.tensor([int(label) in class_map for label in prediction["labels"].tolist()], dtype=torch.bool)
-                    if not bool(keep.all()):
-                        keep = keep.to(prediction["labels"].device)
-                        prediction.update({k: v[keep] for k, v in prediction.items() if isinstance(v, torch.Tensor)})
-                results.extend(predictions_to_coco_results(predictions, ids, class_map))
-                image_ids.extend(ids)
-    finally:
-        model.train(was_training)
-    metrics = evaluate_coco(dataset.coco, results, image_ids=image_ids, iou_types=iou_types_for(model))
-    metrics["num_images"] = len(image_ids)
-    metrics["num_detections"] = len(results)
-    return metrics
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -210,37 +156,29 @@ def main(argv: list[str] | None = None) -> int:
         categories = None
         if args.arch is not None:  # a bare torchvision state dict names its classes in a COCO file
             categories = categories_from_coco(args.categories or args.annotations, storage_options)
-        loaded = load_checkpoint(args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options)
+        loaded = load_checkpoint(
+            args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options,
+            overrides={"min_size": args.min_size, "max_size": args.max_size},
+        )
     except CheckpointError as exc:
         message = str(exc)  # "checkpoint X ..." -> "--checkpoint X ...": name the option
         raise JobError("--" + message if message.startswith("checkpoint ") else message) from None
     except ValueError as exc:  # an unknown --arch preset
         raise JobError(str(exc)) from None
-    if args.min_size is not None or args.max_size is not None:
-        # Same weights, another input size: rebuild from the changed config.
-        from maskrcnn.modeling import build_model
-
-        base = loaded.config.input
-        config = loaded.config.replace(
-            input=dataclasses.replace(base, min_size=args.min_size or base.min_size, max_size=args.max_size or base.max_size)
-        )
-        model = build_model(config)
-        model.load_state_dict(loaded.model.state_dict())
-        model.eval()
-        loaded.model, loaded.config = model, config
     model = loaded.model.to(device)
     if not args.reference_path:  # what jobs.label runs, so the AP is that of its labels
         from maskrcnn.modeling.optimize import optimize_for_inference
 
         optimize_for_inference(model)
     from maskrcnn.engine import autocast_dtype
+    from maskrcnn.evaluation import evaluate_model
 
     class_map = class_map_for(loaded.label_map, {c["id"] for c in dataset.categories}, args.checkpoint, args.annotations)
 
     started = time.perf_counter()
-    metrics = evaluate(
-        model, dataset, class_map, device=device, batch_size=args.batch_size, loader_workers=args.loader_workers,
-        autocast_dtype=autocast_dtype(args.precision, torch.device(device)),
+    metrics = evaluate_model(
+        model, dataset, args.batch_size, device, class_map=class_map, loader_workers=args.loader_workers,
+        autocast_dtype=autocast_dtype(args.precision, device),
     )
     seconds = time.perf_counter() - started
     report = {

@@ -46,8 +46,8 @@ import pyarrow.parquet as pq
 
 from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
 from jobs.common import HelpFormatter
-from jobs.labeling.plan import PART_RE, is_local, read_plan
-from maskrcnn.storage import explain_storage_error, filesystem, open_uri
+from jobs.labeling.plan import part_files, read_plan
+from maskrcnn.storage import explain_storage_error, filesystem, is_local, open_uri
 
 
 def iter_rows(label_output: str, storage_options: dict | None, columns: list[str]) -> Iterator[dict]:
@@ -73,7 +73,7 @@ def list_parts(label_output: str, storage_options: dict | None) -> tuple[list[st
         if root.endswith(".parquet") and fs.isfile(root):
             parts = [root]
         else:
-            parts = sorted(p for p in fs.ls(root, detail=False) if PART_RE.match(p.rstrip("/").rsplit("/", 1)[-1]))
+            parts = part_files(fs, root)
     except FileNotFoundError:
         raise JobError(f"--input {label_output} does not exist") from None
     except NotADirectoryError:

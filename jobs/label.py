@@ -11,7 +11,6 @@ part file; over finished output it does no model work. See jobs/labeling/ for th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 import uuid
@@ -32,7 +31,6 @@ from jobs.common import (
 from jobs.labeling.plan import PIECES_DIR, PLAN_DIR, PREVIEW_DIR, finished_shards, read_plan, write_plan
 
 DEFAULT_SHARD_SIZE = 1000
-DEFAULT_MAX_PIXELS = 100_000_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,9 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_group = parser.add_argument_group("execution")
     run_group.add_argument("--batch-size", type=int, default=4, metavar="N", help="at most N images per forward pass of one actor; an image shares a forward only with images of its own "
                            "padded size, so its labels do not depend on the batch")
-    run_group.add_argument("--num-actors", type=int, default=None, metavar="N", help="model replicas (default: one per --gpus-per-actor share of the cluster's GPUs; without GPUs, one per 4 CPUs, at least 1)")
+    run_group.add_argument("--num-actors", type=int, default=None, metavar="N", help="model replicas (default: one per --gpus-per-actor share of the cluster's GPUs; "
+                           "without GPUs, one per node that has CPUs, each running as many torch threads as its node has CPUs)")
     run_group.add_argument("--gpus-per-actor", type=float, default=None, metavar="F", help="GPUs per model replica, fractions allowed (0.5: two replicas per GPU); default 1 when the cluster has GPUs, else 0 (CPU)")
-    run_group.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="F", help="CPUs reserved per model replica (on the CPU, its torch threads)")
+    run_group.add_argument(
+        "--cpus-per-actor", type=float, default=None, metavar="F",
+        help="CPUs Ray reserves per model replica; given, on the CPU also its torch threads (at least 1). Default: 1 with GPUs; "
+        "without GPUs, the node's CPUs less the 1 CPU decoding needs (0 on a 1-CPU node; split among the actors a node holds "
+        "with --num-actors), while the actor's torch threads use all the CPUs of its node: decoding, a few ms an image, "
+        "fits in the gaps of the model's ~0.5 s",
+    )
     run_group.add_argument(
         "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
         help="autocast precision of the model; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
@@ -98,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_wait_for_gpus(run_group)
     add_ray_options(run_group)
     run_group.add_argument("--decode-batch-size", type=int, default=8, metavar="N", help="images per decode task batch")
-    run_group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N", help="refuse images of more pixels (decompression bombs); the row gets an error")
+    run_group.add_argument(
+        "--max-pixels", type=int, default=None, metavar="N",
+        help="refuse images of more pixels (decompression bombs); the row gets an error (default: 100 million, as training and evaluation)",
+    )
     return parser
 
 
@@ -111,7 +119,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if value is not None and not 0 <= value <= 1:
             raise JobError(f"{name} must be in [0, 1] (a detection's score is a probability), got {value:g}")
     for name in ("shard_size", "batch_size", "decode_batch_size", "max_pixels"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.batches_in_flight is not None and args.batches_in_flight < 1:
         raise JobError(f"--batches-in-flight must be at least 1, got {args.batches_in_flight}")
@@ -130,7 +138,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _check_output_writable(output_uri: str, storage_options: dict | None) -> None:
-    from maskrcnn.storage import filesystem
+    from maskrcnn.storage import filesystem, is_local
 
     probe = f"{PLAN_DIR}/.write-probe-{uuid.uuid4().hex}"
     try:
@@ -138,7 +146,7 @@ def _check_output_writable(output_uri: str, storage_options: dict | None) -> Non
         path = f"{root.rstrip('/')}/{probe}"
         if fs.exists(root) and fs.isfile(root):
             raise JobError(f"--output {output_uri} is a file; give a folder or prefix")
-        if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        if is_local(fs):
             fs.makedirs(fs._parent(path), exist_ok=True)
         with fs.open(path, "wb") as f:
             f.write(b"probe")
@@ -164,41 +172,60 @@ def load_model_for_labeling(args: argparse.Namespace, storage_options: dict | No
     arguments with which every actor loads it again."""
     from maskrcnn.checkpoint import CheckpointError, categories_from_coco, load_checkpoint
 
+    overrides = {
+        "min_size": args.min_size, "max_size": args.max_size,
+        "score_thresh": args.score_threshold, "detections_per_img": args.max_detections,
+    }
     try:
         categories = categories_from_coco(args.categories, storage_options) if args.categories else None
-        loaded = load_checkpoint(args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options)
+        loaded = load_checkpoint(args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options, overrides=overrides)
     except CheckpointError as exc:
         raise JobError(_name_option(str(exc))) from None
     if loaded.categories_note:
         print(loaded.categories_note, flush=True)
-    config = loaded.config
-    overrides = {}
-    if args.min_size is not None or args.max_size is not None:
-        overrides["input"] = dataclasses.replace(
-            config.input,
-            min_size=args.min_size if args.min_size is not None else config.input.min_size,
-            max_size=args.max_size if args.max_size is not None else config.input.max_size,
-        )
-    if args.score_threshold is not None or args.max_detections is not None:
-        overrides["roi_heads"] = dataclasses.replace(
-            config.roi_heads,
-            score_thresh=args.score_threshold if args.score_threshold is not None else config.roi_heads.score_thresh,
-            detections_per_img=args.max_detections if args.max_detections is not None else config.roi_heads.detections_per_img,
-        )
-    final = config.replace(**overrides) if overrides else config
-    load_kwargs = {"arch": args.arch, "categories": categories, "config_overrides": overrides or None}
-    return loaded, final, load_kwargs
+    load_kwargs = {"arch": args.arch, "categories": categories, "overrides": overrides}
+    return loaded, loaded.config, load_kwargs
 
 
-def _resources(ray, args) -> tuple[int, float]:
+def cpu_actor_sizing(node_cpus: list[float], num_actors: int | None, cpus_per_actor: float | None) -> tuple[int, float, int]:
+    """Model actors without GPUs: (actors, CPUs Ray reserves for each, torch threads of each;
+    0 = as many as its node has CPUs). ``node_cpus``: the CPUs of each node of the cluster.
+
+    The model is all of the work (~0.5 s an image for R50-FPN; decoding one costs a few ms), so by
+    default each node that has CPUs holds one actor whose torch threads use all its CPUs. Ray's
+    accounting reserves it the node's CPUs less one, and that one CPU runs the decode, RLE and
+    write tasks in the gaps of the model's work (torch's threads are not Ray's accounting). With
+    ``--num-actors`` above the nodes, a node's actors share its CPUs; ``--cpus-per-actor`` given
+    is both the reservation and the threads."""
+    nodes = sorted(c for c in node_cpus if c >= 1) or [1.0]
+    actors = num_actors or len(nodes)
+    if cpus_per_actor is not None:
+        return actors, float(cpus_per_actor), max(1, int(cpus_per_actor))
+    per_node = -(-actors // len(nodes))
+    smallest = nodes[0]
+    reserve = (smallest - 1) / per_node
+    if reserve > 1:  # whole CPUs above one, fractions only of one
+        reserve = float(int(reserve))
+    if reserve == 0 and len(nodes) > 1:
+        # Actors that reserve nothing all land on one node; reserving its share spreads them
+        # (the other nodes' spare CPUs decode).
+        reserve = round(smallest / per_node, 4)
+    threads = 0 if per_node == 1 else max(1, int(smallest // per_node))
+    return actors, round(reserve, 4), threads
+
+
+def _resources(ray, args) -> tuple[int, float, float, int]:
+    """(model actors, GPUs and CPUs Ray reserves for each, torch threads of each on the CPU; 0 =
+    its node's CPUs). Stops the job when they cannot start on a private local Ray."""
     cluster = ray.cluster_resources()
     gpus = float(cluster.get("GPU", 0))
     # --wait-for-gpus says the job is meant for GPUs, also before the cluster has any.
     gpus_per_actor = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if gpus >= 1 or args.wait_for_gpus > 0 else 0.0)
+    cpus_per_actor = args.cpus_per_actor if args.cpus_per_actor is not None else 1.0
     if gpus_per_actor > 0:
         actors = args.num_actors or 1
         what = f"--gpus-per-actor {gpus_per_actor:g}" + (f" --num-actors {args.num_actors}" if args.num_actors else "")
-        bundles = [{"GPU": gpus_per_actor, "CPU": args.cpus_per_actor}] * actors
+        bundles = [{"GPU": gpus_per_actor, "CPU": cpus_per_actor}] * actors
         cluster = wait_for_gpus(ray, actors * gpus_per_actor, bundles, args.wait_for_gpus, what)
         gpus = float(cluster.get("GPU", 0))
     if gpus_per_actor > 0 and gpus == 0:
@@ -206,16 +233,17 @@ def _resources(ray, args) -> tuple[int, float]:
             f"--gpus-per-actor {gpus_per_actor:g}: the Ray cluster has no GPU; use --gpus-per-actor 0 to label on the CPU, "
             "or --wait-for-gpus SECONDS where the cluster adds GPU nodes on demand"
         )
-    if args.num_actors is not None:
-        num_actors = args.num_actors
-    elif gpus_per_actor > 0:
-        num_actors = max(1, int(gpus / gpus_per_actor + 1e-9))
+    threads = max(1, int(cpus_per_actor))
+    if gpus_per_actor > 0:
+        num_actors = args.num_actors if args.num_actors is not None else max(1, int(gpus / gpus_per_actor + 1e-9))
     else:
-        num_actors = max(1, int(cluster.get("CPU", 1) // 4))
+        node_cpus = [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+        num_actors, cpus_per_actor, threads = cpu_actor_sizing(node_cpus, args.num_actors, args.cpus_per_actor)
     cpus = float(cluster.get("CPU", 0))
+    what_cpus = f"--cpus-per-actor {cpus_per_actor:g}" if args.cpus_per_actor is not None else f"{cpus_per_actor:g} (the default --cpus-per-actor)"
     short = []
-    if num_actors * args.cpus_per_actor > cpus - 1:
-        short.append(f"{num_actors} x --cpus-per-actor {args.cpus_per_actor:g} CPUs for the actors plus 1 CPU to decode, it has {cpus:g} CPUs")
+    if num_actors * cpus_per_actor > cpus - 1 + 1e-9:
+        short.append(f"{num_actors} x {what_cpus} CPUs for the actors plus 1 CPU to decode, it has {cpus:g} CPUs")
     if num_actors * gpus_per_actor > gpus + 1e-9:
         short.append(f"{num_actors} x --gpus-per-actor {gpus_per_actor:g} GPUs, it has {gpus:g} GPUs")
     if short and ray_is_fixed(ray):
@@ -224,16 +252,27 @@ def _resources(ray, args) -> tuple[int, float]:
             f"--num-actors {num_actors} cannot start on this private local Ray: the job needs {'; and '.join(short)}; "
             "lower --num-actors or --cpus-per-actor, or run on a larger cluster (--address, RAY_ADDRESS)"
         )
-    if num_actors * args.cpus_per_actor > cpus - 1:
+    if num_actors * cpus_per_actor > cpus - 1 + 1e-9:
         # The actors would hold every CPU and decoding none: Ray Data would wait, silently, for ever.
         print(
-            f"warning: {num_actors} model actor(s) x {args.cpus_per_actor:g} CPU leave less than the 1 CPU that decoding needs "
+            f"warning: {num_actors} model actor(s) x {cpus_per_actor:g} CPU leave less than the 1 CPU that decoding needs "
             f"of the cluster's {cpus:g} CPUs now; the job waits until the cluster has more (an autoscaler may add them). "
             "On a fixed cluster, lower --num-actors or --cpus-per-actor",
             file=sys.stderr,
             flush=True,
         )
-    return num_actors, gpus_per_actor
+    return num_actors, gpus_per_actor, cpus_per_actor, threads
+
+
+def _threads_note(ray, gpus_per_actor: float, torch_threads: int) -> str:
+    """", N torch threads" of the CPU actors, for the job's line (0: each its node's CPUs)."""
+    if gpus_per_actor > 0:
+        return ""
+    if torch_threads:
+        return f", {torch_threads} torch thread(s)"
+    counts = sorted({int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1})
+    span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}" if counts else "?"
+    return f", {span} torch threads: its node's CPUs"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     # Everything that can be wrong with the arguments fails here, before any work.
+    from jobs.labeling.inputs import check_output_apart
+
+    check_output_apart(args.input, args.output, storage_options)
     loaded, config, load_kwargs = load_model_for_labeling(args, storage_options)
     _check_output_writable(args.output, storage_options)
     settings_fingerprint = {
@@ -295,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     del loaded  # the actors load their own copies
 
     ray = init_ray(args.address)
-    num_actors, gpus_per_actor = _resources(ray, args)
+    num_actors, gpus_per_actor, cpus_per_actor, torch_threads = _resources(ray, args)
     from jobs.labeling.pipeline import LabelSettings, run_pipeline
+    from maskrcnn.data.images import DEFAULT_MAX_PIXELS
     from maskrcnn.storage import filesystem
 
     fs, root = filesystem(args.output, storage_options)
@@ -312,12 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         label_map=label_map,
         min_size=config.input.min_size,
         max_size=config.input.max_size,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         batch_size=args.batch_size,
         decode_batch_size=args.decode_batch_size,
         num_actors=num_actors,
         gpus_per_actor=gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
+        cpus_per_actor=cpus_per_actor,
+        torch_threads=torch_threads,
         run_id=uuid.uuid4().hex[:12],
         fast_path=not args.reference_path,
         precision=args.precision,
@@ -325,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"labelling {len(pending)} of {plan.num_shards} shards with {num_actors} model actor(s) "
-        f"({gpus_per_actor:g} GPU, {args.cpus_per_actor:g} CPU each), batch {args.batch_size}, "
+        f"({gpus_per_actor:g} GPU, {cpus_per_actor:g} CPU each{_threads_note(ray, gpus_per_actor, torch_threads)}), batch {args.batch_size}, "
         f"{settings.batches_in_flight} batch(es) in flight per actor",
         flush=True,
     )

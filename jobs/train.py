@@ -15,9 +15,11 @@ How it runs:
   Every worker reads the annotations itself and its own shard of the images (a per-epoch
   shuffle split by world rank, as ``DistributedSampler`` does) through fsspec, in its own
   DataLoader processes.
-- Learning rate: the linear scaling rule, 0.02 for 16 images per step, so
-  ``0.02 * batch_size * num_workers / 16``; linear warmup from ``--warmup-factor`` times that,
-  then x ``--lr-gamma`` at ``--lr-steps`` (2/3 and 8/9 of the run, detectron's 1x schedule).
+- The recipe is ``maskrcnn.engine``'s, the one the overfit test and the ablation benchmark
+  prove: SGD without weight decay on norms and biases; the linear scaling rule's lr, 0.02 for 16
+  images per step (with a floor for the ``small`` GroupNorm presets, which train from scratch);
+  linear warmup from ``--warmup-factor`` times that, then x ``--lr-gamma`` at ``--lr-steps``
+  (2/3 and 8/9 of the run, detectron's 1x schedule); gradients clipped at ``--clip-grad-norm``.
 - On GPUs the forward pass runs under bf16 autocast (fp16 with a GradScaler where the GPU has
   no bf16); on CPUs in fp32. ``--precision`` overrides.
 - ``--output`` holds the whole run (local or any fsspec URI, e.g. ``s3://``):
@@ -57,21 +59,15 @@ from jobs.common import (
     shutdown_ray,
     wait_for_gpus,
 )
+from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, default_lr, default_warmup_steps, milestone_steps
 
-__all__ = ["main", "build_parser", "train_loop_per_worker", "lr_factor", "shard_indices", "TrainPlan"]
+__all__ = ["main", "build_parser", "train_loop_per_worker", "shard_indices", "TrainPlan"]
 
 RUN_NAME = "ray_train"  # Ray Train's run folder inside --output
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint folder
-REFERENCE_BATCH, REFERENCE_LR = 16, 0.02  # the paper's 8 GPUs x 2 images at lr 0.02
-LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
-# Every loss term a model may have, in the order they are logged: a model without a mask head
-# has no loss_mask, one with a keypoint head (Keypoint R-CNN) has loss_keypoint.
-ALL_LOSS_KEYS = LOSS_KEYS + ("loss_keypoint",)
-_SHORT_LOSS_NAMES = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
-                     "loss_rpn_box_reg": "rpn", "loss_keypoint": "kp"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=int, default=None, metavar="N", help="passes over the training set (default 12 when --max-steps is not given)")
     length.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps to train for, instead of --epochs")
     schedule.add_argument("--batch-size", type=int, default=2, metavar="N", help="images per worker per step; the total batch is N x --num-workers")
-    schedule.add_argument("--lr", type=float, default=None, metavar="F", help="peak learning rate (default: linear scaling rule, 0.02 x total batch / 16)")
+    schedule.add_argument(
+        "--lr", type=float, default=None, metavar="F",
+        help="peak learning rate (default: the linear scaling rule, 0.02 x total batch / 16; at least 0.02 for the small presets, "
+        "whose GroupNorm trunk trains from scratch)",
+    )
     schedule.add_argument("--warmup-steps", type=int, default=None, metavar="N", help="linear warmup steps (default: min(1000, a tenth of the run))")
     schedule.add_argument("--warmup-factor", type=float, default=0.001, metavar="F", help="learning rate at step 0, as a fraction of --lr")
     schedule.add_argument(
@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schedule.add_argument("--lr-gamma", type=float, default=0.1, metavar="F", help="learning rate decay factor at each of --lr-steps")
     schedule.add_argument("--momentum", type=float, default=0.9, metavar="F", help="SGD momentum")
-    schedule.add_argument("--weight-decay", type=float, default=1e-4, metavar="F", help="SGD weight decay")
+    schedule.add_argument("--weight-decay", type=float, default=1e-4, metavar="F", help="SGD weight decay (none on norm layers and biases)")
+    schedule.add_argument(
+        "--clip-grad-norm", type=float, default=DEFAULT_CLIP_GRAD_NORM, metavar="F",
+        help="clip the gradients' total norm at F before each step (0: no clipping)",
+    )
     schedule.add_argument("--seed", type=int, default=0, help="seed of the data order and of new layers' initialisation")
 
     cluster = parser.add_argument_group("cluster")
@@ -184,6 +188,7 @@ class TrainPlan:
     lr_gamma: float
     momentum: float
     weight_decay: float
+    clip_grad_norm: float | None
     seed: int
     flip_prob: float
     loader_workers: int
@@ -203,16 +208,6 @@ class TrainPlan:
 # Pieces shared by the workers, the driver and benchmarks/train_step.py
 
 
-def lr_factor(step: int, warmup_steps: int, warmup_factor: float, lr_steps: list[int], gamma: float) -> float:
-    """Multiplier of the peak learning rate at ``step``: linear warmup from ``warmup_factor``
-    to 1 over ``warmup_steps``, then ``gamma`` per milestone passed (torchvision's reference)."""
-    factor = gamma ** sum(1 for milestone in lr_steps if step >= milestone)
-    if step < warmup_steps:
-        alpha = step / warmup_steps
-        factor *= warmup_factor * (1 - alpha) + alpha
-    return factor
-
-
 def resolve_lr_steps(text: str, total_steps: int) -> list[int]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -220,7 +215,7 @@ def resolve_lr_steps(text: str, total_steps: int) -> list[int]:
         raise JobError(f"--lr-steps must be comma-separated numbers, got {text!r}") from None
     if any(v <= 0 for v in values):
         raise JobError(f"--lr-steps must be positive, got {text!r}")
-    return sorted(int(round(v * total_steps)) if v < 1 else int(v) for v in values)
+    return milestone_steps(values, total_steps)
 
 
 def shard_indices(num_items: int, world_size: int, rank: int, epoch: int, seed: int) -> list[int]:
@@ -297,10 +292,10 @@ def _quiet_worker_logs() -> None:
 
 
 def _load_start_weights(model, plan: TrainPlan, storage_options) -> None:
-    from maskrcnn.checkpoint import convert_torchvision_state_dict, is_torchvision_state_dict, load_state, read_checkpoint
+    from maskrcnn.checkpoint import load_state, read_weights
 
-    obj, _ = read_checkpoint(plan.weights, storage_options)
-    state = convert_torchvision_state_dict(obj) if is_torchvision_state_dict(obj) else obj["model"]
+    # the driver has checked them against the run's architecture (jobs.train's default r50_fpn for a bare state dict)
+    state = read_weights(plan.weights, default_arch="r50_fpn", storage_options=storage_options).state
     load_state(model, state, plan.weights, skip_class_specific=plan.reinit_class_layers)
 
 
@@ -331,11 +326,11 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from maskrcnn.checkpoint import save_checkpoint
+    from maskrcnn.checkpoint import read_checkpoint, save_checkpoint
     from maskrcnn.config import ModelConfig
     from maskrcnn.data import CocoDataset, RandomHorizontalFlip, collate_fn
     from maskrcnn.engine import autocast_dtype as engine_autocast_dtype
-    from maskrcnn.engine import train_step
+    from maskrcnn.engine import make_optimizer, make_scheduler, train_step
     from maskrcnn.modeling import build_model
     from maskrcnn.storage import join_uri
 
@@ -360,7 +355,7 @@ def train_loop_per_worker(config: dict) -> None:
     resume_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resume_state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+            resume_state, _ = read_checkpoint(os.path.join(folder, CHECKPOINT_FILE))
         _check_same_run(plan, resume_state)
         model.load_state_dict(resume_state["model"])
     elif plan.weights and rank == 0:
@@ -372,15 +367,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     model = ray.train.torch.prepare_model(model)
     bare_model = model.module if hasattr(model, "module") else model
-    params = [p for p in bare_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=plan.base_lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, plan.warmup_steps, plan.warmup_factor, plan.lr_steps, plan.lr_gamma)
-    )
+    optimizer = make_optimizer(bare_model, plan.base_lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+    scheduler = make_scheduler(optimizer, plan.total_steps, plan.warmup_steps, plan.lr_steps, plan.warmup_factor, plan.lr_gamma)
     autocast_dtype = engine_autocast_dtype(plan.precision, device)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     if resume_state:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        try:
+            optimizer.load_state_dict(resume_state["optimizer"])
+        except ValueError:  # a run checkpointed before the optimizer had its two parameter groups
+            raise RuntimeError(f"the run in {plan.output} was checkpointed with another optimizer's state; use a new --output") from None
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
@@ -400,27 +395,20 @@ def train_loop_per_worker(config: dict) -> None:
             return
         metrics_log.flush()
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(
-                {
-                    "format": "maskrcnn-ray/1",  # loads with maskrcnn.checkpoint.load_checkpoint too
-                    "model": {k: v.detach().cpu() for k, v in bare_model.state_dict().items()},
-                    "config": plan.model_config,
-                    "categories": plan.categories,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "step": step,
-                },
-                os.path.join(folder, CHECKPOINT_FILE),
-            )
+            save_checkpoint(os.path.join(folder, CHECKPOINT_FILE), bare_model, model_config, plan.categories, training_state={
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "step": step,
+            })
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
         _log(f"checkpoint at step {step}")
 
     def evaluate_now(step: int, epoch: int) -> dict:
-        from jobs.evaluate import evaluate
+        from maskrcnn.evaluation import evaluate_model
 
         started = time.perf_counter()
-        result = evaluate(bare_model, val_dataset, device=device, batch_size=plan.eval_batch_size, loader_workers=min(plan.loader_workers, 2))
+        result = evaluate_model(bare_model, val_dataset, plan.eval_batch_size, device, loader_workers=min(plan.loader_workers, 2))
         summary = {k: v for k, v in result.items() if not k.endswith("_stats")}
         metrics_log.add({"event": "eval", "step": step, "epoch": epoch, **result, "seconds": round(time.perf_counter() - started, 2)})
         metrics_log.flush()
@@ -443,7 +431,8 @@ def train_loop_per_worker(config: dict) -> None:
             images = [image.to(device, non_blocking=True) for image in images]
             targets = targets_to(targets, device)
             lr = optimizer.param_groups[0]["lr"]
-            losses = train_step(model, optimizer, images, targets, scheduler=scheduler, autocast_dtype=autocast_dtype, scaler=scaler)
+            losses = train_step(model, optimizer, images, targets, scheduler=scheduler, autocast_dtype=autocast_dtype, scaler=scaler,
+                                clip_grad_norm=plan.clip_grad_norm)
             step += 1
             epoch_end = step % plan.steps_per_epoch == 0
             last = step >= plan.total_steps
@@ -456,12 +445,13 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             if not bool(torch.isfinite(losses["loss"])):
                 raise FloatingPointError(
-                    f"the loss is {float(losses['loss'])} at step {step} (rank {rank}); lower --lr or lengthen --warmup-steps"
+                    f"the loss is {float(losses['loss'])} at step {step} (rank {rank}); lower --lr, lengthen --warmup-steps"
+                    + (" or clip gradients (--clip-grad-norm)" if plan.clip_grad_norm is None else "")
                 )
             if not log_due:
                 continue
             # Mean loss terms over the ranks, and the images all ranks took in this stretch.
-            keys = [k for k in ALL_LOSS_KEYS if k in losses]  # the same on every rank: one model
+            keys = [k for k in losses if k != "loss"]  # the model's loss terms, in its order: the same on every rank
             values = torch.stack([losses[k].float() for k in keys] + [torch.tensor(float(len(images)), device=device)])
             if world_size > 1:
                 torch.distributed.all_reduce(values)
@@ -482,10 +472,11 @@ def train_loop_per_worker(config: dict) -> None:
             last_time, last_record_step = now, step
             if rank == 0:
                 metrics_log.add(record)
+                terms = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in loss_terms.items())
                 eta = format_duration((plan.total_steps - step) * train_seconds / (step - start_step))
                 _log(
                     f"step {step}/{plan.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-                    f"({' '.join(f'{_SHORT_LOSS_NAMES[k]} {v:.3f}' for k, v in loss_terms.items())}) lr {lr:.5f} {record['images_per_s']:.1f} img/s ETA {eta}"
+                    f"({terms}) lr {lr:.5f} {record['images_per_s']:.1f} img/s ETA {eta}"
                 )
             report = {k: v for k, v in record.items() if k != "time"}
             if (epoch_end or last) and val_dataset is not None:
@@ -546,17 +537,8 @@ def _resolve_model(args, categories: list[dict], storage_options, keypoints: tup
     """The model config for this run, the kind of --weights, and whether the class-specific
     layers start fresh; loads --weights once into the model to prove they fit. ``keypoints``:
     the annotations' keypoint names and skeleton, which a keypoint head is made to predict."""
-    from maskrcnn.checkpoint import (
-        FORMAT,
-        CheckpointError,
-        convert_torchvision_state_dict,
-        is_torchvision_state_dict,
-        load_state,
-        num_classes_of,
-        num_keypoints_of,
-        read_checkpoint,
-    )
-    from maskrcnn.config import ModelConfig, get_preset
+    from maskrcnn.checkpoint import CheckpointError, load_state, num_keypoints_of, read_weights
+    from maskrcnn.config import get_preset
     from maskrcnn.modeling import build_model
 
     num_classes = len(categories) + 1
@@ -565,34 +547,17 @@ def _resolve_model(args, categories: list[dict], storage_options, keypoints: tup
         if args.weights is None:
             config = get_preset(args.arch or "r50_fpn", num_classes=num_classes)
         else:
-            obj, _ = read_checkpoint(args.weights, storage_options)
-            if is_torchvision_state_dict(obj):
-                kind = "torchvision"
-                state = convert_torchvision_state_dict(obj)
-                config = get_preset(args.arch or "r50_fpn", num_classes=num_classes)
+            weights = read_weights(args.weights, arch=args.arch, default_arch="r50_fpn", storage_options=storage_options)
+            kind, state = weights.kind, weights.state
+            if kind == "torchvision":
                 # torchvision's class index is a category id; ours is the annotations' order
                 reinit = True
-                if num_classes_of(state) == num_classes:
+                if weights.config.num_classes == num_classes:
                     print("warning: --weights has as many classes as the annotations, but a torchvision state dict's classes are its "
                           "own category ids: its class-specific layers are re-initialised", file=sys.stderr)
-            elif obj.get("format") == FORMAT:
-                kind = "project"
-                state = obj["model"]
-                config = ModelConfig.from_dict(obj["config"])
-                asked = get_preset(args.arch).backbone if args.arch is not None else None
-                if asked is not None and (asked.name, asked.kind) != (config.backbone.name, config.backbone.kind):
-                    raise JobError(
-                        f"--weights {args.weights} holds a {config.backbone.name} ({config.backbone.kind}) model but --arch {args.arch} asks for "
-                        f"{asked.name} ({asked.kind}); drop --arch (the checkpoint carries its architecture)"
-                    )
-                same_classes = [(c["id"], c["name"]) for c in obj["categories"]] == [(c["id"], c["name"]) for c in categories]
-                reinit = not same_classes
-                config = config.replace(num_classes=num_classes)
             else:
-                raise JobError(
-                    f"--weights {args.weights} is neither a jobs.train checkpoint nor a torchvision Mask R-CNN state dict "
-                    f"(top-level keys: {sorted(map(str, obj))[:5]})"
-                )
+                reinit = [(c["id"], c["name"]) for c in weights.categories] != [(c["id"], c["name"]) for c in categories]
+            config = weights.config.replace(num_classes=num_classes)
     except CheckpointError as exc:
         raise JobError(f"--weights: {exc}") from None
     except ValueError as exc:  # an unknown --arch preset, a damaged config
@@ -600,14 +565,7 @@ def _resolve_model(args, categories: list[dict], storage_options, keypoints: tup
     config = _fit_keypoints(config, keypoints, args.arch)
     if state is not None and config.keypoint_head.enabled and num_keypoints_of(state) not in (None, config.keypoint_head.num_keypoints):
         reinit = True  # other keypoints than the weights': the keypoint predictor starts fresh
-    if args.min_size is not None or args.max_size is not None:
-        from dataclasses import replace
-
-        config = config.replace(input=replace(
-            config.input, min_size=args.min_size or config.input.min_size, max_size=args.max_size or config.input.max_size,
-            # an explicit --min-size is the one training size too
-            train_min_sizes=() if args.min_size is not None else config.input.train_min_sizes,
-        ))
+    config = config.with_overrides(min_size=args.min_size, max_size=args.max_size)  # an explicit --min-size is the one training size too
     if state is not None:
         try:
             load_state(build_model(config), state, args.weights, skip_class_specific=reinit)
@@ -638,12 +596,10 @@ def _fit_keypoints(config, keypoints: tuple[list, list] | None, arch: str | None
 def _ray_storage(output: str, storage_options):
     """``RunConfig``'s storage path and filesystem for ``--output``: a local folder as is; any
     other URI through the same fsspec filesystem (credentials, endpoint) the rest of the job uses."""
-    from fsspec.utils import get_protocol
+    from maskrcnn.storage import absolute_uri, filesystem, is_local
 
-    from maskrcnn.storage import filesystem
-
-    if get_protocol(output) in ("file", "local"):
-        return os.path.abspath(output.removeprefix("file://")), None
+    if is_local(output):
+        return absolute_uri(output), None
     import pyarrow.fs
 
     fs, path = filesystem(output, storage_options)
@@ -671,6 +627,8 @@ def _validate_args(args) -> None:
         raise JobError(f"--flip-prob must be in [0, 1], got {args.flip_prob}")
     if args.val_images and not args.val_annotations:
         raise JobError("--val-images needs --val-annotations")
+    if args.clip_grad_norm < 0:
+        raise JobError(f"--clip-grad-norm must be 0 (no clipping) or more, got {args.clip_grad_norm:g}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise JobError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     if args.wait_for_gpus < 0:
@@ -724,9 +682,8 @@ def plot_metrics(records: list[dict], uri: str, storage_options) -> bool:
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if r.get("event") == "eval"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for key in ("loss",) + ALL_LOSS_KEYS:
-        if not any(key in r for r in steps):
-            continue
+    terms = list(dict.fromkeys(k for r in steps for k in r if k.startswith("loss_")))  # whatever the model returned
+    for key in ["loss", *terms]:
         axes[0].plot([r["step"] for r in steps if key in r], [r[key] for r in steps if key in r], label=key, linewidth=2 if key == "loss" else 1)
     axes[0].set(title="training loss (mean over workers)", xlabel="step", yscale="log")
     axes[0].legend(fontsize=8)
@@ -800,15 +757,14 @@ def main(argv: list[str] | None = None) -> int:
     # -- the schedule ---------------------------------------------------------------------------
     per_epoch = steps_per_epoch(len(train_set), args.num_workers, args.batch_size)
     total_steps = args.max_steps or per_epoch * (args.epochs or 12)
-    total_batch = args.batch_size * args.num_workers
-    base_lr = args.lr or REFERENCE_LR * total_batch / REFERENCE_BATCH
-    warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, total_steps // 10)
+    base_lr = args.lr or default_lr(args.batch_size * args.num_workers, model_config["backbone"]["norm"])
+    warmup = args.warmup_steps if args.warmup_steps is not None else default_warmup_steps(total_steps)
     plan = TrainPlan(
         annotations=args.annotations, images=args.images, output=args.output.rstrip("/"), model_config=model_config,
         categories=categories, total_steps=total_steps, steps_per_epoch=per_epoch, batch_size=args.batch_size,
         base_lr=base_lr, warmup_steps=warmup, warmup_factor=args.warmup_factor,
         lr_steps=resolve_lr_steps(args.lr_steps, total_steps), lr_gamma=args.lr_gamma, momentum=args.momentum,
-        weight_decay=args.weight_decay, seed=args.seed, flip_prob=args.flip_prob, loader_workers=args.loader_workers,
+        weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm or None, seed=args.seed, flip_prob=args.flip_prob, loader_workers=args.loader_workers,
         precision=args.precision, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         val_annotations=args.val_annotations, val_images=val_images if args.val_annotations else None,
         eval_batch_size=args.eval_batch_size, weights=args.weights, weights_kind=weights_kind, reinit_class_layers=reinit,
@@ -816,7 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     start = f"from {weights_kind} weights {args.weights}" + (" (class-specific layers re-initialised)" if reinit else "") if args.weights else "from scratch"
     print(
         f"[jobs.train] {len(train_set)} images, {len(categories)} categories; {args.num_workers} worker(s) x {args.batch_size} images; "
-        f"{total_steps} steps ({per_epoch} per epoch); lr {base_lr:g} (warmup {warmup}, x{args.lr_gamma:g} at {plan.lr_steps}); {start}",
+        f"{total_steps} steps ({per_epoch} per epoch); lr {base_lr:g} (warmup {warmup}, x{args.lr_gamma:g} at {plan.lr_steps}"
+        f"{f', gradient norm clipped at {plan.clip_grad_norm:g}' if plan.clip_grad_norm else ''}); {start}",
         flush=True,
     )
 

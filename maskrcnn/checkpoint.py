@@ -177,23 +177,24 @@ def default_categories(num_classes: int, keypoints: bool) -> tuple[list[dict], s
     return categories_from_coco(str(path)), f"categories: {what} (maskrcnn/data/{name})"
 
 
-def load_checkpoint(
-    uri: str,
-    *,
-    arch: str | None = None,
-    categories: list[dict] | None = None,
-    storage_options: dict | None = None,
-    config_overrides: dict | None = None,
-) -> LoadedCheckpoint:
-    """A ready model (eval mode, CPU) from a project checkpoint or a bare torchvision state dict.
+@dataclass
+class Weights:
+    """What a checkpoint holds, before any model is built from it."""
 
-    ``config_overrides``: top-level ``ModelConfig`` sections to replace, e.g.
-    ``{"input": InputConfig(min_size=600)}`` or a changed ``roi_heads``.
-    """
+    kind: str  # "project" (a jobs.train checkpoint) or "torchvision" (a bare state dict)
+    config: ModelConfig  # a bare state dict's: the named architecture at its classes and keypoints
+    state: dict[str, torch.Tensor]  # in our (torchvision's current) key layout
+    categories: list[dict] | None  # a project checkpoint's, class index k <-> categories[k - 1]; None for a bare state dict
+    model_hash: str
+
+
+def read_weights(uri: str, *, arch: str | None = None, default_arch: str | None = None, storage_options: dict | None = None) -> Weights:
+    """The checkpoint at ``uri``, told apart: a project checkpoint (``arch``, when given, must
+    name its backbone) or a bare torchvision state dict of architecture ``arch`` (or
+    ``default_arch``; with neither, an error says to name it)."""
     obj, digest = read_checkpoint(uri, storage_options)
-    outside: list[int] = []  # category ids a bare state dict has no class for
-    note = None
     if is_torchvision_state_dict(obj):
+        arch = arch or default_arch
         if arch is None:
             raise CheckpointError(
                 f"checkpoint {uri} is a bare torchvision state dict: name its architecture with --arch "
@@ -201,6 +202,48 @@ def load_checkpoint(
             )
         state = convert_torchvision_state_dict(obj)
         config = fit_keypoint_head(get_preset(arch, num_classes=num_classes_of(state)), num_keypoints_of(state))
+        return Weights("torchvision", config, state, None, digest)
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {uri} is neither a jobs.train checkpoint ({FORMAT}) nor a torchvision Mask R-CNN state dict "
+            f"(top-level keys: {sorted(map(str, obj))[:5]})"
+        )
+    try:
+        config = ModelConfig.from_dict(obj["config"])
+        state = obj["model"]
+        categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in obj["categories"]]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {uri} is damaged: {exc}") from None
+    if arch is not None and arch != "auto":
+        preset = get_preset(arch)
+        if (preset.backbone.name, preset.backbone.kind) != (config.backbone.name, config.backbone.kind):
+            raise CheckpointError(
+                f"checkpoint {uri} holds a {config.backbone.name} ({config.backbone.kind}) model, but --arch {arch} asks for "
+                f"{preset.backbone.name} ({preset.backbone.kind}); drop --arch (the checkpoint carries its own config)"
+            )
+    if len(categories) != config.num_classes - 1:
+        raise CheckpointError(f"checkpoint {uri} has {len(categories)} categories for {config.num_classes - 1} classes")
+    return Weights("project", config, state, categories, digest)
+
+
+def load_checkpoint(
+    uri: str,
+    *,
+    arch: str | None = None,
+    categories: list[dict] | None = None,
+    storage_options: dict | None = None,
+    overrides: dict | None = None,
+) -> LoadedCheckpoint:
+    """A ready model (eval mode, CPU) from a project checkpoint or a bare torchvision state dict.
+
+    ``overrides``: keyword arguments of ``ModelConfig.with_overrides`` (``min_size``,
+    ``max_size``, ``score_thresh``, ``detections_per_img``; None keeps the checkpoint's).
+    """
+    weights = read_weights(uri, arch=arch, storage_options=storage_options)
+    config, state = weights.config, weights.state
+    outside: list[int] = []  # category ids a bare state dict has no class for
+    note = None
+    if weights.kind == "torchvision":
         if categories is None:
             default = default_categories(config.num_classes, num_keypoints_of(state) is not None)
             if default is None:
@@ -215,30 +258,10 @@ def load_checkpoint(
         if note is None:  # refused after the weights load: a wrong --arch is the first thing to say
             outside = [c["id"] for c in categories if not 0 <= c["id"] < config.num_classes]
         label_map = {c["id"]: c for c in categories if 0 < c["id"] < config.num_classes}
-    elif obj.get("format") == FORMAT:
-        try:
-            config = ModelConfig.from_dict(obj["config"])
-            state = obj["model"]
-            cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in obj["categories"]]
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {uri} is damaged: {exc}") from None
-        if arch is not None and arch != "auto":
-            preset = get_preset(arch)
-            if (preset.backbone.name, preset.backbone.kind) != (config.backbone.name, config.backbone.kind):
-                raise CheckpointError(
-                    f"checkpoint {uri} holds a {config.backbone.name} ({config.backbone.kind}) model, but --arch {arch} asks for "
-                    f"{preset.backbone.name} ({preset.backbone.kind}); drop --arch (the checkpoint carries its own config)"
-                )
-        label_map = {k + 1: c for k, c in enumerate(cats)}
-        if len(cats) != config.num_classes - 1:
-            raise CheckpointError(f"checkpoint {uri} has {len(cats)} categories for {config.num_classes - 1} classes")
     else:
-        raise CheckpointError(
-            f"checkpoint {uri} is neither a {FORMAT} checkpoint nor a torchvision Mask R-CNN state dict "
-            f"(top-level keys: {sorted(map(str, obj))[:5]})"
-        )
-    if config_overrides:
-        config = config.replace(**config_overrides)
+        label_map = {k + 1: c for k, c in enumerate(weights.categories)}
+    if overrides:
+        config = config.with_overrides(**overrides)
     model = build_model(config)
     load_state(model, state, uri)
     if outside:
@@ -248,7 +271,7 @@ def load_checkpoint(
             "0 is the background); give the categories this model was trained with"
         )
     model.eval()
-    return LoadedCheckpoint(model=model, config=config, label_map=label_map, model_hash=digest, uri=uri, categories_note=note)
+    return LoadedCheckpoint(model=model, config=config, label_map=label_map, model_hash=weights.model_hash, uri=uri, categories_note=note)
 
 
 def load_state(model: MaskRCNN, state: dict[str, torch.Tensor], uri: str = "state dict", skip_class_specific: bool = False) -> None:
@@ -283,8 +306,11 @@ def load_state(model: MaskRCNN, state: dict[str, torch.Tensor], uri: str = "stat
     model.load_state_dict(state, strict=not skip_class_specific)
 
 
-def save_checkpoint(uri: str, model: MaskRCNN, config: ModelConfig, categories: list[dict], storage_options: dict | None = None) -> None:
-    """Writes the single-file checkpoint; ``categories[k-1]`` names class index k."""
+def save_checkpoint(uri: str, model: MaskRCNN, config: ModelConfig, categories: list[dict], storage_options: dict | None = None,
+                    training_state: dict | None = None) -> None:
+    """Writes the single-file checkpoint; ``categories[k-1]`` names class index k.
+    ``training_state``: more entries (jobs.train's optimizer, scheduler and step), kept beside
+    the model; the file still loads with ``load_checkpoint``."""
     if len(categories) != config.num_classes - 1:
         raise ValueError(f"{len(categories)} categories for a model with {config.num_classes - 1} classes")
     payload = {
@@ -292,6 +318,7 @@ def save_checkpoint(uri: str, model: MaskRCNN, config: ModelConfig, categories: 
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "config": config.to_dict(),
         "categories": [{"id": int(c["id"]), "name": str(c["name"])} for c in categories],
+        **(training_state or {}),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)

@@ -161,6 +161,32 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_overrides(
+        self,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        score_thresh: float | None = None,
+        detections_per_img: int | None = None,
+    ) -> "ModelConfig":
+        """This config with the jobs' ``--min-size``, ``--max-size``, ``--score-threshold`` and
+        ``--max-detections`` applied; None keeps the config's own value. An explicit ``min_size``
+        is also the one training size (``train_min_sizes`` emptied)."""
+        config = self
+        if min_size is not None or max_size is not None:
+            config = config.replace(input=dataclasses.replace(
+                config.input,
+                min_size=config.input.min_size if min_size is None else min_size,
+                max_size=config.input.max_size if max_size is None else max_size,
+                train_min_sizes=config.input.train_min_sizes if min_size is None else (),
+            ))
+        if score_thresh is not None or detections_per_img is not None:
+            config = config.replace(roi_heads=dataclasses.replace(
+                config.roi_heads,
+                score_thresh=config.roi_heads.score_thresh if score_thresh is None else score_thresh,
+                detections_per_img=config.roi_heads.detections_per_img if detections_per_img is None else detections_per_img,
+            ))
+        return config
+
     def differences(self, other: "ModelConfig") -> list[str]:
         """The fields where ``other`` differs, as ``"rpn.nms_thresh: 0.7 -> 0.5"``; [] when equal.
         Fields a config (say, one saved by an older version) leaves out count as their defaults."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
 
 from maskrcnn.masks import encode_masks
 
@@ -75,7 +76,7 @@ def predictions_to_coco_results(
         boxes = prediction["boxes"].detach().to("cpu", torch.float64)
         if boxes.shape[0] == 0:
             continue
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()  # xyxy -> xywh
+        xywh = box_convert(boxes, "xyxy", "xywh").tolist()
         scores = prediction["scores"].detach().to("cpu").tolist()
         category_ids = _category_ids(prediction["labels"].detach().to("cpu").tolist(), class_to_category_id)
         rles = encode_masks(_binary_masks(prediction["masks"])) if "masks" in prediction else None
@@ -175,25 +176,64 @@ def iou_types_for(model: torch.nn.Module) -> tuple[str, ...]:
     return ("bbox", "segm") + (("keypoints",) if has_keypoint else ())
 
 
-def evaluate_model(model: torch.nn.Module, dataset: Any, batch_size: int = 2, device: str | torch.device = "cpu") -> dict[str, Any]:
+def evaluate_model(
+    model: torch.nn.Module,
+    dataset: Any,
+    batch_size: int = 2,
+    device: str | torch.device = "cpu",
+    *,
+    class_map: Mapping[int, int] | None = None,
+    loader_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
     """Run ``model`` in eval mode over ``dataset`` (a ``CocoDataset``) and return
-    :func:`evaluate_coco`'s metrics against ``dataset.coco`` on the dataset's images.
+    :func:`evaluate_coco`'s metrics against ``dataset.coco`` on the dataset's images, plus
+    ``num_images`` and ``num_detections``. The one evaluation loop: tests, benchmarks,
+    ``jobs.evaluate`` and training's per-epoch evaluation all run it.
 
     ``model(list of (3, H, W) images)`` must return one prediction dict per image at the
     image's own size. A batch runs as one forward per padded size (``predict_by_size``), as
-    jobs.label runs it. Masks are encoded batch by batch, so memory stays flat.
+    jobs.label runs it, under autocast to ``autocast_dtype`` when given. ``loader_workers``
+    DataLoader processes read and decode the images (0: in this process). Class indices map to
+    category ids through ``class_map`` (default: the dataset's own categories); detections of
+    classes it lacks (e.g. torchvision's unused COCO indices) are dropped. Masks are encoded
+    batch by batch, so memory stays flat. The model's train/eval mode is restored afterwards.
     """
+    from maskrcnn.data import collate_fn
+    from maskrcnn.engine import autocast_context
     from maskrcnn.modeling.meta_arch import predict_by_size
 
+    device = torch.device(device)
+    if class_map is None:
+        class_map = {k + 1: int(c["id"]) for k, c in enumerate(dataset.categories)}
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers, collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+    )
+    was_training = model.training
     model.eval()
     results: list[dict] = []
     image_ids: list[int] = []
-    with torch.inference_mode():
-        for start in range(0, len(dataset), batch_size):
-            batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            images = [image.to(device) for image, _ in batch]
-            batch_ids = [int(target["image_id"]) for _, target in batch]
-            predictions = predict_by_size(model, images)  # as jobs.label runs it
-            results.extend(predictions_to_coco_results(predictions, batch_ids, dataset.class_to_category_id))
-            image_ids.extend(batch_ids)
-    return evaluate_coco(dataset.coco, results, image_ids=image_ids, iou_types=iou_types_for(model))
+    try:
+        with torch.inference_mode():
+            for images, targets in loader:
+                with autocast_context(device, autocast_dtype):
+                    predictions = predict_by_size(model, [image.to(device, non_blocking=True) for image in images])
+                batch_ids = [int(target["image_id"]) for target in targets]
+                results.extend(predictions_to_coco_results([_known_classes(p, class_map) for p in predictions], batch_ids, class_map))
+                image_ids.extend(batch_ids)
+    finally:
+        model.train(was_training)
+    metrics = evaluate_coco(dataset.coco, results, image_ids=image_ids, iou_types=iou_types_for(model))
+    metrics["num_images"] = len(image_ids)
+    metrics["num_detections"] = len(results)
+    return metrics
+
+
+def _known_classes(prediction: Mapping[str, Any], class_map: Mapping[int, int]) -> Mapping[str, Any]:
+    """``prediction`` without the detections whose class ``class_map`` lacks (a new dict)."""
+    keep = torch.tensor([int(label) in class_map for label in prediction["labels"].tolist()], dtype=torch.bool)
+    if bool(keep.all()):
+        return prediction
+    keep = keep.to(prediction["labels"].device)
+    return {k: v[keep] if isinstance(v, torch.Tensor) else v for k, v in prediction.items()}

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from torchvision.ops import box_convert
 
 __all__ = [
     "encode_masks",
@@ -191,6 +192,5 @@ def mask_boxes(masks: torch.Tensor | np.ndarray | Sequence[dict]) -> np.ndarray:
         rles = [_compressed(rle) for rle in masks]
     if not rles:
         return np.zeros((0, 4), dtype=np.float32)
-    xywh = mask_utils.toBbox(rles).astype(np.float32)
-    xywh[:, 2:] += xywh[:, :2]
-    return xywh
+    xywh = torch.from_numpy(mask_utils.toBbox(rles).astype(np.float32))
+    return box_convert(xywh, "xywh", "xyxy").numpy()

@@ -16,9 +16,10 @@ from typing import IO, Any
 import fsspec
 from fsspec.utils import get_protocol
 
-__all__ = ["filesystem", "open_uri", "join_uri", "explain_storage_error"]
+__all__ = ["filesystem", "open_uri", "join_uri", "absolute_uri", "is_local", "explain_storage_error"]
 
 _S3_PROTOCOLS = ("s3", "s3a")
+_LOCAL_PROTOCOLS = ("file", "local")
 
 
 def _s3_options(storage_options: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def open_uri(uri: str, mode: str = "rb", storage_options: dict[str, Any] | None 
     Text modes (``"r"``, ``"w"``) read and write UTF-8.
     """
     fs, path = filesystem(uri, storage_options)
-    if any(flag in mode for flag in "wax") and _is_local(fs):
+    if any(flag in mode for flag in "wax") and is_local(fs):
         fs.makedirs(fs._parent(path), exist_ok=True)
     if "b" in mode:
         return fs.open(path, mode)
@@ -136,11 +137,15 @@ def join_uri(base: str, *parts: str) -> str:
 def absolute_uri(uri: str | None) -> str | None:
     """A local path made absolute (``file://`` dropped); other URIs as they are. For what a job
     hands to Ray's workers, which run in another working directory."""
-    if uri is None or get_protocol(uri) not in ("file", "local"):
+    if uri is None or not is_local(uri):
         return uri
     return os.path.abspath(uri.removeprefix("file://"))
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
+def is_local(where: str | fsspec.AbstractFileSystem) -> bool:
+    """Whether a URI (by its protocol: a plain path, ``file://``) or an fsspec filesystem is
+    this machine's own disk, where files are renamed and folders made, unlike object stores."""
+    if isinstance(where, str):
+        return get_protocol(where) in _LOCAL_PROTOCOLS
+    protocols = where.protocol if isinstance(where.protocol, (tuple, list)) else (where.protocol,)
+    return any(protocol in _LOCAL_PROTOCOLS for protocol in protocols)

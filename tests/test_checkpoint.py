@@ -1,5 +1,6 @@
 """The single-file checkpoint: round trip (local and S3), torchvision state dicts, clear errors."""
 
+import dataclasses
 import json
 
 import pytest
@@ -39,6 +40,26 @@ def test_round_trip_local(tmp_path, small_model):
     image = torch.rand(3, 100, 120)
     a, b = _outputs(model, image), _outputs(loaded.model, image)
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_size_and_threshold_overrides_at_load(tmp_path, small_model):
+    model, cfg = small_model
+    cfg = cfg.replace(input=dataclasses.replace(cfg.input, train_min_sizes=(224, 256)))
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(path, model, cfg, CATEGORIES)
+    assert cfg.with_overrides() == cfg == load_checkpoint(path, overrides={"min_size": None, "score_thresh": None}).config
+    # max_size alone keeps min_size and the training sizes; min_size is the one training size
+    assert cfg.with_overrides(max_size=500).input == dataclasses.replace(cfg.input, max_size=500)
+    loaded = load_checkpoint(path, overrides={"min_size": 96, "max_size": 128, "score_thresh": 0.25, "detections_per_img": 7})
+    assert (loaded.config.input.min_size, loaded.config.input.max_size, loaded.config.input.train_min_sizes) == (96, 128, ())
+    assert (loaded.config.roi_heads.score_thresh, loaded.config.roi_heads.detections_per_img) == (0.25, 7)
+    assert loaded.config.differences(cfg) == [
+        "input.max_size: 128 -> 384", "input.min_size: 96 -> 256", "input.train_min_sizes: [] -> [224, 256]",
+        "roi_heads.detections_per_img: 7 -> 50", "roi_heads.score_thresh: 0.25 -> 0.05",
+    ]
+    # the model is built from it
+    assert (loaded.model.transform.min_size, loaded.model.transform.max_size, loaded.model.transform.train_min_sizes) == (96, 128, ())
+    assert (loaded.model.roi_heads.score_thresh, loaded.model.roi_heads.detections_per_img) == (0.25, 7)
 
 
 def test_round_trip_s3(s3_bucket, small_model):

@@ -288,7 +288,7 @@ def check_job_resources(job: str, options, head: NodeGroup, workers: list[NodeGr
         gpus_per_actor = get("gpus_per_actor")
         uses_gpu = (gpus_per_actor is None and total_gpus > 0) or (gpus_per_actor is not None and gpus_per_actor > 0)
         per_actor_gpus = (1.0 if gpus_per_actor is None else gpus_per_actor) if uses_gpu else 0.0
-        per_actor_cpus = float(get("cpus_per_actor", 1.0))
+        per_actor_cpus = float(get("cpus_per_actor", 1.0) or 1.0)  # unset: 1 with GPUs, a node's CPUs less 1 without
         num_actors = get("num_actors")
         pools = gpu_groups if uses_gpu else [head, *workers]
         slots = sum(

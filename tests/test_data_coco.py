@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskrcnn.data import AnnotationError, CocoDataset, DegenerateAnnotationWarning, collate_fn, decode_image, missing_images
+from maskrcnn.data import AnnotationError, CocoDataset, DegenerateAnnotationWarning, ImageDecodeError, collate_fn, decode_image, missing_images
 from maskrcnn.masks import encode_masks
 from maskrcnn.storage import join_uri
 
@@ -257,6 +257,33 @@ def test_image_size_disagreeing_with_file_is_an_error(tmp_path):
         dataset[1]
 
 
+def test_images_the_labeler_refuses_are_refused_naming_the_file(tmp_path):
+    from tests.labeling_helpers import awkward_images
+
+    # jobs.label's refusals (decode.prepare_image adds "too thin", a resize limit, not a decode one)
+    refused = {name: (data, word) for name, (data, word, _) in awkward_images().items() if word not in (None, "too thin")}
+    assert len(refused) >= 5
+    document = _document()
+    document["annotations"] = [a for a in document["annotations"] if a["image_id"] == 1]
+    document["images"] = [document["images"][0]]
+    for number, name in enumerate(refused, start=100):
+        document["images"].append({"id": number, "file_name": name, "width": W, "height": H})
+    (tmp_path / "images" / "bad").mkdir(parents=True)
+    annotations, images = _write(tmp_path, document, {"a.png": _png(np.full((H, W, 3), 200, dtype=np.uint8)),
+                                                      **{name: data for name, (data, _) in refused.items()}})
+    dataset = _load(annotations, images)
+    assert dataset[0][0].shape == (3, H, W)
+    for index, (name, (_, word)) in enumerate(refused.items(), start=1):
+        with pytest.raises(ImageDecodeError, match=word) as info:
+            dataset[index]
+        message = str(info.value)
+        assert message.startswith(f"{annotations}: image id {99 + index} ({name}): ") and dataset.image_uri(index) in message, message
+    # the limit is the dataset's: an ordinary image over it is refused too
+    small_limit = _load(annotations, images, max_pixels=H * W - 1)
+    with pytest.raises(ImageDecodeError, match="too many pixels"):
+        small_limit[0]
+
+
 def test_exif_orientation_is_applied():
     # Stored 10 wide x 6 high with "rotate 90 CW" in EXIF: a viewer shows 6 wide x 10 high.
     stored = np.zeros((6, 10, 3), dtype=np.uint8)
@@ -334,8 +361,6 @@ def test_decode_image_scales_16_bit_instead_of_clipping():
 
     import numpy as np
     from PIL import Image
-
-    from maskrcnn.data.coco import decode_image
 
     buffer = io.BytesIO()
     Image.fromarray(np.array([[0, 1000, 30000, 65535]], dtype=np.uint16)).save(buffer, "PNG")

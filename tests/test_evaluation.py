@@ -146,3 +146,22 @@ def test_evaluate_model(dataset):
     assert len(set(sizes)) >= 2, "the sample images should be of several sizes"
     for key in HEADLINES:
         assert metrics[key] == pytest.approx(1.0), key
+    assert model.training, "the model's mode is restored"
+    assert metrics["num_images"] == 12 and metrics["num_detections"] == sum(len(p["labels"]) for p in predictions)
+
+
+def test_evaluate_model_class_map_and_loader_workers(dataset):
+    predictions, _ = _ground_truth_predictions(dataset)
+    model = _Oracle(dataset, predictions).eval()
+    total = sum(len(p["labels"]) for p in predictions)
+    # images read by DataLoader processes: the same images, the same AP
+    read_by_workers = evaluate_model(model, dataset, batch_size=4, loader_workers=2)
+    assert read_by_workers["num_detections"] == total and read_by_workers["bbox_AP"] == pytest.approx(1.0)
+    # a class map without class 1: class 1's detections are dropped, the others keep their categories
+    class_map = {k + 1: c["id"] for k, c in enumerate(dataset.categories) if k > 0}
+    without_first = sum(int((p["labels"] != 1).sum()) for p in predictions)
+    assert 0 < without_first < total
+    partial = evaluate_model(model, dataset, batch_size=4, class_map=class_map)
+    assert partial["num_detections"] == without_first and 0.0 < partial["bbox_AP"] < 1.0
+    # the model's own outputs were left whole
+    assert evaluate_model(model, dataset, batch_size=4)["num_detections"] == total

@@ -4,6 +4,7 @@ with bad images, a killed job and a killed model actor."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import json
 import os
@@ -22,11 +23,12 @@ from PIL import Image
 
 from jobs.common import JobError, run_main
 from jobs.label import main as label_main
-from jobs.labeling.decode import ImageDecodeError, decode_image, prepare_image, to_rgb_float
+from jobs.labeling.decode import prepare_image
 from jobs.labeling.inputs import iter_input_uris
 from jobs.labeling.plan import finished_shards, part_name, read_plan, read_shard_uris, write_plan
 from jobs.labeling.schema import OUTPUT_SCHEMA
 from maskrcnn.checkpoint import load_checkpoint
+from maskrcnn.data.images import ImageDecodeError, decode_image, to_rgb_float
 from maskrcnn.masks import encode_masks
 from maskrcnn.modeling.optimize import optimize_for_inference
 from maskrcnn.storage import open_uri
@@ -55,6 +57,41 @@ def test_listing_is_recursive_sorted_and_skips_non_images(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     uris = list(iter_input_uris(str(tmp_path), exclude_uri=str(tmp_path / "out")))
     assert uris == [str(tmp_path / n) for n in ["a/0.webp", "a/x/1.JPG", "b/2.png", "c.tiff"]]
+
+
+SKIPPED_NAMES = ["_preview/0000-000001.png", ".thumbs/a.png", "a/.hidden.png", "a/_tmp/b.png",
+                 "old_labels/_plan/plan.json", "old_labels/part-000000.parquet", "old_labels/keep.png"]
+
+
+def test_listing_skips_hidden_bookkeeping_and_other_runs_outputs(tmp_path):
+    """Names starting with . or _ (another run's _preview/, editors' dotfiles) are never inputs,
+    nor anything in a folder that holds a labeling plan (another run's output)."""
+    for name in ["a/1.png", "z.png", *SKIPPED_NAMES]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert list(iter_input_uris(str(tmp_path))) == [str(tmp_path / "a/1.png"), str(tmp_path / "z.png")]
+
+
+def test_listing_an_s3_prefix_skips_hidden_and_bookkeeping_keys(s3_bucket):
+    from maskrcnn.storage import filesystem
+
+    fs, root = filesystem(s3_bucket)
+    for name in ["in/a/1.png", "in/z.png", *[f"in/{n}" for n in SKIPPED_NAMES if "old_labels" not in n]]:
+        fs.pipe(f"{root}/{name}", b"x")
+    assert list(iter_input_uris(f"{s3_bucket}/in")) == [f"{s3_bucket}/in/a/1.png", f"{s3_bucket}/in/z.png"]
+
+
+@pytest.mark.parametrize("output", ["images", "."])
+def test_an_output_that_is_or_holds_the_input_is_refused(tmp_path, checkpoint, capsys, output):
+    images = tmp_path / "images"
+    images.mkdir()
+    rgb_noise(32, 24).save(images / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(label_main, ["--input", str(images), "--output", str(tmp_path / output), "--checkpoint", checkpoint])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --output") and "--input" in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "images"]  # nothing written
 
 
 def test_manifests_txt_and_parquet(tmp_path):
@@ -237,11 +274,50 @@ def test_a_pool_that_leaves_no_cpu_to_decode_stops_the_job_on_a_private_ray(ray_
     base = ["--input", "in", "--output", "out", "--checkpoint", "m.pt", "--gpus-per-actor", "0"]
     with pytest.raises(JobError, match=rf"--num-actors {cpus} cannot start on this private local Ray: the job needs {cpus} x "
                        rf"--cpus-per-actor 1 CPUs for the actors plus 1 CPU to decode, it has {cpus} CPUs"):
-        _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus)]))
+        _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus), "--cpus-per-actor", "1"]))
     with pytest.raises(JobError, match=rf"--cpus-per-actor {cpus} CPUs"):
         _resources(ray_local, build_parser().parse_args([*base, "--num-actors", "1", "--cpus-per-actor", str(cpus)]))
-    assert _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus - 1)])) == (cpus - 1, 0.0)
+    assert _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus - 1), "--cpus-per-actor", "1"]))[:2] == (cpus - 1, 0.0)
     assert "decoding needs" not in capsys.readouterr().err
+
+
+def test_without_gpus_the_actor_runs_as_many_torch_threads_as_its_node_has_cpus(tmp_path, checkpoint, ray_local):
+    """The CPU default: one model actor per node, its torch threads all the node's CPUs (the model
+    is the work; decoding costs a few ms an image), Ray reserving it the node's CPUs less the one
+    that decoding runs on. Given, --cpus-per-actor is both the reservation and the threads."""
+    from jobs.label import _resources, build_parser, cpu_actor_sizing
+    from jobs.labeling.pipeline import LabelSettings, Predictor, node_cpus
+
+    # (node CPUs, --num-actors, --cpus-per-actor) -> (actors, CPUs reserved each, threads; 0 = its node's CPUs)
+    assert cpu_actor_sizing([2.0], None, None) == (1, 1.0, 0)
+    assert cpu_actor_sizing([8.0, 0.0, 8.0], None, None) == (2, 7.0, 0)  # a head without CPUs holds no actor
+    assert cpu_actor_sizing([1.0], None, None) == (1, 0.0, 0)
+    assert cpu_actor_sizing([3.0, 1.0], 2, None) == (2, 1.0, 0)  # nothing reserved would put both on one node
+    assert cpu_actor_sizing([2.0], 2, None) == (2, 0.5, 1)  # two on one node share it
+    assert cpu_actor_sizing([16.0], 3, None) == (3, 5.0, 5)
+    assert cpu_actor_sizing([2.0], None, 1.0) == (1, 1.0, 1)
+    assert cpu_actor_sizing([4.0], 2, 0.5) == (2, 0.5, 1)
+
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    assert node_cpus() == cpus == 2
+    args = build_parser().parse_args(["--input", "in", "--output", "out", "--checkpoint", "m.pt", "--gpus-per-actor", "0"])
+    assert _resources(ray_local, args) == (1, 0.0, cpus - 1.0, 0)
+    loaded = load_checkpoint(checkpoint)
+    settings = LabelSettings(
+        output_uri=str(tmp_path / "out"), checkpoint_uri=checkpoint, load_kwargs={}, storage_options=None,
+        model_hash=loaded.model_hash, label_map={}, min_size=loaded.config.input.min_size,
+        max_size=loaded.config.input.max_size, max_pixels=10**8, batch_size=4, decode_batch_size=4,
+        num_actors=1, gpus_per_actor=0.0, cpus_per_actor=cpus - 1.0, torch_threads=0, run_id="test",
+    )
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Predictor(settings)
+        assert torch.get_num_threads() == cpus
+        Predictor(dataclasses.replace(settings, torch_threads=None, cpus_per_actor=1.0))  # --cpus-per-actor 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_help_documents_every_option():
@@ -304,6 +380,7 @@ def test_label_s3_nested_shards_matches_the_model_in_a_loop(s3_server, s3_bucket
     assert code == 0, stdout
     assert "shards: 5 labelled this run, 0 already done, 5 in all" in stdout
     assert "2 batch(es) in flight per actor" in stdout
+    assert "(0 GPU, 1 CPU each, 2 torch threads: its node's CPUs)" in stdout  # the CPU default on this 2-CPU Ray
 
     listed = list(iter_input_uris(images, options))
     assert len(listed) == 25 and all(u.startswith("s3://") for u in listed)
@@ -319,10 +396,10 @@ def test_label_s3_nested_shards_matches_the_model_in_a_loop(s3_server, s3_bucket
     assert table.column("error").null_count == 25
 
     loaded = load_checkpoint(model_uri, storage_options=options)
-    # the model as jobs.label runs it by default (the fast path), on the actor's thread count:
-    # same kernels, same floats
+    # the model as jobs.label runs it by default (the fast path), on the actor's thread count
+    # (without GPUs, its node's CPUs): same kernels, same floats
     fast = optimize_for_inference(copy.deepcopy(loaded.model))
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(ray_local.cluster_resources()["CPU"]))
     with_instances = 0
     for row in table.to_pylist():
         with open_uri(row["image_uri"], "rb", options) as f:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from jobs.common import JobError
-from jobs.train import build_parser, lr_factor, main, resolve_lr_steps, shard_indices, steps_per_epoch
+from jobs.train import build_parser, main, resolve_lr_steps, shard_indices, steps_per_epoch
 from maskrcnn.data.synthetic import make_sample_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,9 +115,18 @@ def train_args(shapes, output, *extra) -> list[str]:
 
 
 def test_lr_schedule_warms_up_then_steps_down():
+    """The job's --lr-steps drive the library's scheduler (maskrcnn.engine), stepped once per step."""
+    from maskrcnn.engine import make_scheduler
+
     steps = resolve_lr_steps("0.667,0.889", 90)
     assert steps == [60, 80]
-    factors = [lr_factor(s, 10, 0.001, steps, 0.1) for s in range(90)]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, 90, warmup_steps=10, milestones=steps, warmup_factor=0.001, gamma=0.1)
+    factors = []
+    for _ in range(90):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
     assert factors[0] == pytest.approx(0.001)
     assert factors[5] == pytest.approx(0.001 * 0.5 + 0.5)
     assert factors[10:60] == [1.0] * 50
@@ -126,6 +135,35 @@ def test_lr_schedule_warms_up_then_steps_down():
     assert resolve_lr_steps("120000,0.5", 160000) == [80000, 120000]  # absolute steps and fractions mix
     with pytest.raises(JobError, match="--lr-steps"):
         resolve_lr_steps("2/3", 90)
+
+
+def test_default_lr_scales_with_the_batch_and_floors_the_groupnorm_presets():
+    """The linear rule (0.02 at 16 images) for the R50 presets, at any batch; the small presets'
+    GroupNorm trunk trains from scratch at no less than the floor at a CPU's few images a step."""
+    from maskrcnn.config import get_preset
+    from maskrcnn.engine import GROUPNORM_LR_FLOOR, default_lr
+
+    r50, small = get_preset("r50_fpn").backbone.norm, get_preset("small").backbone.norm
+    assert default_lr(16, r50) == pytest.approx(0.02) and default_lr(4, r50) == pytest.approx(0.005)
+    assert default_lr(64, r50) == pytest.approx(0.08)
+    assert default_lr(4, small) == pytest.approx(GROUPNORM_LR_FLOOR) and GROUPNORM_LR_FLOOR > default_lr(4, r50)
+    assert default_lr(64, small) == pytest.approx(0.08)
+
+
+def test_the_optimizer_decays_weights_but_not_norms_and_biases():
+    from maskrcnn.config import get_preset
+    from maskrcnn.engine import make_optimizer
+    from maskrcnn.modeling import build_model
+
+    model = build_model(get_preset("small", num_classes=3))
+    decay, no_decay = make_optimizer(model, 0.02, weight_decay=1e-4).param_groups
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith(".weight") and p.ndim > 1 for p in decay["params"])
+    # the trunk's GroupNorm (named bn1 as torchvision's BatchNorm) and the layers' biases
+    assert {names[id(p)] for p in no_decay["params"]} >= {"backbone.body.bn1.weight", "backbone.body.bn1.bias", "roi_heads.box_predictor.cls_score.bias"}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
 
 
 @pytest.mark.parametrize("num_items,world_size", [(24, 2), (25, 2), (7, 3), (1, 4)])
@@ -267,7 +305,7 @@ def test_unreadable_weights_stop_the_job(shapes, tmp_path):
     with pytest.raises(JobError, match="not a readable PyTorch file"):
         main([*base, "--weights", str(garbage)])
     torch.save({"some": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(JobError, match="neither a jobs.train checkpoint nor a torchvision"):
+    with pytest.raises(JobError, match="neither a jobs.train checkpoint .*nor a torchvision"):
         main([*base, "--weights", str(tmp_path / "other.pt")])
     # A torchvision state dict of another architecture: r50 weights into the small preset.
     from maskrcnn.checkpoint import to_torchvision_state_dict
@@ -279,6 +317,13 @@ def test_unreadable_weights_stop_the_job(shapes, tmp_path):
     torch.save(small_state, tmp_path / "mismatch.pt")
     with pytest.raises(JobError, match="does not fit the model"):
         main([*base, "--weights", str(tmp_path / "mismatch.pt")])
+
+
+def test_a_negative_gradient_clip_stops_the_job(shapes, tmp_path):
+    ann, images = shapes["train"]
+    with pytest.raises(JobError, match=r"--clip-grad-norm must be 0 \(no clipping\) or more, got -1"):
+        main(["--annotations", ann, "--images", images, "--output", str(tmp_path / "run"), "--clip-grad-norm", "-1", *SMALL])
+    assert not (tmp_path / "run").exists()
 
 
 def test_use_gpu_without_gpus_stops_the_job(shapes, tmp_path, ray_local, monkeypatch):
@@ -385,6 +430,9 @@ def test_two_workers_on_s3_learn_and_evaluate(s3_bucket, tmp_path):
     assert 1 <= len(checkpoints) <= 2  # --keep-checkpoints
 
     records = read_metrics(output)
+    # every loss term the model returns is logged, under its own name
+    assert all({k for k in r if k.startswith("loss_")} == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+               for r in records if "loss" in r)
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] and sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
     assert all(r["images_per_s"] > 0 and r["lr"] > 0 for r in records if "loss" in r)
@@ -452,6 +500,11 @@ def test_resumes_after_a_killed_worker_and_after_a_killed_job(shapes, tmp_path):
     assert logged == sorted(set(logged)) and logged[-1] == 16  # each step once: redone stretches replaced
     assert records[-1]["event"] == "end" and records[-1]["step"] == 16
     assert (output / "model.pt").exists()
+    # Ray Train's checkpoints are written by the one checkpoint writer: each loads as a model too
+    from maskrcnn.checkpoint import load_checkpoint
+
+    saved = sorted((output / "ray_train").glob("checkpoint_*/checkpoint.pt"))
+    assert saved and load_checkpoint(str(saved[-1])).config.num_classes == 4
 
 
 @pytest.mark.slow

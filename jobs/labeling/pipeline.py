@@ -5,8 +5,9 @@ Stages (R: rows of a batch; D: detections of one image; H x W its decoded size):
 1. ``expand_shards``: a shard id -> its R image rows (shard, index, image_uri), read from the plan.
 2. ``decode_batch`` (CPU tasks): fetch and decode each image, resize it for the model; a failure
    becomes the row's ``error``.
-3. ``Predictor`` (actor pool, ``num_gpus`` per actor, CPU without a GPU): loads the checkpoint
-   once, runs one batched forward; each mask leaves the device cropped to its extent (D small
+3. ``Predictor`` (actor pool, ``num_gpus`` per actor; without GPUs jobs.label's default is one
+   actor per node whose torch threads use all the node's CPUs, ``LabelSettings.torch_threads``):
+   loads the checkpoint once, runs one batched forward; each mask leaves the device cropped to its extent (D small
    bit-packed crops, not D full-image masks).
 4. ``postprocess_batch`` (CPU tasks): crops -> COCO RLE (pycocotools), boxes -> xywh, class
    index -> category; the row in the output schema.
@@ -41,12 +42,13 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from torchvision.ops import box_convert
 
 from jobs.common import format_duration
-from jobs.labeling.decode import ImageDecodeError, prepare_image
+from jobs.labeling.decode import prepare_image
 from jobs.labeling.plan import PIECES_DIR, Plan, part_name, put_atomic, read_shard_uris, table_bytes
 from jobs.labeling.schema import OUTPUT_SCHEMA, PIECE_SCHEMA, instances_array
-from maskrcnn.data.images import as_float
+from maskrcnn.data.images import ImageDecodeError, as_float
 from maskrcnn.engine import autocast_context, autocast_dtype
 from maskrcnn.masks import encode_crops
 from maskrcnn.modeling.meta_arch import predict_by_size
@@ -66,7 +68,7 @@ class LabelSettings:
 
     output_uri: str
     checkpoint_uri: str
-    load_kwargs: dict  # arch, categories, config_overrides for load_checkpoint
+    load_kwargs: dict  # arch, categories, overrides for load_checkpoint
     storage_options: dict | None
     model_hash: str
     label_map: dict  # class index -> {"id", "name"}
@@ -85,6 +87,9 @@ class LabelSettings:
     precision: str = "auto"
     # Batches an actor runs at once, each in its own thread and (on a GPU) CUDA stream.
     batches_in_flight: int = 1
+    # An actor's torch threads on the CPU: None = int(cpus_per_actor); 0 = its node's CPUs (jobs.label's
+    # default without GPUs: Ray's accounting then reserves less, so decoding fits in the gaps).
+    torch_threads: int | None = None
 
 
 # ---------------------------------------------------------------- 1. shards -> image rows
@@ -230,6 +235,19 @@ def crop_masks(masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return extents_cpu, np.packbits(flat)
 
 
+def node_cpus() -> int:
+    """The CPUs of this process's Ray node (Ray's count: a container's share, not the host's), or
+    of this machine without Ray."""
+    if ray.is_initialized():
+        here = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == here and node["Resources"].get("CPU", 0) >= 1:
+                return int(node["Resources"]["CPU"])
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class Predictor:
     """One model per actor: loads the checkpoint once from its URI, then labels batches."""
 
@@ -238,7 +256,12 @@ class Predictor:
 
         self.device = torch.device("cuda" if settings.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(settings.cpus_per_actor)))
+            threads = settings.torch_threads
+            if threads is None:
+                threads = max(1, int(settings.cpus_per_actor))
+            elif threads == 0:
+                threads = node_cpus()
+            torch.set_num_threads(threads)
         loaded = load_checkpoint(settings.checkpoint_uri, storage_options=settings.storage_options, **settings.load_kwargs)
         self.model = loaded.model.to(self.device).eval()
         self.batch_size = settings.batch_size
@@ -352,8 +375,7 @@ def postprocess_batch(batch: dict[str, np.ndarray], settings: LabelSettings) -> 
             continue
         det = pickle.loads(packed)
         count = len(det["scores"])
-        boxes = det["boxes"].reshape(-1, 4)
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float32)
+        xywh = box_convert(torch.from_numpy(det["boxes"].reshape(-1, 4)), "xyxy", "xywh").numpy().astype(np.float32, copy=False)
         has_masks = det.get("extents") is not None
         has_keypoints = det.get("keypoints") is not None
         if has_masks:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import JobError
-from maskrcnn.storage import filesystem
+from maskrcnn.storage import filesystem, is_local
 
 PLAN_FORMAT = "maskrcnn-ray-label-plan/1"
 PLAN_DIR = "_plan"
@@ -64,11 +64,6 @@ class Plan:
 
     def shard_length(self, shard: int) -> int:
         return min(self.shard_size, self.num_images - shard * self.shard_size)
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -168,19 +163,26 @@ def read_shard_uris(output_uri: str, shard: int, storage_options: dict | None = 
     return table.column("image_uri").to_pylist()
 
 
-def finished_shards(output_uri: str, storage_options: dict | None = None) -> set[int]:
-    """The shards whose part file exists, from the output folder's file names alone."""
-    fs, root = filesystem(output_uri, storage_options)
+def part_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The part files in the output folder ``root`` on ``fs`` (paths on ``fs``), in shard order;
+    listed afresh, never from fsspec's cache. FileNotFoundError when the folder does not exist."""
     root = root.rstrip("/")
     if hasattr(fs, "invalidate_cache"):
         fs.invalidate_cache(root)
+    found = [(shard, path.rstrip("/")) for path in fs.ls(root, detail=False) if (shard := _shard_of(path)) is not None]
+    return [path for _, path in sorted(found)]
+
+
+def _shard_of(path: str) -> int | None:
+    """The shard of a part file's path (``.../part-000012.parquet`` -> 12); None for another file."""
+    match = PART_RE.match(path.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def finished_shards(output_uri: str, storage_options: dict | None = None) -> set[int]:
+    """The shards whose part file exists, from the output folder's file names alone."""
+    fs, root = filesystem(output_uri, storage_options)
     try:
-        names = fs.ls(root, detail=False)
+        return {_shard_of(path) for path in part_files(fs, root)}
     except FileNotFoundError:
         return set()
-    done = set()
-    for name in names:
-        match = PART_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
-        if match:
-            done.add(int(match.group(1)))
-    return done

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from jobs.labeling.decode import ImageDecodeError, decode_image
-from jobs.labeling.plan import PART_RE, PREVIEW_DIR, put_atomic
+from jobs.labeling.plan import PREVIEW_DIR, part_files, put_atomic
+from maskrcnn.data.images import ImageDecodeError, decode_image
 from maskrcnn.storage import filesystem, open_uri
 
 _ALPHA = 0.45
@@ -125,7 +125,7 @@ def write_previews(output_uri: str, count: int, storage_options: dict | None = N
     with its detections scoring at least ``min_score``."""
     fs, root = filesystem(output_uri, storage_options)
     root = root.rstrip("/")
-    parts = sorted(p for p in fs.ls(root, detail=False) if PART_RE.match(p.rsplit("/", 1)[-1]))
+    parts = part_files(fs, root)
     chosen, fallback = [], []
     for part in parts:
         with fs.open(part, "rb") as f:

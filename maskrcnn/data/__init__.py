@@ -6,10 +6,10 @@ from maskrcnn.data.coco import (
     CocoDataset,
     DegenerateAnnotationWarning,
     collate_fn,
-    decode_image,
     missing_images,
     read_image,
 )
+from maskrcnn.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from maskrcnn.data.transforms import Compose, RandomHorizontalFlip
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "CocoDataset",
     "DegenerateAnnotationWarning",
     "collate_fn",
+    "DEFAULT_MAX_PIXELS",
+    "ImageDecodeError",
     "decode_image",
     "missing_images",
     "read_image",

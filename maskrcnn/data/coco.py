@@ -34,11 +34,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from torchvision.ops import box_convert
 
-from maskrcnn.data.images import to_rgb_float
+from maskrcnn.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from maskrcnn.masks import annotation_to_mask, annotation_to_rle, validate_segmentation
 from maskrcnn.storage import filesystem, join_uri, open_uri
 
@@ -47,7 +47,6 @@ __all__ = [
     "DegenerateAnnotationWarning",
     "CocoDataset",
     "collate_fn",
-    "decode_image",
     "read_image",
     "missing_images",
     "keypoint_flip_indices",
@@ -68,21 +67,15 @@ class DegenerateAnnotationWarning(UserWarning):
     """Annotations left out of training targets because their box or mask is empty."""
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes (JPEG, PNG, ...) -> float32 ``(3, H, W)`` RGB in [0, 1].
-
-    EXIF orientation is applied, so H and W are the size a person sees.
-    """
-    with Image.open(io.BytesIO(data)) as opened:
-        # 16-bit and float images are scaled to [0, 1], not clipped as convert("RGB") would
-        return to_rgb_float(ImageOps.exif_transpose(opened))
-
-
-def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> torch.Tensor:
-    """Read and decode one image from any URI; see :func:`decode_image`."""
+def read_image(uri: str, storage_options: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Read and decode one image from any URI (``maskrcnn.data.images.decode_image``); an image
+    it refuses raises ``ImageDecodeError`` naming ``uri``."""
     with open_uri(uri, "rb", storage_options) as f:
         data = f.read()
-    return decode_image(data)
+    try:
+        return decode_image(data, max_pixels)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{uri}: {exc}") from None
 
 
 def collate_fn(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
@@ -130,8 +123,10 @@ class CocoDataset(torch.utils.data.Dataset):
         storage_options: fsspec options for both URIs (e.g. s3fs ``key``/``secret``/``endpoint_url``).
         transforms: ``(image, target) -> (image, target)``, applied after decoding.
         min_area: an annotation whose mask has fewer pixels than this is degenerate.
+        max_pixels: an image of more pixels is refused (a decompression bomb), as jobs.label refuses it.
 
-    Raises ``AnnotationError`` (a ``ValueError``) on a malformed file. Degenerate annotations
+    Raises ``AnnotationError`` (a ``ValueError``) on a malformed file, and, when an image is
+    read, ``ImageDecodeError`` naming the image that is empty, corrupt or too large. Degenerate annotations
     (box of zero or negative width or height after clipping to the image, or a mask under
     ``min_area`` pixels) are left out of the targets with one ``DegenerateAnnotationWarning``.
     Masks are rasterized at load time only where the file's ``area`` is missing or small; an
@@ -146,12 +141,14 @@ class CocoDataset(torch.utils.data.Dataset):
         storage_options: dict[str, Any] | None = None,
         transforms: Transform | None = None,
         min_area: float = 1.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.annotations_uri = annotations_uri
         self.images_uri = images_uri
         self.storage_options = storage_options
         self.transforms = transforms
         self.min_area = min_area
+        self.max_pixels = max_pixels
 
         data = _load_json(annotations_uri, storage_options)
         images = self._check_images(data["images"])
@@ -379,7 +376,10 @@ class CocoDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         image_id = self._image_ids[index]
         info = self._coco.imgs[image_id]
-        image = read_image(self.image_uri(index), self.storage_options)
+        try:
+            image = read_image(self.image_uri(index), self.storage_options, self.max_pixels)
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"{self.annotations_uri}: image id {image_id} ({info['file_name']}): {exc}; fix or remove this image") from None
         height, width = image.shape[-2:]
         if (height, width) != (info["height"], info["width"]):
             raise AnnotationError(
@@ -396,8 +396,7 @@ class CocoDataset(torch.utils.data.Dataset):
                 keep = np.flatnonzero(pixels >= self.min_area)
                 anns, masks = [anns[k] for k in keep], masks[keep]
         if anns:
-            xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
-            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)  # xywh -> xyxy
+            boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32), "xywh", "xyxy")
             boxes[:, 0::2].clamp_(0, width)
             boxes[:, 1::2].clamp_(0, height)
         else:
