@@ -15,6 +15,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 demo: install

@@ -7,10 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from torchvision.models.detection import roi_heads as tv_roi_heads

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskrcnn.config import InputConfig, ModelConfig, get_preset
+from maskrcnn.config import ModelConfig, get_preset
 from maskrcnn.modeling import build_model
 from maskrcnn.modeling.anchor_generator import AnchorGenerator
 from maskrcnn.modeling.box_regression import BoxCoder

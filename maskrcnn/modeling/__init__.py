@@ -51,7 +51,7 @@ def _validate_keypoint_head(cfg: ModelConfig) -> None:
 
 def build_model(cfg: ModelConfig) -> MaskRCNN:
     validate_config(cfg)
-    b, a, r, h, m, i = cfg.backbone, cfg.anchors, cfg.rpn, cfg.roi_heads, cfg.mask_head, cfg.input
+    r, h, m, i = cfg.rpn, cfg.roi_heads, cfg.mask_head, cfg.input
     backbone, res5, res5_channels = _build_backbone(cfg)
     channels = backbone.out_channels
     anchor_generator = _build_anchor_generator(cfg)

@@ -134,7 +134,6 @@ class MultiScaleRoIPooler(nn.Module):
         """``features``: the levels to pool from, finest first; ``boxes``: (Ri, 4) per image -> (R, C, S, S)."""
         # A level's scale is its size relative to the largest image, rounded to a power of two.
         max_h = max(s[0] for s in image_sizes)
-        max_w = max(s[1] for s in image_sizes)
         scales = []
         for feature in features:
             approx = float(feature.shape[-2]) / max_h
