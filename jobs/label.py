@@ -242,7 +242,8 @@ def _resources(ray, args) -> tuple[int, float, float, int]:
     cpus = float(cluster.get("CPU", 0))
     what_cpus = f"--cpus-per-actor {cpus_per_actor:g}" if args.cpus_per_actor is not None else f"{cpus_per_actor:g} (the default --cpus-per-actor)"
     short = []
-    if num_actors * cpus_per_actor > cpus - 1 + 1e-9:
+    cpus_short = num_actors * cpus_per_actor > cpus - 1 + 1e-9
+    if cpus_short:
         short.append(f"{num_actors} x {what_cpus} CPUs for the actors plus 1 CPU to decode, it has {cpus:g} CPUs")
     if num_actors * gpus_per_actor > gpus + 1e-9:
         short.append(f"{num_actors} x --gpus-per-actor {gpus_per_actor:g} GPUs, it has {gpus:g} GPUs")
@@ -252,7 +253,7 @@ def _resources(ray, args) -> tuple[int, float, float, int]:
             f"--num-actors {num_actors} cannot start on this private local Ray: the job needs {'; and '.join(short)}; "
             "lower --num-actors or --cpus-per-actor, or run on a larger cluster (--address, RAY_ADDRESS)"
         )
-    if num_actors * cpus_per_actor > cpus - 1 + 1e-9:
+    if cpus_short:
         # The actors would hold every CPU and decoding none: Ray Data would wait, silently, for ever.
         print(
             f"warning: {num_actors} model actor(s) x {cpus_per_actor:g} CPU leave less than the 1 CPU that decoding needs "
