@@ -4,7 +4,7 @@ Both sides run in this process on the same device, the same batch of images and 
 the synthetic shapes dataset) and the same weights, in turns, so that a shared, noisy machine
 slows both alike:
 
-- ours: ``maskrcnn.modeling.build_model(r50_fpn)`` and ``jobs.train.train_step``, the step
+- ours: ``maskrcnn.modeling.build_model(r50_fpn)`` and ``maskrcnn.engine.train_step``, the step
   every Ray Train worker runs (forward under the job's autocast, backward, SGD step);
 - peer: torchvision's ``maskrcnn_resnet50_fpn`` assembled as its builder does for a pretrained
   trunk (frozen BatchNorm, 3 trainable ResNet stages), stepped as
@@ -48,7 +48,9 @@ def sync(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=2, help="images per step, as per worker in jobs.train (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per side, after untimed warm-up ones (default: 20 on a GPU, 3 on a CPU)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per side, after untimed warm-up ones (default: 20 on a GPU, 3 on a CPU)"
+    )
     parser.add_argument("--min-size", type=int, default=None, help="default: 800 on a GPU, 320 on a CPU")
     parser.add_argument("--max-size", type=int, default=None, help="default: 1333 on a GPU, 480 on a CPU")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from benchmarks.model_inference import torchvision_model
-    from jobs.train import targets_to
+    from jobs.training.worker import targets_to
     from maskrcnn.engine import autocast_dtype, train_step
     from maskrcnn.checkpoint import load_state
     from maskrcnn.config import get_preset

@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from jobs.common import JobError
-from jobs.train import build_parser, main, resolve_lr_steps, shard_indices, steps_per_epoch
+from jobs.train import build_parser, main
+from jobs.training.spec import resolve_lr_steps, steps_per_epoch
+from jobs.training.worker import shard_indices
 from maskrcnn.data.synthetic import make_sample_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +204,7 @@ def test_a_run_resumes_under_a_config_that_only_adds_defaulted_fields():
     what differs."""
     from types import SimpleNamespace
 
-    from jobs.train import _check_same_run
+    from jobs.training.spec import check_same_run
     from maskrcnn.config import get_preset
 
     config = get_preset("small", num_classes=3).to_dict()
@@ -210,16 +212,16 @@ def test_a_run_resumes_under_a_config_that_only_adds_defaulted_fields():
     plan = SimpleNamespace(output="/runs/x", categories=categories, model_config=config)
     older = json.loads(json.dumps(config))
     del older["keypoint_head"], older["roi_heads"]["aligned"], older["input"]["train_min_sizes"]
-    _check_same_run(plan, {"categories": categories, "config": older})
+    check_same_run(plan, {"categories": categories, "config": older})
 
     changed = json.loads(json.dumps(older))
     changed["rpn"]["nms_thresh"] = 0.5
     with pytest.raises(RuntimeError, match=r"another model config.*rpn\.nms_thresh: 0\.5 -> 0\.7.*new --output"):
-        _check_same_run(plan, {"categories": categories, "config": changed})
+        check_same_run(plan, {"categories": categories, "config": changed})
     with pytest.raises(RuntimeError, match=r"cannot read.*nms_treshold"):
-        _check_same_run(plan, {"categories": categories, "config": {**older, "rpn": {"nms_treshold": 0.5}}})
+        check_same_run(plan, {"categories": categories, "config": {**older, "rpn": {"nms_treshold": 0.5}}})
     with pytest.raises(RuntimeError, match="other categories"):
-        _check_same_run(plan, {"categories": categories[:1], "config": config})
+        check_same_run(plan, {"categories": categories[:1], "config": config})
 
 
 def test_train_step_runs_under_bf16_autocast():
@@ -372,7 +374,7 @@ def test_evaluate_rejects_bad_input(shapes, tmp_path):
 def test_weights_decide_which_layers_start_fresh(shapes, tmp_path):
     """A jobs.train checkpoint of the same categories loads whole; of other categories, or a
     torchvision state dict, without the class-specific layers."""
-    from jobs.train import _resolve_model
+    from jobs.training.inputs import resolve_model
     from maskrcnn.checkpoint import save_checkpoint, to_torchvision_state_dict
     from maskrcnn.config import get_preset
     from maskrcnn.modeling import build_model
@@ -389,7 +391,7 @@ def test_weights_decide_which_layers_start_fresh(shapes, tmp_path):
 
     def resolve(weights, *extra):
         args = build_parser().parse_args(["--annotations", ann, "--images", images, "--output", "x", "--weights", str(weights), *extra])
-        return _resolve_model(args, categories, None)
+        return resolve_model(args, categories, None)
 
     config_dict, kind, reinit = resolve(tmp_path / "same.pt")
     assert (kind, reinit, config_dict["backbone"]["name"]) == ("project", False, "small")  # the checkpoint names its architecture

@@ -1,0 +1,127 @@
+"""The driver's side of ``jobs.train`` on Ray: the cluster check, Ray Train's ``TorchTrainer``
+over ``--output``, and waiting for it while Ctrl-C and SIGTERM still reach the job."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict
+
+from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray, wait_for_gpus
+from jobs.training.metrics import log, summarize_run
+from jobs.training.spec import MODEL_FILE, RUN_NAME, Hidden, TrainPlan
+from jobs.training.worker import train_loop_per_worker
+
+
+def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dict | None) -> int:
+    """Runs ``plan`` on the Ray cluster that ``args`` (the command line: --address, the workers'
+    resources, the checkpoint and failure settings) name, with ``storage_options`` for
+    ``--output``; then draws the curves. Returns 0 when the run is done, 1 when training failed
+    (the workers' error printed); a cluster unfit for the run is a JobError."""
+    from maskrcnn.storage import join_uri
+
+    # Workers print to their stdout as is (one copy, in order), and pycocotools' printout
+    # stays inside evaluate_coco's redirect; Ray Train propagates this variable to them.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray = init_ray(args.address)
+    check_cluster(ray, args)
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_filesystem = _ray_storage(plan.output, storage_options)
+    resources = {"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": asdict(plan), "storage_options": Hidden(storage_options)},
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=args.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=args.max_failures),
+            # Ray Train logs every report's metrics at INFO; the workers print their own lines.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    started = time.perf_counter()
+    try:
+        _fit(trainer)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (jobs.common.run_main)
+        shutdown_ray()
+        exc.args = (f"a rerun of the same command resumes from the last checkpoint in {plan.output}",)
+        raise
+    except Exception as exc:  # ray.train.TrainingFailedError: the workers' errors, retries spent
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
+    summarize_run(plan.output, storage_options)
+    log(f"done in {time.perf_counter() - started:.0f} s: {join_uri(plan.output, MODEL_FILE)}")
+    return 0
+
+
+def check_cluster(ray, args: argparse.Namespace) -> None:
+    """Raises JobError when the cluster of ``ray`` cannot give ``args.num_workers`` workers
+    their CPUs or GPUs (after --wait-for-gpus); warns when an autoscaler must add them first."""
+    if not args.use_gpu:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < args.num_workers * args.cpus_per_worker and ray_is_fixed(ray):
+            raise JobError(
+                f"--num-workers {args.num_workers} x --cpus-per-worker {args.cpus_per_worker:g} CPUs cannot start on this private "
+                f"local Ray of {cpus:g} CPUs; lower them, or run on a larger cluster (--address, RAY_ADDRESS)"
+            )
+        if cpus < args.num_workers * args.cpus_per_worker:
+            print(f"warning: {args.num_workers} workers x {args.cpus_per_worker:g} CPUs; the cluster has {cpus:g} CPUs now "
+                  "(the job waits for an autoscaler to add them)", file=sys.stderr)
+        return
+    bundles = [{"GPU": 1, "CPU": args.cpus_per_worker}] * args.num_workers
+    resources = wait_for_gpus(ray, args.num_workers, bundles, args.wait_for_gpus, f"--use-gpu --num-workers {args.num_workers}")
+    gpus = resources.get("GPU", 0)
+    if gpus < 1:
+        raise JobError(
+            f"--use-gpu, but the Ray cluster has no GPUs (its resources: {int(resources.get('CPU', 0))} CPUs, 0 GPUs); "
+            "drop --use-gpu to train on CPUs, submit to a cluster with GPU nodes, "
+            "or give --wait-for-gpus SECONDS where the cluster adds GPU nodes on demand"
+        )
+    if gpus < args.num_workers and ray_is_fixed(ray):
+        raise JobError(f"--use-gpu --num-workers {args.num_workers} needs {args.num_workers} GPUs; this private local Ray has {gpus:g}")
+    if gpus < args.num_workers:
+        print(f"warning: --num-workers {args.num_workers} with --use-gpu needs {args.num_workers} GPUs; the cluster has {gpus:g} now "
+              "(the job waits for an autoscaler to add them)", file=sys.stderr)
+
+
+def _ray_storage(output: str, storage_options: dict | None):
+    """``RunConfig``'s storage path and filesystem for ``output`` (--output): a local folder as
+    is; any other URI through the same fsspec filesystem (``storage_options``: credentials,
+    endpoint) the rest of the job uses."""
+    from maskrcnn.storage import absolute_uri, filesystem, is_local
+
+    if is_local(output):
+        return absolute_uri(output), None
+    import pyarrow.fs
+
+    fs, path = filesystem(output, storage_options)
+    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _fit(trainer) -> None:
+    """``trainer.fit()`` in a thread, so that Ctrl-C and SIGTERM reach this (main) thread as
+    KeyboardInterrupt (jobs.common.run_main: one line, exit 130 or 143) instead of Ray Train's
+    own SIGINT handler, which it installs only on the main thread."""
+    import threading
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # handed to the main thread; a stopped run's errors go unseen
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]

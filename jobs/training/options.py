@@ -1,0 +1,175 @@
+"""The command line of ``python -m jobs.train``: its options, and the checks of their values
+that stop the job (exit status 2) before it reads anything."""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import HelpFormatter, JobError, add_ray_options, add_storage_options, add_wait_for_gpus
+from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's options, in groups: data, model, schedule, cluster, checkpoints and metrics."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.train",
+        description="Train or fine-tune Mask R-CNN with Ray Train (DDP across --num-workers workers). "
+        "Every URI may be a local path or s3:// (any fsspec URI). Rerunning the same command resumes "
+        "the run in --output from its latest checkpoint.",
+        formatter_class=HelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--annotations", required=True, metavar="URI",
+        help="training annotations, a COCO instances JSON; its categories are the model's classes",
+    )
+    data.add_argument("--images", required=True, metavar="URI", help="folder or prefix that the training JSON's file_names are relative to")
+    data.add_argument(
+        "--val-annotations", default=None, metavar="URI",
+        help="COCO JSON to evaluate box and mask AP on at the end of every epoch and of the run",
+    )
+    data.add_argument("--val-images", default=None, metavar="URI", help="image root of --val-annotations (default: --images)")
+    data.add_argument(
+        "--output", required=True, metavar="URI",
+        help="run folder: Ray Train checkpoints, metrics.jsonl, metrics.png and the final model.pt",
+    )
+    data.add_argument(
+        "--min-size", type=int, default=None, metavar="N",
+        help="resize the shorter image side to N (default: the preset's or the --weights checkpoint's; 800 for r50_fpn)",
+    )
+    data.add_argument(
+        "--max-size", type=int, default=None, metavar="N",
+        help="cap the longer image side at N (default: the preset's or checkpoint's; 1333 for r50_fpn)",
+    )
+    data.add_argument("--flip-prob", type=float, default=0.5, metavar="P", help="probability of a horizontal flip of a training image")
+    data.add_argument(
+        "--loader-workers", type=int, default=4, metavar="N",
+        help="DataLoader processes per training worker that read and decode images (0: in the worker itself)",
+    )
+    add_storage_options(data)
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--arch", default=None, metavar="PRESET",
+        help="model preset: r50_fpn, r101_fpn, x101_32x8d_fpn, small; the paper's ResNet-C4: r50_c4, r101_c4, small_c4; "
+        "or a Keypoint R-CNN: keypoint_r50_fpn (torchvision's keypointrcnn_resnet50_fpn) "
+        "or small_keypoint (needs keypoints in --annotations) (default: r50_fpn, or the --weights checkpoint's own architecture)",
+    )
+    model.add_argument(
+        "--weights", default=None, metavar="URI",
+        help="start from these weights: a jobs.train model.pt or a torchvision Mask R-CNN state dict (e.g. the COCO checkpoint); "
+        "when its classes differ from the annotations' categories, the class-specific layers are re-initialised (fine-tuning)",
+    )
+
+    schedule = parser.add_argument_group("schedule")
+    length = schedule.add_mutually_exclusive_group()
+    length.add_argument(
+        "--epochs", type=int, default=None, metavar="N",
+        help="passes over the training set (default 12 when --max-steps is not given)",
+    )
+    length.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps to train for, instead of --epochs")
+    schedule.add_argument(
+        "--batch-size", type=int, default=2, metavar="N",
+        help="images per worker per step; the total batch is N x --num-workers",
+    )
+    schedule.add_argument(
+        "--lr", type=float, default=None, metavar="F",
+        help="peak learning rate (default: the linear scaling rule, 0.02 x total batch / 16; at least 0.02 for the small presets, "
+        "whose GroupNorm trunk trains from scratch)",
+    )
+    schedule.add_argument(
+        "--warmup-steps", type=int, default=None, metavar="N",
+        help="linear warmup steps (default: min(1000, a tenth of the run))",
+    )
+    schedule.add_argument("--warmup-factor", type=float, default=0.001, metavar="F", help="learning rate at step 0, as a fraction of --lr")
+    schedule.add_argument(
+        "--lr-steps", default="0.667,0.889", metavar="LIST",
+        help="comma-separated steps where the learning rate is multiplied by --lr-gamma; values below 1 are fractions of the run",
+    )
+    schedule.add_argument("--lr-gamma", type=float, default=0.1, metavar="F", help="learning rate decay factor at each of --lr-steps")
+    schedule.add_argument("--momentum", type=float, default=0.9, metavar="F", help="SGD momentum")
+    schedule.add_argument("--weight-decay", type=float, default=1e-4, metavar="F", help="SGD weight decay (none on norm layers and biases)")
+    schedule.add_argument(
+        "--clip-grad-norm", type=float, default=DEFAULT_CLIP_GRAD_NORM, metavar="F",
+        help="clip the gradients' total norm at F before each step (0: no clipping)",
+    )
+    schedule.add_argument("--seed", type=int, default=0, help="seed of the data order and of new layers' initialisation")
+
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument("--num-workers", type=int, default=1, metavar="N", help="training workers (one GPU each with --use-gpu)")
+    cluster.add_argument(
+        "--use-gpu", action="store_true",
+        help="train on GPUs (NCCL); fails before training when the cluster has none (see --wait-for-gpus)",
+    )
+    cluster.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, metavar="F",
+        help="CPUs Ray reserves for each worker (its DataLoader processes run there too)",
+    )
+    add_wait_for_gpus(cluster)
+    add_ray_options(cluster)
+    cluster.add_argument(
+        "--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+        help="autocast precision of the forward pass; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
+    )
+
+    run = parser.add_argument_group("checkpoints and metrics")
+    run.add_argument(
+        "--checkpoint-every", type=int, default=500, metavar="N",
+        help="save a Ray Train checkpoint every N steps, besides each epoch's end (0: at epoch ends only)",
+    )
+    run.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="Ray Train checkpoints kept in --output (the newest K)")
+    run.add_argument(
+        "--max-failures", type=int, default=3, metavar="N",
+        help="times a failed worker group is restarted from the latest checkpoint (-1: always)",
+    )
+    run.add_argument("--log-every", type=int, default=20, metavar="N", help="print, report to Ray Train and record metrics every N steps")
+    run.add_argument(
+        "--eval-batch-size", type=int, default=2, metavar="N",
+        help="images per forward pass when evaluating on --val-annotations",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line ``argv`` (default: ``sys.argv[1:]``), checked, with its local paths made
+    absolute (Ray Train workers run elsewhere). Raises JobError naming a bad value."""
+    from maskrcnn.storage import absolute_uri
+
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    for name in ("annotations", "images", "val_annotations", "val_images", "output", "weights"):
+        setattr(args, name, absolute_uri(getattr(args, name)))
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raises JobError for the first value of ``args`` (``build_parser``'s) out of its range."""
+    from maskrcnn.config import PRESETS
+
+    if args.arch is not None and args.arch not in PRESETS:
+        raise JobError(f"--arch {args.arch} is not a model preset; choose one of: {', '.join(sorted(PRESETS))}")
+    positive = ("num_workers", "batch_size", "max_steps", "epochs", "min_size", "max_size", "log_every", "keep_checkpoints",
+                "eval_batch_size")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("loader_workers", "checkpoint_every"):
+        if getattr(args, name) < 0:
+            raise JobError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.lr is not None and not args.lr > 0:
+        raise JobError(f"--lr must be positive, got {args.lr}")
+    if args.cpus_per_worker <= 0:
+        raise JobError(f"--cpus-per-worker must be positive, got {args.cpus_per_worker}")
+    if not 0 <= args.flip_prob <= 1:
+        raise JobError(f"--flip-prob must be in [0, 1], got {args.flip_prob}")
+    if args.val_images and not args.val_annotations:
+        raise JobError("--val-images needs --val-annotations")
+    if args.clip_grad_norm < 0:
+        raise JobError(f"--clip-grad-norm must be 0 (no clipping) or more, got {args.clip_grad_norm:g}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise JobError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
+    if args.wait_for_gpus < 0:
+        raise JobError(f"--wait-for-gpus must be 0 or more seconds, got {args.wait_for_gpus:g}")
+    if args.wait_for_gpus > 0 and not args.use_gpu:
+        raise JobError("--wait-for-gpus waits for the GPUs of --use-gpu: add --use-gpu, or drop --wait-for-gpus to train on CPUs")

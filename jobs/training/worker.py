@@ -1,0 +1,200 @@
+"""The training loop every Ray Train worker of ``jobs.train`` runs, as named steps: resume or
+start (``jobs.training.resume``), one training step, log, evaluate, save (a Ray Train
+checkpoint, and at the end ``model.pt``). Everything here is module-level, so that Ray can
+ship ``train_loop_per_worker`` to the workers by reference."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from jobs.training.metrics import Pace, ap_text, log, step_text
+from jobs.training.resume import WorkerRun, resume_or_start
+from jobs.training.spec import CHECKPOINT_FILE, MODEL_FILE, TrainPlan
+
+
+def shard_indices(num_items: int, world_size: int, rank: int, epoch: int, seed: int) -> list[int]:
+    """This rank's dataset indices for ``epoch``: one seeded shuffle per epoch, padded to a
+    multiple of ``world_size`` and dealt out by rank (``DistributedSampler``'s split), so every
+    rank has the same number of items and the ranks' shards do not overlap."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def targets_to(targets: list[dict], device) -> list[dict]:
+    """``targets`` (one dict per image) with their tensors moved to ``device``, without waiting."""
+    return [{k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in t.items()} for t in targets]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's loop on each worker. ``config``: ``plan``, a ``TrainPlan`` as a dict, and
+    ``storage_options``, a ``Hidden`` dict or None. Trains from the latest checkpoint (or the
+    start) to ``plan.total_steps``; rank 0 then writes ``model.pt``."""
+    import ray.train
+
+    run = resume_or_start(TrainPlan(**config["plan"]), config["storage_options"].value)
+    plan = run.plan
+    run.model.train()
+    pace = Pace(run.start_step)
+    while run.step < plan.total_steps:
+        for images, targets in epoch_batches(run):
+            losses, lr = train_one_step(run, images, targets)
+            epoch_end = run.step % plan.steps_per_epoch == 0
+            last = run.step >= plan.total_steps
+            checkpoint_due = epoch_end or last or (plan.checkpoint_every and run.step % plan.checkpoint_every == 0)
+            log_due = run.step % plan.log_every == 0 or checkpoint_due or run.step == run.start_step + 1
+            # The loss is read back only at log steps (every checkpoint is one): between them
+            # the host queues steps without waiting for the device. A diverged rank poisons
+            # every rank through the gradient all-reduce, so all of them stop at the check.
+            if not log_due and run.step % 20:
+                continue
+            check_finite(run, losses)
+            if not log_due:
+                continue
+            report = log_step(run, losses, lr, len(images), pace)
+            if (epoch_end or last) and run.val_dataset is not None:
+                report.update(evaluate(run))
+                pace.resume()
+            if checkpoint_due:
+                save(run, report)
+                pace.resume()
+            else:
+                ray.train.report(report)
+            if last:
+                break
+    if run.rank == 0:
+        save_model(run)
+
+
+# --------------------------------------------------------------------------------------------
+# Step, log, evaluate, save
+
+
+def epoch_batches(run: WorkerRun):
+    """A DataLoader over this rank's shard of the epoch ``run.step`` is in, from the batch after
+    the last one trained (a resume mid-epoch skips the batches done)."""
+    import torch
+
+    from maskrcnn.data import collate_fn
+
+    plan = run.plan
+    epoch, skip_batches = divmod(run.step, plan.steps_per_epoch)
+    indices = shard_indices(len(run.dataset), run.world_size, run.rank, epoch, plan.seed)[skip_batches * plan.batch_size :]
+    return torch.utils.data.DataLoader(
+        run.dataset, batch_size=plan.batch_size, sampler=indices, num_workers=plan.loader_workers,
+        collate_fn=collate_fn, pin_memory=run.device.type == "cuda",
+    )
+
+
+def train_one_step(run: WorkerRun, images: list, targets: list[dict]) -> tuple[dict, float]:
+    """One optimizer step on a batch (``images`` and their ``targets``, on the host); advances
+    ``run.step``. Returns the loss terms (on the device, unread) and the lr the step used."""
+    from maskrcnn.engine import train_step
+
+    images = [image.to(run.device, non_blocking=True) for image in images]
+    targets = targets_to(targets, run.device)
+    lr = run.optimizer.param_groups[0]["lr"]
+    losses = train_step(run.model, run.optimizer, images, targets, scheduler=run.scheduler, autocast_dtype=run.autocast_dtype,
+                        scaler=run.scaler, clip_grad_norm=run.plan.clip_grad_norm)
+    run.step += 1
+    return losses, lr
+
+
+def check_finite(run: WorkerRun, losses: dict) -> None:
+    """Raises FloatingPointError, with what to change, when the step's total loss (``losses["loss"]``) is not finite."""
+    import torch
+
+    if not bool(torch.isfinite(losses["loss"])):
+        raise FloatingPointError(
+            f"the loss is {float(losses['loss'])} at step {run.step} (rank {run.rank}); lower --lr, lengthen --warmup-steps"
+            + (" or clip gradients (--clip-grad-norm)" if run.plan.clip_grad_norm is None else "")
+        )
+
+
+def log_step(run: WorkerRun, losses: dict, lr: float, batch_images: int, pace: Pace) -> dict:
+    """The record of the step just trained: ``losses`` (this rank's loss terms) averaged over
+    the ranks, ``lr``, and images/s from ``batch_images`` (this rank's batch) and ``pace``.
+    Rank 0 records and prints it. Returns it as reported to Ray Train (without the time)."""
+    import torch
+
+    plan, step = run.plan, run.step
+    # Mean loss terms over the ranks, and the images all ranks took in this stretch.
+    keys = [k for k in losses if k != "loss"]  # the model's loss terms, in its order: the same on every rank
+    values = torch.stack([losses[k].float() for k in keys] + [torch.tensor(float(batch_images), device=run.device)])
+    if run.world_size > 1:
+        torch.distributed.all_reduce(values)
+    values = values.cpu()
+    loss_terms = {k: float(values[i]) / run.world_size for i, k in enumerate(keys)}
+    record = {
+        "step": step,
+        "epoch": step / plan.steps_per_epoch,
+        "loss": sum(loss_terms.values()),
+        **loss_terms,
+        "lr": lr,
+        # images per step (all ranks, this step's count) x steps since the last record / seconds
+        "images_per_s": pace.lap(step, float(values[-1])),
+        "time": time.time(),
+    }
+    if run.metrics_log is not None:
+        run.metrics_log.add(record)
+        log(step_text(record, plan.total_steps, pace.eta(step, plan.total_steps)))
+    return {k: v for k, v in record.items() if k != "time"}
+
+
+def evaluate(run: WorkerRun) -> dict:
+    """Rank 0: COCO AP of the model on ``run.val_dataset`` at this step, recorded and printed.
+    Returns the summary metrics (without the per-threshold stats) to report."""
+    from maskrcnn.evaluation import evaluate_model
+
+    plan, step = run.plan, run.step
+    epoch = int(step // plan.steps_per_epoch)
+    started = time.perf_counter()
+    result = evaluate_model(run.bare_model, run.val_dataset, plan.eval_batch_size, run.device, loader_workers=min(plan.loader_workers, 2))
+    summary = {k: v for k, v in result.items() if not k.endswith("_stats")}
+    run.metrics_log.add({"event": "eval", "step": step, "epoch": epoch, **result, "seconds": round(time.perf_counter() - started, 2)})
+    run.metrics_log.flush()
+    log(f"eval at step {step} (epoch {epoch}): {ap_text(result)}  ({time.perf_counter() - started:.1f} s)")
+    return summary
+
+
+def save(run: WorkerRun, metrics: dict) -> None:
+    """Reports ``metrics`` to Ray Train with a checkpoint of the run at this step. Every rank
+    reports (it is a barrier); rank 0 alone writes and attaches the checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from maskrcnn.checkpoint import save_checkpoint
+
+    if run.rank != 0:
+        ray.train.report(metrics)
+        return
+    run.metrics_log.flush()
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(os.path.join(folder, CHECKPOINT_FILE), run.bare_model, run.model_config, run.plan.categories, training_state={
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "step": run.step,
+        })
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+    log(f"checkpoint at step {run.step}")
+
+
+def save_model(run: WorkerRun) -> None:
+    """Rank 0, at the end: the trained model as ``<output>/model.pt``, and the run's last record."""
+    from maskrcnn.checkpoint import save_checkpoint
+    from maskrcnn.storage import join_uri
+
+    uri = join_uri(run.plan.output, MODEL_FILE)
+    save_checkpoint(uri, run.bare_model, run.model_config, run.plan.categories, run.storage_options)
+    run.metrics_log.add({"event": "end", "step": run.step, "model": uri, "time": time.time()})
+    run.metrics_log.flush()
+    log(f"wrote {uri}")
