@@ -23,8 +23,8 @@ The rows, grouped as in the paper's Table 2 (its letters):
 - (e) mask head, on small-FPN as the paper's R-50-FPN: MLP vs FCN.
 
 The paper ran (b) and (c) on R-50-C4. Here (b) runs on ``--b-backbone``, small-FPN by default:
-at this budget small-C4 is far from converged (mask AP ~15) and its softmax runs' seeds differ by
-more than the switch does. (c) runs on ``--c-backbone``, small-C4 by default as in the paper:
+at this budget small-C4 is far from converged and its softmax runs' seeds differ by more than
+the switch does (docs/ablation.md). (c) runs on ``--c-backbone``, small-C4 by default as in the paper:
 misalignment costs most at coarse strides (the paper's (d)), and with FPN small RoIs pool from
 stride 4. ``both`` runs a switch on both backbones. (d), RoIAlign on stride-32 C5 features, has
 no variant here. A variant in several groups (the baseline) trains once.
@@ -34,9 +34,8 @@ no absolute AP for these rows, only directions and (c)'s gap, so the other cells
 Writes ``<output>/ablation.md`` (the table, in markdown) and ``<output>/ablation.json`` (every
 run's metrics and config; written after every run, and runs in it with the same budget are
 reused unless ``--fresh``), and prints the table. With several ``--seeds`` each cell is the
-mean and +- half the range over seeds. At the defaults (7 variants, one seed) each variant
-trains in 1.5-4.5 minutes on this project's shared 2-core CPU, depending on the variant (C4 is
-the slowest: res5 runs on every RoI) and on the machine's load: ~18 minutes in all under load.
+mean and +- half the range over seeds. The C4 variants train slowest (res5 runs on every RoI);
+the times of a run at the defaults (7 variants, one seed) are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -119,7 +118,9 @@ def groups(b_backbones: tuple[str, ...], c_backbones: tuple[str, ...]) -> list:
             ("RoIAlign", base, *(("~+3 over RoIPool", "~+5 over RoIPool") if base == "c4" else ("", ""))),
             ("RoIAlign, aligned=True", f"{base}_aligned", "", ""),
         ], (base, f"{base}_roipool")))
-    out.append(("e", "mask head (on small-FPN)", [("MLP (fc 256, 256, 4x28x28)", "fpn_mlp", "", ""), ("FCN (2 conv + deconv)", "fpn", "", "")], ("fpn", "fpn_mlp")))
+    out.append(("e", "mask head (on small-FPN)", [
+        ("MLP (fc 256, 256, 4x28x28)", "fpn_mlp", "", ""), ("FCN (2 conv + deconv)", "fpn", "", ""),
+    ], ("fpn", "fpn_mlp")))
     return out
 
 
@@ -160,7 +161,9 @@ def train_and_evaluate(cfg: ModelConfig, train_items: list, val_set, args, seed:
     diverged = False
     for picks in schedule:
         batch = [hflip(*train_items[i]) if flip else train_items[i] for i, flip in picks]
-        losses = train_step(model, optimizer, [b[0] for b in batch], [b[1] for b in batch], scheduler=scheduler, clip_grad_norm=DEFAULT_CLIP_GRAD_NORM)
+        losses = train_step(
+            model, optimizer, [b[0] for b in batch], [b[1] for b in batch], scheduler=scheduler, clip_grad_norm=DEFAULT_CLIP_GRAD_NORM
+        )
         value = float(losses["loss"])
         if not torch.isfinite(torch.tensor(value)):
             diverged = True
@@ -242,7 +245,8 @@ def render_markdown(results: dict, settings: dict, table_groups: list) -> str:
     compute = sum(r["train_s"] + r["eval_s"] for v in results.values() for r in v["runs"])
     header = (
         f"Budget per variant: {settings['steps']} steps x {settings['batch_size']} images, lr {settings['lr']} "
-        f"(warmup {settings.get('warmup_steps', '')}, x0.1 at 2/3 and 8/9, gradient norm clipped at {settings.get('clip_grad_norm', '')}), {settings['train_images']} training / {settings['val_images']} held-out sample images, "
+        f"(warmup {settings.get('warmup_steps', '')}, x0.1 at 2/3 and 8/9, gradient norm clipped at {settings.get('clip_grad_norm', '')}), "
+        f"{settings['train_images']} training / {settings['val_images']} held-out sample images, "
         f"seed(s) {', '.join(map(str, settings['seeds']))}, {settings['threads']} torch thread(s). "
         f"APs in percent on the held-out split; {'mean ±half the range over seeds; ' if seeds > 1 else ''}"
         f"train s: wall seconds of training (mean over seeds). Machine: {settings['machine']}. "
@@ -255,12 +259,14 @@ def render_markdown(results: dict, settings: dict, table_groups: list) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ablation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=150, help="training steps per variant (default 150)")
     parser.add_argument("--images", type=int, default=32, help="training images of the sample data (default 32)")
     parser.add_argument("--val-images", type=int, default=16, help="held-out images to score on (default 16)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: jobs.train's for the small presets at --batch-size)")
+    parser.add_argument("--lr", type=float, default=None, help="peak lr (default: jobs.train's for the small presets at --batch-size)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds; each variant trains once per seed (default 0)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the sample data (default 0)")
     parser.add_argument(
@@ -273,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="backbone of switch (c), the RoI pooling: default small-C4 as the paper (stride 16, where quantization "
         "costs most; on small-FPN small RoIs pool from stride 4)",
     )
-    parser.add_argument("--only", default=None, help=f"comma-separated variants to run instead of the table's (known: {','.join(VARIANTS)})")
+    parser.add_argument("--only", default=None, help=f"comma-separated variants to run instead of the table's ({','.join(VARIANTS)})")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: two are slower on a shared 2-core CPU)")
-    parser.add_argument("--output", default="runs/ablation", help="folder for the data, ablation.md and ablation.json (default runs/ablation)")
+    parser.add_argument("--output", default="runs/ablation", help="folder for the data, ablation.md and .json (default runs/ablation)")
     parser.add_argument(
         "--fresh", action="store_true",
         help="retrain everything; by default runs already in <output>/ablation.json with the same budget are reused "
@@ -319,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
     both = ("c4", "fpn")
-    table_groups = groups(both if args.b_backbone == "both" else (args.b_backbone,), both if args.c_backbone == "both" else (args.c_backbone,))
+    table_groups = groups(
+        both if args.b_backbone == "both" else (args.b_backbone,), both if args.c_backbone == "both" else (args.c_backbone,)
+    )
     if args.only is None:
         keys = list(dict.fromkeys(key for _, _, rows, _ in table_groups for _, key, _, _ in rows))
     else:

@@ -36,40 +36,35 @@ from pathlib import Path
 import torch
 
 
-def plain_loop(uris: list[str], model, device: str) -> tuple[float, int]:
-    """Read, decode, model, RLE: one image at a time, at the precision jobs.label runs."""
-    from maskrcnn.data.images import decode_image
-    from maskrcnn.engine import autocast_context, autocast_dtype
-    from maskrcnn.masks import encode_masks
+def plain_loop(uris: list[str], predictor) -> tuple[float, int]:
+    """Read, decode, predict, RLE: one image at a time, as jobs.label's actors run the model
+    (``maskrcnn.inference.Predictor``)."""
+    from maskrcnn.inference import prepare_image
 
-    dtype = autocast_dtype("auto", torch.device(device))
     detections = 0
     started = time.perf_counter()
     for uri in uris:
-        image = decode_image(Path(uri).read_bytes(), 10**8)
-        with torch.inference_mode(), autocast_context(torch.device(device), dtype):
-            out = model([image.to(device)])[0]
-        detections += len(encode_masks(out["masks"].cpu()))
+        (found,) = predictor.predict([prepare_image(Path(uri).read_bytes(), *predictor.input_size)])
+        detections += len(found.mask_rles()[0])
     return time.perf_counter() - started, detections
 
 
-def model_alone(uris: list[str], model, device: str, batch_size: int) -> float:
-    """The model's forward alone on images already decoded and on the device, at the precision
-    jobs.label runs (bf16 on a GPU): the ceiling."""
+def model_alone(uris: list[str], predictor, batch_size: int) -> float:
+    """jobs.label's model stage alone (``maskrcnn.inference.Predictor``: fast path, the precision
+    jobs.label runs, masks cropped and copied to the host) on images already decoded and on the
+    device: the ceiling."""
     from maskrcnn.data.images import decode_image
-    from maskrcnn.engine import autocast_context, autocast_dtype
 
-    dtype = autocast_dtype("auto", torch.device(device))
+    device = predictor.device.type
     images = [decode_image(Path(uri).read_bytes(), 10**8).to(device) for uri in uris]
-    with torch.inference_mode(), autocast_context(torch.device(device), dtype):
-        model(images[:batch_size])  # warm-up (cuDNN picks its algorithms)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for i in range(0, len(images), batch_size):
-            model(images[i : i + batch_size])
-        if device == "cuda":
-            torch.cuda.synchronize()
+    predictor.predict(images[:batch_size])  # warm-up (cuDNN picks its algorithms)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        predictor.predict(images[i : i + batch_size])
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
@@ -233,11 +228,24 @@ def uuid_hex() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-vs-loop", action="store_true",
-                        help="jobs.label at its defaults end to end against a plain torchvision loop on the CPU: " + CPU_VS_LOOP_DOC.split("\n\n")[1].replace("\n", " "))
-    parser.add_argument("--variant", action="append", default=[], metavar="OPTIONS",
-                        help="--cpu-vs-loop: also time jobs.label with these options (e.g. \"--cpus-per-actor 1\", the old default); repeatable")
-    parser.add_argument("--loop-again", action="store_true", help="--cpu-vs-loop: time the loop again after the jobs (drift of the machine's load)")
-    parser.add_argument("--images", type=int, default=None, help="N: images in the timed pipeline run and the model-alone run (default 96; --cpu-vs-loop: 120)")
+                        help="jobs.label at its defaults end to end against a plain torchvision loop on the CPU: "
+                        + CPU_VS_LOOP_DOC.split("\n\n")[1].replace("\n", " "))
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help='--cpu-vs-loop: also time jobs.label with these options (e.g. "--cpus-per-actor 1", the old default); repeatable',
+    )
+    parser.add_argument(
+        "--loop-again", action="store_true", help="--cpu-vs-loop: time the loop again after the jobs (drift of the machine's load)"
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="N: images in the timed pipeline run and the model-alone run (default 96; --cpu-vs-loop: 120)",
+    )
     parser.add_argument("--distinct", type=int, default=None, help="distinct synthetic images, copied to make N (default N)")
     parser.add_argument("--loop-images", type=int, default=None, help="images for the plain loop (default N)")
     parser.add_argument("--arch", default="small", help="model preset, random weights (small: 50 detections an image)")
@@ -245,12 +253,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--num-actors", type=int, default=None)
     parser.add_argument("--cpus-per-actor", type=float, default=None, help="jobs.label --cpus-per-actor (default: the job's)")
-    parser.add_argument("--batches-in-flight", type=int, nargs="+", default=[None],
-                        help="jobs.label --batches-in-flight; several values: one timed run each (default: the job's)")
-    parser.add_argument("--image-size", default=None, metavar="HxW",
-                        help="turn the synthetic images into HxW JPEGs (e.g. 480x640, COCO's usual; default: the PNGs as made)")
-    parser.add_argument("--score-threshold", type=float, default=None,
-                        help="the model's box score threshold (0: up to 100 detections an image, the most encoding)")
+    parser.add_argument(
+        "--batches-in-flight",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="jobs.label --batches-in-flight; several values: one timed run each (default: the job's)",
+    )
+    parser.add_argument(
+        "--image-size",
+        default=None,
+        metavar="HxW",
+        help="turn the synthetic images into HxW JPEGs (e.g. 480x640, COCO's usual; default: the PNGs as made)",
+    )
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="the model's box score threshold (0: up to 100 detections an image, the most encoding)",
+    )
     args = parser.parse_args(argv)
     if args.cpu_vs_loop:
         args.images = args.images or 120
@@ -264,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     from maskrcnn.config import get_preset
     from maskrcnn.data.synthetic import CATEGORIES, make_sample_dataset
     from maskrcnn.modeling import build_model
-    from maskrcnn.modeling.optimize import optimize_for_inference
+    from maskrcnn.inference import Predictor
 
     work = Path(tempfile.mkdtemp(prefix="label-bench-"))
     n = args.images
@@ -292,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
 
         sample = [decode_image(Path(uri).read_bytes(), 10**8) for uri in uris[:2]]
         state = calibrated_state(sample, config.input.min_size, config.input.max_size)
-        state = {k: v for k, v in state.items() if not k.startswith("roi_heads.box_predictor") and not k.startswith("roi_heads.mask_predictor.mask_fcn_logits")}
+        state = {
+            k: v
+            for k, v in state.items()
+            if not k.startswith("roi_heads.box_predictor") and not k.startswith("roi_heads.mask_predictor.mask_fcn_logits")
+        }
         model.load_state_dict(convert_torchvision_state_dict(state), strict=False)  # the class layers keep our num_classes
     checkpoint = work / "model.pt"
     save_checkpoint(str(checkpoint), model, config, CATEGORIES)
@@ -300,24 +325,26 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cpus = os.cpu_count() or 1
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"{n} images ({distinct} distinct synthetic ones, {args.image_size or '160-320 px'}), {args.arch} preset (random weights), "
-          f"{where}, {cpus} CPUs, torch {torch.__version__}")
+    print(
+        f"{n} images ({distinct} distinct synthetic ones, {args.image_size or '160-320 px'}), {args.arch} preset (random weights), "
+        f"{where}, {cpus} CPUs, torch {torch.__version__}"
+    )
 
-    # the model as the pipeline's actors run it: the fast path (maskrcnn.modeling.optimize)
-    model = optimize_for_inference(load_checkpoint(str(checkpoint)).model.to(device))
+    # the model as the pipeline's actors run it (maskrcnn.inference.Predictor: the fast path)
+    predictor = Predictor(load_checkpoint(str(checkpoint)).model, device=device, fast=True, max_batch=args.batch_size)
     loop_uris = uris[: args.loop_images or n]
     default_threads = torch.get_num_threads()
     trial = {}
     for threads in sorted({default_threads, 1}):
         torch.set_num_threads(threads)
-        plain_loop(uris[:2], model, device)  # warm-up
-        trial[threads] = plain_loop(uris[:8], model, device)[0]
+        plain_loop(uris[:2], predictor)  # warm-up
+        trial[threads] = plain_loop(uris[:8], predictor)[0]
     best_threads = min(trial, key=trial.get)
     torch.set_num_threads(best_threads)
-    loop_s, loop_dets = plain_loop(loop_uris, model, device)
-    alone_s = model_alone(uris, model, device, args.batch_size)
+    loop_s, loop_dets = plain_loop(loop_uris, predictor)
+    alone_s = model_alone(uris, predictor, args.batch_size)
     torch.set_num_threads(default_threads)
-    del model
+    del predictor
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -343,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({actors}, batch {args.batch_size}, shards of {args.shard_size})")
     for flight, run_s, pipe_dets, steady in runs:
         print(f"ratio pipeline/loop with {flight} in flight: {steady / loop_rate:.2f} steady, {n / run_s / loop_rate:.2f} whole run")
-        print(f"ratio pipeline/model alone with {flight} in flight: {steady / alone_rate:.2f} steady (on a GPU the goal is >= 0.9; "
-              f"on a CPU the actors share the cores with decode and encode, so it cannot get there)")
+        print(
+            f"ratio pipeline/model alone with {flight} in flight: {steady / alone_rate:.2f} steady (on a GPU the goal is >= 0.9; "
+            f"on a CPU the actors share the cores with decode and encode, so it cannot get there)"
+        )
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -6,8 +6,9 @@ Three contenders:
 - ``torchvision``: ``MaskRCNN`` on a frozen-BN ResNet-50-FPN, exactly as
   ``maskrcnn_resnet50_fpn(weights=COCO_V1)`` builds it;
 - ``ours fp32``: our model at the same weights, the reference path (bit-identical outputs);
-- ``ours fast``: the same after ``optimize_for_inference`` (norms folded into the convs,
-  channels_last) and, on a GPU, bf16 autocast: the path ``jobs.label`` runs by default.
+- ``ours fast``: ``maskrcnn.inference.Predictor`` on the same model (norms folded into the
+  convs, channels_last; bf16 autocast on a GPU; masks cropped on the device and copied to the
+  host): the path ``jobs.label`` and ``jobs.evaluate`` run by default.
 
 Weights: torchvision's initialisation with BatchNorm statistics calibrated on the images (a
 random trunk with identity statistics blows up), so the features are well scaled. Both models
@@ -34,7 +35,7 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou
 from maskrcnn.checkpoint import convert_torchvision_state_dict
 from maskrcnn.config import InputConfig, get_preset
 from maskrcnn.modeling import build_model
-from maskrcnn.modeling.optimize import optimize_for_inference
+from maskrcnn.inference import Detections, Predictor
 from tests.tv_reference import calibrate_trunk_batch_norm
 
 
@@ -57,11 +58,12 @@ def calibrated_state(images: list[torch.Tensor], min_size: int, max_size: int) -
     return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-def autocast_for(device: torch.device, precision: str):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+def full_output(det: Detections) -> dict[str, torch.Tensor]:
+    """Detections as a model's output dict, the masks pasted back from their crops (to compare)."""
+    masks = torch.zeros((len(det), *det.image_size), dtype=torch.bool)
+    for d, ((y0, x0, y1, x1), crop) in enumerate(zip(det.mask_extents.tolist(), det.mask_crops())):
+        masks[d, y0:y1, x0:x1] = torch.from_numpy(crop.reshape(y1 - y0, x1 - x0).astype(bool))
+    return {"boxes": torch.from_numpy(det.boxes), "labels": torch.from_numpy(det.labels), "masks": masks}
 
 
 def compare(reference: dict, candidate: dict) -> tuple[float, float, float]:
@@ -142,18 +144,17 @@ def main(argv=None) -> None:
     ours = build_model(cfg)
     ours.load_state_dict(convert_torchvision_state_dict(state))
     ours.eval().to(device)
-    fast = optimize_for_inference(copy.deepcopy(ours))
+    predictor = Predictor(copy.deepcopy(ours), device=device, fast=True, precision=precision)
     images = [img.to(device) for img in images]
 
     def run_fast(batch):
-        with autocast_for(device, precision):
-            return fast(batch)
+        return predictor.predict(batch)
 
     contenders = {"torchvision": reference, "ours fp32": ours, f"ours fast ({precision})": run_fast}
     with torch.inference_mode():
         checks = []
         for image in images[:2]:
-            exp, got, quick = reference([image])[0], ours([image])[0], run_fast([image])[0]
+            exp, got, quick = reference([image])[0], ours([image])[0], full_output(predictor.predict([image])[0])
             assert exp["labels"].tolist() == got["labels"].tolist(), "ours fp32 differs from torchvision: the comparison would be unfair"
             checks.append((float((exp["boxes"] - got["boxes"]).abs().max()) if len(exp["boxes"]) else 0.0, *compare(exp, quick)))
         print(f"device {device}, threads {torch.get_num_threads()}, {args.images} images at min_size {args.min_size}, "

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="COCO box and mask AP (pycocotools' COCOeval) of a Mask R-CNN checkpoint on a COCO-format dataset. "
         "Every URI may be a local path or s3:// (any fsspec URI).",
     )
-    parser.add_argument("--checkpoint", required=True, metavar="URI", help="model.pt written by jobs.train, or a bare torchvision Mask R-CNN state dict")
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="URI", help="model.pt written by jobs.train, or a bare torchvision Mask R-CNN state dict"
+    )
     parser.add_argument("--annotations", required=True, metavar="URI", help="COCO instances JSON, the ground truth")
     parser.add_argument("--images", required=True, metavar="URI", help="folder or prefix that the JSON's file_names are relative to")
     parser.add_argument(
@@ -44,8 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="where to write the metrics as JSON: a .json file, or a folder (then <folder>/evaluation.json); default: print only",
     )
-    parser.add_argument("--min-size", type=int, default=None, metavar="N", help="resize the shorter side to N before the model (default: the checkpoint's, 800 for r50_fpn)")
-    parser.add_argument("--max-size", type=int, default=None, metavar="N", help="cap the longer side at N (default: the checkpoint's, 1333 for r50_fpn)")
+    parser.add_argument(
+        "--min-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="resize the shorter side to N before the model (default: the checkpoint's, 800 for r50_fpn)",
+    )
+    parser.add_argument(
+        "--max-size", type=int, default=None, metavar="N", help="cap the longer side at N (default: the checkpoint's, 1333 for r50_fpn)"
+    )
     parser.add_argument(
         "--arch",
         default=None,
@@ -59,16 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="COCO JSON naming a bare torchvision state dict's classes (class index = category id); default: --annotations",
     )
     parser.add_argument("--batch-size", type=int, default=2, metavar="N", help="images per forward pass (default 2)")
-    parser.add_argument("--loader-workers", type=int, default=2, metavar="N", help="DataLoader processes that read and decode images (default 2; 0 reads in this process)")
     parser.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        "--loader-workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="DataLoader processes that read and decode images (default 2; 0 reads in this process)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
         help="autocast precision of the model; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
     )
     parser.add_argument(
-        "--reference-path", action="store_true",
+        "--reference-path",
+        action="store_true",
         help="run the model exactly as built (no norm folding, no channels_last) instead of jobs.label's fast path",
     )
-    parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default auto)")
+    parser.add_argument(
+        "--device", default="auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default auto)"
+    )
     add_storage_options(parser)
     return parser
 
@@ -157,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.arch is not None:  # a bare torchvision state dict names its classes in a COCO file
             categories = categories_from_coco(args.categories or args.annotations, storage_options)
         loaded = load_checkpoint(
-            args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options,
+            args.checkpoint,
+            arch=args.arch,
+            categories=categories,
+            storage_options=storage_options,
             overrides={"min_size": args.min_size, "max_size": args.max_size},
         )
     except CheckpointError as exc:
@@ -165,20 +189,21 @@ def main(argv: list[str] | None = None) -> int:
         raise JobError("--" + message if message.startswith("checkpoint ") else message) from None
     except ValueError as exc:  # an unknown --arch preset
         raise JobError(str(exc)) from None
-    model = loaded.model.to(device)
-    if not args.reference_path:  # what jobs.label runs, so the AP is that of its labels
-        from maskrcnn.modeling.optimize import optimize_for_inference
-
-        optimize_for_inference(model)
-    from maskrcnn.engine import autocast_dtype
     from maskrcnn.evaluation import evaluate_model
 
     class_map = class_map_for(loaded.label_map, {c["id"] for c in dataset.categories}, args.checkpoint, args.annotations)
 
     started = time.perf_counter()
+    # the fast path unless --reference-path: what jobs.label runs, so the AP is that of its labels
     metrics = evaluate_model(
-        model, dataset, args.batch_size, device, class_map=class_map, loader_workers=args.loader_workers,
-        autocast_dtype=autocast_dtype(args.precision, device),
+        loaded.model,
+        dataset,
+        args.batch_size,
+        device,
+        class_map=class_map,
+        loader_workers=args.loader_workers,
+        precision=args.precision,
+        fast=not args.reference_path,
     )
     seconds = time.perf_counter() - started
     report = {

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
 from jobs.common import HelpFormatter
-from jobs.labeling.plan import part_files, read_plan
+from jobs.labeling.shards import part_files, read_plan
 from maskrcnn.storage import explain_storage_error, filesystem, is_local, open_uri
 
 
@@ -62,7 +62,9 @@ def iter_rows(label_output: str, storage_options: dict | None, columns: list[str
         except (JobError, GeneratorExit):
             raise
         except Exception as exc:  # not Parquet, not jobs.label's columns, storage
-            raise JobError(f"--input {label_output}: cannot read {part}: {explain_storage_error(exc)}; is it a jobs.label --output?") from None
+            raise JobError(
+                f"--input {label_output}: cannot read {part}: {explain_storage_error(exc)}; is it a jobs.label --output?"
+            ) from None
 
 
 def list_parts(label_output: str, storage_options: dict | None) -> tuple[list[str], object]:
@@ -356,15 +358,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--input", required=True, metavar="URI", help="a jobs.label --output folder (or one of its part-*.parquet files)")
     parser.add_argument("--output", required=True, metavar="URI", help="the JSON file to write")
-    parser.add_argument("--format", default="results", choices=("results", "annotations"), help="a COCO results list, or a COCO instances file for labeling tools")
-    parser.add_argument("--images-root", default=None, metavar="URI", help="file_name = image URI relative to this (default: the labelled folder, from the output's plan; for a manifest, the full URI)")
-    parser.add_argument("--annotations", default=None, metavar="URI", help="a COCO file of the same images: use its image ids (matched by file_name relative to --images-root)")
+    parser.add_argument(
+        "--format", default="results", choices=("results", "annotations"),
+        help="a COCO results list, or a COCO instances file for labeling tools",
+    )
+    parser.add_argument(
+        "--images-root", default=None, metavar="URI",
+        help="file_name = image URI relative to this (default: the labelled folder, from the output's plan; for a manifest, the full URI)",
+    )
+    parser.add_argument(
+        "--annotations", default=None, metavar="URI",
+        help="a COCO file of the same images: use its image ids (matched by file_name relative to --images-root)",
+    )
     parser.add_argument("--min-score", type=float, default=0.0, metavar="F", help="leave out detections scoring below F")
-    parser.add_argument("--categories", default=None, metavar="URI", help="a COCO JSON whose categories name the keypoints and skeleton of a Keypoint R-CNN's classes (for --format annotations)")
+    parser.add_argument(
+        "--categories", default=None, metavar="URI",
+        help="a COCO JSON whose categories name the keypoints and skeleton of a Keypoint R-CNN's classes (for --format annotations)",
+    )
     add_storage_options(parser)
     args = parser.parse_args(argv)
     storage_options = parse_storage_options(args.storage_options)
-    counts = export(args.input, args.output, args.format, args.images_root, args.annotations, args.min_score, storage_options, args.categories)
+    counts = export(
+        args.input, args.output, args.format, args.images_root, args.annotations, args.min_score, storage_options, args.categories
+    )
     print(f"wrote {args.output}: {counts['images']} images, {counts['detections']} detections ({args.format})")
     if args.format == "results" and not args.annotations:
         print(f"wrote {images_sidecar_uri(args.output)}: the image ids' file names, width and height "

@@ -23,12 +23,11 @@ from jobs.common import (
     add_wait_for_gpus,
     init_ray,
     parse_storage_options,
-    ray_is_fixed,
     run_main,
     shutdown_ray,
-    wait_for_gpus,
 )
-from jobs.labeling.plan import PIECES_DIR, PLAN_DIR, PREVIEW_DIR, finished_shards, read_plan, write_plan
+from jobs.labeling.resources import actor_resources, threads_note
+from jobs.labeling.shards import PIECES_DIR, PLAN_DIR, PREVIEW_DIR, finished_shards, read_plan, write_plan
 
 DEFAULT_SHARD_SIZE = 1000
 
@@ -37,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.label",
         description="Label images with a Mask R-CNN checkpoint on Ray Data; write one Parquet row per image "
-        "(image_uri, width, height, instances with COCO RLE masks and, for a Keypoint R-CNN, keypoints, error, model). Rerun the same command "
+        "(image_uri, width, height, instances with COCO RLE masks and, for a Keypoint R-CNN, keypoints, error, model). "
+        "Rerun the same command "
         "after a crash: it labels only what is missing.",
         formatter_class=HelpFormatter,
     )
@@ -55,14 +55,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="folder or prefix for part-NNNNNN.parquet files (one per shard); _plan/ and _preview/ go beside them",
     )
-    io_group.add_argument("--checkpoint", required=True, metavar="URI", help="a model.pt written by jobs.train, or a torchvision Mask R-CNN or Keypoint R-CNN state dict (then give --arch, and --categories unless it is torchvision's COCO one)")
-    io_group.add_argument("--arch", default=None, metavar="PRESET", help="architecture preset of a bare torchvision state dict (r50_fpn, r101_fpn, x101_32x8d_fpn, small; keypoint_r50_fpn for keypointrcnn_resnet50_fpn)")
-    io_group.add_argument("--categories", default=None, metavar="URI", help="a COCO JSON whose 'categories' name the classes of a bare state dict (class index = category id); "
-                          "default for torchvision's COCO state dicts: COCO's 80 categories (91 classes), or person (keypoint_r50_fpn)")
-    io_group.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help="images per shard = rows per output file; the unit of commit and resume (fixed by the first run)")
-    io_group.add_argument("--preview", type=int, default=0, metavar="N", help="also write N PNG images with their masks drawn to <output>/_preview/")
     io_group.add_argument(
-        "--preview-min-score", type=float, default=0.5, metavar="F",
+        "--checkpoint",
+        required=True,
+        metavar="URI",
+        help="a model.pt written by jobs.train, or a torchvision Mask R-CNN or Keypoint R-CNN state dict "
+        "(then give --arch, and --categories unless it is torchvision's COCO one)",
+    )
+    io_group.add_argument(
+        "--arch",
+        default=None,
+        metavar="PRESET",
+        help="architecture preset of a bare torchvision state dict (r50_fpn, r101_fpn, x101_32x8d_fpn, small; "
+        "keypoint_r50_fpn for keypointrcnn_resnet50_fpn)",
+    )
+    io_group.add_argument(
+        "--categories",
+        default=None,
+        metavar="URI",
+        help="a COCO JSON whose 'categories' name the classes of a bare state dict (class index = category id); "
+        "default for torchvision's COCO state dicts: COCO's 80 categories (91 classes), or person (keypoint_r50_fpn)",
+    )
+    io_group.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        metavar="N",
+        help="images per shard = rows per output file; the unit of commit and resume (fixed by the first run)",
+    )
+    io_group.add_argument(
+        "--preview", type=int, default=0, metavar="N", help="also write N PNG images with their masks drawn to <output>/_preview/"
+    )
+    io_group.add_argument(
+        "--preview-min-score",
+        type=float,
+        default=0.5,
+        metavar="F",
         help="previews draw only the detections scoring at least F (the labels keep every one above --score-threshold)",
     )
     add_storage_options(io_group)
@@ -71,32 +99,61 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument("--min-size", type=int, default=None, metavar="N", help="resize so the short side is N pixels ...")
     model_group.add_argument("--max-size", type=int, default=None, metavar="N", help="... unless the long side would pass N")
     model_group.add_argument("--score-threshold", type=float, default=None, metavar="F", help="keep detections scoring at least F")
-    model_group.add_argument("--max-detections", type=int, default=None, metavar="N", help="keep at most N detections per image, best first")
+    model_group.add_argument(
+        "--max-detections", type=int, default=None, metavar="N", help="keep at most N detections per image, best first"
+    )
 
     run_group = parser.add_argument_group("execution")
-    run_group.add_argument("--batch-size", type=int, default=4, metavar="N", help="at most N images per forward pass of one actor; an image shares a forward only with images of its own "
-                           "padded size, so its labels do not depend on the batch")
-    run_group.add_argument("--num-actors", type=int, default=None, metavar="N", help="model replicas (default: one per --gpus-per-actor share of the cluster's GPUs; "
-                           "without GPUs, one per node that has CPUs, each running as many torch threads as its node has CPUs)")
-    run_group.add_argument("--gpus-per-actor", type=float, default=None, metavar="F", help="GPUs per model replica, fractions allowed (0.5: two replicas per GPU); default 1 when the cluster has GPUs, else 0 (CPU)")
     run_group.add_argument(
-        "--cpus-per-actor", type=float, default=None, metavar="F",
+        "--batch-size",
+        type=int,
+        default=4,
+        metavar="N",
+        help="at most N images per forward pass of one actor; an image shares a forward only with images of its own "
+        "padded size, so its labels do not depend on the batch",
+    )
+    run_group.add_argument(
+        "--num-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="model replicas (default: one per --gpus-per-actor share of the cluster's GPUs; "
+        "without GPUs, one per node that has CPUs, each running as many torch threads as its node has CPUs)",
+    )
+    run_group.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        metavar="F",
+        help="GPUs per model replica, fractions allowed (0.5: two replicas per GPU); default 1 when the cluster has GPUs, else 0 (CPU)",
+    )
+    run_group.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=None,
+        metavar="F",
         help="CPUs Ray reserves per model replica; given, on the CPU also its torch threads (at least 1). Default: 1 with GPUs; "
         "without GPUs, the node's CPUs less the 1 CPU decoding needs (0 on a 1-CPU node; split among the actors a node holds "
         "with --num-actors), while the actor's torch threads use all the CPUs of its node: decoding, a few ms an image, "
         "fits in the gaps of the model's ~0.5 s",
     )
     run_group.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
         help="autocast precision of the model; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
     )
     run_group.add_argument(
-        "--reference-path", action="store_true",
+        "--reference-path",
+        action="store_true",
         help="run the model exactly as built (no norm folding, no channels_last) instead of the fast path; "
         "with --precision fp32, the outputs of the model in a plain loop",
     )
     run_group.add_argument(
-        "--batches-in-flight", type=int, default=None, metavar="N",
+        "--batches-in-flight",
+        type=int,
+        default=None,
+        metavar="N",
         help="batches one actor works on at once, each in its own thread (and CUDA stream): one's copies, "
         "NMS syncs and mask packing overlap another's GPU work; default 2 on GPUs, 1 on CPUs",
     )
@@ -104,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_options(run_group)
     run_group.add_argument("--decode-batch-size", type=int, default=8, metavar="N", help="images per decode task batch")
     run_group.add_argument(
-        "--max-pixels", type=int, default=None, metavar="N",
+        "--max-pixels",
+        type=int,
+        default=None,
+        metavar="N",
         help="refuse images of more pixels (decompression bombs); the row gets an error (default: 100 million, as training and evaluation)",
     )
     return parser
@@ -163,117 +223,33 @@ def _name_option(message: str) -> str:
     """A checkpoint module's message, naming the option: "checkpoint X ..." -> "--checkpoint X ..."."""
     for prefix, option in (("checkpoint ", "--checkpoint "), ("categories file ", "--categories ")):
         if message.startswith(prefix):
-            return option + message[len(prefix):]
+            return option + message[len(prefix) :]
     return message
 
 
 def load_model_for_labeling(args: argparse.Namespace, storage_options: dict | None):
-    """The checkpoint loaded once on the driver (to fail before any work) and the keyword
-    arguments with which every actor loads it again."""
+    """The checkpoint read and checked on the driver, without building the model (to fail before
+    any work), and the keyword arguments with which every actor loads it."""
     from maskrcnn.checkpoint import CheckpointError, categories_from_coco, load_checkpoint
 
     overrides = {
-        "min_size": args.min_size, "max_size": args.max_size,
-        "score_thresh": args.score_threshold, "detections_per_img": args.max_detections,
+        "min_size": args.min_size,
+        "max_size": args.max_size,
+        "score_thresh": args.score_threshold,
+        "detections_per_img": args.max_detections,
     }
     try:
         categories = categories_from_coco(args.categories, storage_options) if args.categories else None
-        loaded = load_checkpoint(args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options, overrides=overrides)
+        # on the meta device: the weights are checked against the model, no model is built
+        loaded = load_checkpoint(
+            args.checkpoint, arch=args.arch, categories=categories, storage_options=storage_options, overrides=overrides, device="meta"
+        )
     except CheckpointError as exc:
         raise JobError(_name_option(str(exc))) from None
     if loaded.categories_note:
         print(loaded.categories_note, flush=True)
     load_kwargs = {"arch": args.arch, "categories": categories, "overrides": overrides}
     return loaded, loaded.config, load_kwargs
-
-
-def cpu_actor_sizing(node_cpus: list[float], num_actors: int | None, cpus_per_actor: float | None) -> tuple[int, float, int]:
-    """Model actors without GPUs: (actors, CPUs Ray reserves for each, torch threads of each;
-    0 = as many as its node has CPUs). ``node_cpus``: the CPUs of each node of the cluster.
-
-    The model is all of the work (~0.5 s an image for R50-FPN; decoding one costs a few ms), so by
-    default each node that has CPUs holds one actor whose torch threads use all its CPUs. Ray's
-    accounting reserves it the node's CPUs less one, and that one CPU runs the decode, RLE and
-    write tasks in the gaps of the model's work (torch's threads are not Ray's accounting). With
-    ``--num-actors`` above the nodes, a node's actors share its CPUs; ``--cpus-per-actor`` given
-    is both the reservation and the threads."""
-    nodes = sorted(c for c in node_cpus if c >= 1) or [1.0]
-    actors = num_actors or len(nodes)
-    if cpus_per_actor is not None:
-        return actors, float(cpus_per_actor), max(1, int(cpus_per_actor))
-    per_node = -(-actors // len(nodes))
-    smallest = nodes[0]
-    reserve = (smallest - 1) / per_node
-    if reserve > 1:  # whole CPUs above one, fractions only of one
-        reserve = float(int(reserve))
-    if reserve == 0 and len(nodes) > 1:
-        # Actors that reserve nothing all land on one node; reserving its share spreads them
-        # (the other nodes' spare CPUs decode).
-        reserve = round(smallest / per_node, 4)
-    threads = 0 if per_node == 1 else max(1, int(smallest // per_node))
-    return actors, round(reserve, 4), threads
-
-
-def _resources(ray, args) -> tuple[int, float, float, int]:
-    """(model actors, GPUs and CPUs Ray reserves for each, torch threads of each on the CPU; 0 =
-    its node's CPUs). Stops the job when they cannot start on a private local Ray."""
-    cluster = ray.cluster_resources()
-    gpus = float(cluster.get("GPU", 0))
-    # --wait-for-gpus says the job is meant for GPUs, also before the cluster has any.
-    gpus_per_actor = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if gpus >= 1 or args.wait_for_gpus > 0 else 0.0)
-    cpus_per_actor = args.cpus_per_actor if args.cpus_per_actor is not None else 1.0
-    if gpus_per_actor > 0:
-        actors = args.num_actors or 1
-        what = f"--gpus-per-actor {gpus_per_actor:g}" + (f" --num-actors {args.num_actors}" if args.num_actors else "")
-        bundles = [{"GPU": gpus_per_actor, "CPU": cpus_per_actor}] * actors
-        cluster = wait_for_gpus(ray, actors * gpus_per_actor, bundles, args.wait_for_gpus, what)
-        gpus = float(cluster.get("GPU", 0))
-    if gpus_per_actor > 0 and gpus == 0:
-        raise JobError(
-            f"--gpus-per-actor {gpus_per_actor:g}: the Ray cluster has no GPU; use --gpus-per-actor 0 to label on the CPU, "
-            "or --wait-for-gpus SECONDS where the cluster adds GPU nodes on demand"
-        )
-    threads = max(1, int(cpus_per_actor))
-    if gpus_per_actor > 0:
-        num_actors = args.num_actors if args.num_actors is not None else max(1, int(gpus / gpus_per_actor + 1e-9))
-    else:
-        node_cpus = [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
-        num_actors, cpus_per_actor, threads = cpu_actor_sizing(node_cpus, args.num_actors, args.cpus_per_actor)
-    cpus = float(cluster.get("CPU", 0))
-    what_cpus = f"--cpus-per-actor {cpus_per_actor:g}" if args.cpus_per_actor is not None else f"{cpus_per_actor:g} (the default --cpus-per-actor)"
-    short = []
-    cpus_short = num_actors * cpus_per_actor > cpus - 1 + 1e-9
-    if cpus_short:
-        short.append(f"{num_actors} x {what_cpus} CPUs for the actors plus 1 CPU to decode, it has {cpus:g} CPUs")
-    if num_actors * gpus_per_actor > gpus + 1e-9:
-        short.append(f"{num_actors} x --gpus-per-actor {gpus_per_actor:g} GPUs, it has {gpus:g} GPUs")
-    if short and ray_is_fixed(ray):
-        # A private local Ray never grows: Ray Data would wait for the missing resources for ever.
-        raise JobError(
-            f"--num-actors {num_actors} cannot start on this private local Ray: the job needs {'; and '.join(short)}; "
-            "lower --num-actors or --cpus-per-actor, or run on a larger cluster (--address, RAY_ADDRESS)"
-        )
-    if cpus_short:
-        # The actors would hold every CPU and decoding none: Ray Data would wait, silently, for ever.
-        print(
-            f"warning: {num_actors} model actor(s) x {cpus_per_actor:g} CPU leave less than the 1 CPU that decoding needs "
-            f"of the cluster's {cpus:g} CPUs now; the job waits until the cluster has more (an autoscaler may add them). "
-            "On a fixed cluster, lower --num-actors or --cpus-per-actor",
-            file=sys.stderr,
-            flush=True,
-        )
-    return num_actors, gpus_per_actor, cpus_per_actor, threads
-
-
-def _threads_note(ray, gpus_per_actor: float, torch_threads: int) -> str:
-    """", N torch threads" of the CPU actors, for the job's line (0: each its node's CPUs)."""
-    if gpus_per_actor > 0:
-        return ""
-    if torch_threads:
-        return f", {torch_threads} torch thread(s)"
-    counts = sorted({int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1})
-    span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}" if counts else "?"
-    return f", {span} torch threads: its node's CPUs"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"planning: listing {args.input} ...", flush=True)
         uris = iter_input_uris(args.input, storage_options, exclude_uri=args.output)
         plan = write_plan(uris, args.output, args.input, args.shard_size, settings_fingerprint, storage_options)
-        print(f"planned {plan.num_images} images in {plan.num_shards} shards of {plan.shard_size} ({time.perf_counter() - started:.1f} s)", flush=True)
+        print(
+            f"planned {plan.num_images} images in {plan.num_shards} shards of {plan.shard_size} ({time.perf_counter() - started:.1f} s)",
+            flush=True,
+        )
     else:
         if plan.input != args.input:
             raise JobError(
@@ -335,10 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         _write_preview(args, storage_options)
         return 0
     label_map = loaded.label_map
-    del loaded  # the actors load their own copies
 
     ray = init_ray(args.address)
-    num_actors, gpus_per_actor, cpus_per_actor, torch_threads = _resources(ray, args)
+    num_actors, gpus_per_actor, cpus_per_actor, torch_threads = actor_resources(ray, args)
     from jobs.labeling.pipeline import LabelSettings, run_pipeline
     from maskrcnn.data.images import DEFAULT_MAX_PIXELS
     from maskrcnn.storage import filesystem
@@ -370,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"labelling {len(pending)} of {plan.num_shards} shards with {num_actors} model actor(s) "
-        f"({gpus_per_actor:g} GPU, {cpus_per_actor:g} CPU each{_threads_note(ray, gpus_per_actor, torch_threads)}), batch {args.batch_size}, "
+        f"({gpus_per_actor:g} GPU, {cpus_per_actor:g} CPU each{threads_note(ray, gpus_per_actor, torch_threads)}), "
+        f"batch {args.batch_size}, "
         f"{settings.batches_in_flight} batch(es) in flight per actor",
         flush=True,
     )

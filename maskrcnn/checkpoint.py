@@ -17,6 +17,7 @@ with ``arch="keypoint_r50_fpn"``; the number of keypoints is read from the state
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import re
@@ -67,7 +68,9 @@ def convert_torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, 
         if key.endswith("num_batches_tracked"):
             continue
         key = re.sub(r"^rpn\.head\.conv\.(weight|bias)$", r"rpn.head.conv.0.0.\1", key)
-        key = re.sub(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}", key)
+        key = re.sub(
+            r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}", key
+        )
         key = re.sub(r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$", r"backbone.fpn.\1.\2.0.\3", key)
         out[key] = value
     return out
@@ -233,8 +236,13 @@ def load_checkpoint(
     categories: list[dict] | None = None,
     storage_options: dict | None = None,
     overrides: dict | None = None,
+    device: str | None = None,
 ) -> LoadedCheckpoint:
     """A ready model (eval mode, CPU) from a project checkpoint or a bare torchvision state dict.
+
+    ``device="meta"``: the model is built without memory and the weights are only checked
+    against it (names and shapes), not copied: the config, categories and hash of a checkpoint,
+    with every error a real load would raise, at a fraction of the cost.
 
     ``overrides``: keyword arguments of ``ModelConfig.with_overrides`` (``min_size``,
     ``max_size``, ``score_thresh``, ``detections_per_img``; None keeps the checkpoint's).
@@ -262,7 +270,8 @@ def load_checkpoint(
         label_map = {k + 1: c for k, c in enumerate(weights.categories)}
     if overrides:
         config = config.with_overrides(**overrides)
-    model = build_model(config)
+    with torch.device(device) if device else contextlib.nullcontext():
+        model = build_model(config)
     load_state(model, state, uri)
     if outside:
         raise CheckpointError(
@@ -303,7 +312,8 @@ def load_state(model: MaskRCNN, state: dict[str, torch.Tensor], uri: str = "stat
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} of another shape (e.g. {mismatched[:3]}); "
             "is --arch the architecture it was trained with?"
         )
-    model.load_state_dict(state, strict=not skip_class_specific)
+    if next(model.parameters()).device.type != "meta":  # a meta model: checked, nothing to copy
+        model.load_state_dict(state, strict=not skip_class_specific)
 
 
 def save_checkpoint(uri: str, model: MaskRCNN, config: ModelConfig, categories: list[dict], storage_options: dict | None = None,

@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
-from maskrcnn.masks import encode_masks
+from maskrcnn.inference import Detections
 
 __all__ = ["STAT_NAMES", "KEYPOINT_STAT_NAMES", "predictions_to_coco_results", "evaluate_coco", "evaluate_model"]
 
@@ -58,29 +58,38 @@ def _binary_masks(masks: torch.Tensor) -> torch.Tensor:
     return masks
 
 
+def _as_detections(prediction: Mapping[str, torch.Tensor] | Detections) -> Detections:
+    if isinstance(prediction, Detections):
+        return prediction
+    if "masks" in prediction:
+        prediction = {**prediction, "masks": _binary_masks(prediction["masks"])}
+    return Detections.from_output(prediction)
+
+
 def predictions_to_coco_results(
-    predictions: Iterable[Mapping[str, torch.Tensor]],
+    predictions: Iterable[Mapping[str, torch.Tensor] | Detections],
     image_ids: Iterable[int],
     class_to_category_id: ClassMap = None,
 ) -> list[dict]:
     """Model outputs -> COCO result dicts, as ``COCO.loadRes`` takes them.
 
-    Each result: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score`` and, when the
-    prediction has masks, ``segmentation`` (RLE with str counts). ``class_to_category_id`` maps
-    class indices to category ids: a callable taking a list (e.g.
-    ``CocoDataset.class_to_category_id``), a mapping, a sequence, or None when the class index
-    is the category id (torchvision's COCO weights).
+    A prediction is a model's output dict (see the module's docstring) or a
+    ``maskrcnn.inference.Detections``. Each result: ``image_id``, ``category_id``, ``bbox``
+    [x, y, w, h], ``score`` and, when the prediction has masks, ``segmentation`` (RLE with str
+    counts). ``class_to_category_id`` maps class indices to category ids: a callable taking a
+    list (e.g. ``CocoDataset.class_to_category_id``), a mapping, a sequence, or None when the
+    class index is the category id (torchvision's COCO weights).
     """
     results = []
     for prediction, image_id in zip(predictions, image_ids, strict=True):
-        boxes = prediction["boxes"].detach().to("cpu", torch.float64)
-        if boxes.shape[0] == 0:
+        det = _as_detections(prediction)
+        if len(det) == 0:
             continue
-        xywh = box_convert(boxes, "xyxy", "xywh").tolist()
-        scores = prediction["scores"].detach().to("cpu").tolist()
-        category_ids = _category_ids(prediction["labels"].detach().to("cpu").tolist(), class_to_category_id)
-        rles = encode_masks(_binary_masks(prediction["masks"])) if "masks" in prediction else None
-        keypoints = prediction["keypoints"].detach().to("cpu", torch.float64).tolist() if "keypoints" in prediction else None
+        xywh = box_convert(torch.from_numpy(det.boxes).double(), "xyxy", "xywh").tolist()
+        scores = det.scores.tolist()
+        category_ids = _category_ids(det.labels.tolist(), class_to_category_id)
+        rles = det.mask_rles()[0] if det.mask_extents is not None else None
+        keypoints = det.keypoints.astype(np.float64).tolist() if det.keypoints is not None else None
         for k in range(len(xywh)):
             result = {
                 "image_id": int(image_id),
@@ -184,24 +193,25 @@ def evaluate_model(
     *,
     class_map: Mapping[int, int] | None = None,
     loader_workers: int = 0,
-    autocast_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
+    fast: bool = False,
 ) -> dict[str, Any]:
-    """Run ``model`` in eval mode over ``dataset`` (a ``CocoDataset``) and return
-    :func:`evaluate_coco`'s metrics against ``dataset.coco`` on the dataset's images, plus
-    ``num_images`` and ``num_detections``. The one evaluation loop: tests, benchmarks,
-    ``jobs.evaluate`` and training's per-epoch evaluation all run it.
+    """Run ``model`` over ``dataset`` (a ``CocoDataset``) and return :func:`evaluate_coco`'s
+    metrics against ``dataset.coco`` on the dataset's images, plus ``num_images`` and
+    ``num_detections``. The one evaluation loop: tests, benchmarks, ``jobs.evaluate`` and
+    training's per-epoch evaluation all run it.
 
-    ``model(list of (3, H, W) images)`` must return one prediction dict per image at the
-    image's own size. A batch runs as one forward per padded size (``predict_by_size``), as
-    jobs.label runs it, under autocast to ``autocast_dtype`` when given. ``loader_workers``
-    DataLoader processes read and decode the images (0: in this process). Class indices map to
-    category ids through ``class_map`` (default: the dataset's own categories); detections of
-    classes it lacks (e.g. torchvision's unused COCO indices) are dropped. Masks are encoded
-    batch by batch, so memory stays flat. The model's train/eval mode is restored afterwards.
+    Predictions come from ``maskrcnn.inference.Predictor`` (as jobs.label's do): a batch runs as
+    one forward per padded size, under autocast to ``precision`` (fp32, bf16, fp16, auto),
+    exactly as built unless ``fast`` (which changes ``model`` in place: norms folded; give it a
+    model you do not train afterwards). ``loader_workers`` DataLoader processes read and decode
+    the images (0: in this process). Class indices map to category ids through ``class_map``
+    (default: the dataset's own categories); detections of classes it lacks (e.g. torchvision's
+    unused COCO indices) are dropped. Masks leave the device as crops and are encoded batch by
+    batch, so memory stays flat. The model's train/eval mode is restored afterwards.
     """
     from maskrcnn.data import collate_fn
-    from maskrcnn.engine import autocast_context
-    from maskrcnn.modeling.meta_arch import predict_by_size
+    from maskrcnn.inference import Predictor
 
     device = torch.device(device)
     if class_map is None:
@@ -211,17 +221,15 @@ def evaluate_model(
         pin_memory=device.type == "cuda",
     )
     was_training = model.training
-    model.eval()
+    predictor = Predictor(model, device=device, fast=fast, precision=precision)
     results: list[dict] = []
     image_ids: list[int] = []
     try:
-        with torch.inference_mode():
-            for images, targets in loader:
-                with autocast_context(device, autocast_dtype):
-                    predictions = predict_by_size(model, [image.to(device, non_blocking=True) for image in images])
-                batch_ids = [int(target["image_id"]) for target in targets]
-                results.extend(predictions_to_coco_results([_known_classes(p, class_map) for p in predictions], batch_ids, class_map))
-                image_ids.extend(batch_ids)
+        for images, targets in loader:
+            detections = predictor.predict(images)
+            batch_ids = [int(target["image_id"]) for target in targets]
+            results.extend(predictions_to_coco_results([_known_classes(d, class_map) for d in detections], batch_ids, class_map))
+            image_ids.extend(batch_ids)
     finally:
         model.train(was_training)
     metrics = evaluate_coco(dataset.coco, results, image_ids=image_ids, iou_types=iou_types_for(model))
@@ -230,10 +238,7 @@ def evaluate_model(
     return metrics
 
 
-def _known_classes(prediction: Mapping[str, Any], class_map: Mapping[int, int]) -> Mapping[str, Any]:
-    """``prediction`` without the detections whose class ``class_map`` lacks (a new dict)."""
-    keep = torch.tensor([int(label) in class_map for label in prediction["labels"].tolist()], dtype=torch.bool)
-    if bool(keep.all()):
-        return prediction
-    keep = keep.to(prediction["labels"].device)
-    return {k: v[keep] if isinstance(v, torch.Tensor) else v for k, v in prediction.items()}
+def _known_classes(detections: Detections, class_map: Mapping[int, int]) -> Detections:
+    """``detections`` without those whose class ``class_map`` lacks."""
+    keep = np.asarray([int(label) in class_map for label in detections.labels.tolist()], dtype=bool)
+    return detections if keep.all() else detections.select(keep)

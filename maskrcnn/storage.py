@@ -84,7 +84,10 @@ def explain_storage_error(exc: BaseException) -> str:
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ProxyConnectionError"} or isinstance(
         exc, (ConnectionError, TimeoutError)
     ):
-        return f"cannot reach the storage endpoint ({first_line}): check AWS_ENDPOINT_URL (or endpoint_url in --storage-options) and the network"
+        return (
+            f"cannot reach the storage endpoint ({first_line}): "
+            "check AWS_ENDPOINT_URL (or endpoint_url in --storage-options) and the network"
+        )
     if isinstance(exc, PermissionError):
         return (
             f"access denied ({first_line}): check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) "

@@ -114,7 +114,7 @@ def test_corrupt_and_missing_files(tmp_path, small_model):
         load_checkpoint(str(tmp_path / "other.pt"))
 
 
-def test_other_number_of_classes_says_what_to_do(tmp_path):
+def test_other_number_of_classes_says_what_to_do():
     from maskrcnn.checkpoint import load_state
 
     torch.manual_seed(0)

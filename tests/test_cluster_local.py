@@ -65,7 +65,9 @@ def local_head(temp_dir: Path, num_cpus: int, *ray_start_args: str):
     """A head started by cluster/local/start_head.sh on free ports (the arguments go on to
     ``ray start``), stopped by stop.sh at the end."""
     head = Head(temp_dir, _free_port(), _free_port())
-    env = ray_env(RAY_PORT=str(head.port), RAY_DASHBOARD_PORT=str(head.dashboard_port), RAY_TEMP_DIR=str(temp_dir), RAY_NUM_CPUS=str(num_cpus))
+    env = ray_env(
+        RAY_PORT=str(head.port), RAY_DASHBOARD_PORT=str(head.dashboard_port), RAY_TEMP_DIR=str(temp_dir), RAY_NUM_CPUS=str(num_cpus)
+    )
     try:
         result = subprocess.run([str(REPO / "cluster" / "local" / "start_head.sh"), "--object-store-memory", OBJECT_STORE, *ray_start_args],
                                 env=env, capture_output=True, text=True, timeout=180)
@@ -215,7 +217,7 @@ def test_label_job_finishes_after_losing_a_node(tmp_path_factory, checkpoint):
                 pids = processes_of(node2_dir)
                 on_node2 |= {title(pid) for pid in pids if title(pid).startswith("ray::")}
                 parts = len(local_parts(str(output)))
-                if not killed and parts >= 1 and any("MapBatches(Predictor)" in name for name in on_node2):
+                if not killed and parts >= 1 and any("MapBatches(LabelActor)" in name for name in on_node2):
                     parts_at_kill = parts
                     for pid in pids:
                         with contextlib.suppress(ProcessLookupError):

@@ -11,7 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from maskrcnn.data import AnnotationError, CocoDataset, DegenerateAnnotationWarning, ImageDecodeError, collate_fn, decode_image, missing_images
+from maskrcnn.data import (
+    AnnotationError,
+    CocoDataset,
+    DegenerateAnnotationWarning,
+    ImageDecodeError,
+    collate_fn,
+    decode_image,
+    missing_images,
+)
 from maskrcnn.masks import encode_masks
 from maskrcnn.storage import join_uri
 

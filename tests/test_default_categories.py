@@ -45,7 +45,8 @@ def test_bare_coco_state_dict_loads_without_categories(tmp_path, capsys):
     _, _, load_kwargs = load_model_for_labeling(args, None)
     assert "categories: COCO's 80 (maskrcnn/data/coco_categories.json)" in capsys.readouterr().out
     # given categories still win
-    assert load_checkpoint(str(path), arch="r50_fpn", categories=[{"id": 1, "name": "pedestrian"}]).label_map == {1: {"id": 1, "name": "pedestrian"}}
+    given = load_checkpoint(str(path), arch="r50_fpn", categories=[{"id": 1, "name": "pedestrian"}])
+    assert given.label_map == {1: {"id": 1, "name": "pedestrian"}}
 
 
 def test_other_class_counts_still_need_categories(tmp_path):

@@ -13,8 +13,8 @@ from pycocotools.cocoeval import COCOeval
 
 from jobs.common import run_main
 from jobs.export_coco import main as export_main
-from jobs.labeling.plan import part_name, write_plan
-from jobs.labeling.schema import OUTPUT_SCHEMA
+from jobs.labeling.shards import part_name, write_plan
+from jobs.labeling.rows import OUTPUT_SCHEMA
 from maskrcnn.masks import decode_masks, encode_masks
 
 CATEGORIES = {1: "circle", 2: "square"}
@@ -45,7 +45,8 @@ def label_output(tmp_path):
     rng = np.random.default_rng(0)
     for k, uri in enumerate(uris):
         if uri.endswith("bad.png"):
-            rows.append({"image_uri": uri, "width": None, "height": None, "instances": [], "error": "truncated or corrupt image", "model": "sha256:x"})
+            error = "truncated or corrupt image"
+            rows.append({"image_uri": uri, "width": None, "height": None, "instances": [], "error": error, "model": "sha256:x"})
             continue
         height, width = 40 + k, 50
         instances = []
@@ -71,7 +72,10 @@ def test_annotations_file_loads_in_pycocotools_with_relative_names(label_output,
     images = sorted(coco.imgs.values(), key=lambda i: i["id"])
     assert [i["file_name"] for i in images] == ["s0/a.png", "s0/b.png", "s1/c.png", "s1/d.jpg"]  # the failed one left out
     assert [(i["width"], i["height"]) for i in images] == [(50, 40), (50, 41), (50, 42), (50, 43)]
-    assert coco.loadCats(coco.getCatIds()) == [{"id": 1, "name": "circle", "supercategory": ""}, {"id": 2, "name": "square", "supercategory": ""}]
+    assert coco.loadCats(coco.getCatIds()) == [
+        {"id": 1, "name": "circle", "supercategory": ""},
+        {"id": 2, "name": "square", "supercategory": ""},
+    ]
     assert len(coco.anns) == 6
     for image in images:
         uri = f"/data/images/{image['file_name']}"

@@ -4,7 +4,6 @@ with bad images, a killed job and a killed model actor."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import json
 import os
@@ -23,10 +22,10 @@ from PIL import Image
 
 from jobs.common import JobError, run_main
 from jobs.label import main as label_main
-from jobs.labeling.decode import prepare_image
+from maskrcnn.inference import prepare_image
 from jobs.labeling.inputs import iter_input_uris
-from jobs.labeling.plan import finished_shards, part_name, read_plan, read_shard_uris, write_plan
-from jobs.labeling.schema import OUTPUT_SCHEMA
+from jobs.labeling.shards import finished_shards, part_name, read_plan, read_shard_uris, write_plan
+from jobs.labeling.rows import OUTPUT_SCHEMA
 from maskrcnn.checkpoint import load_checkpoint
 from maskrcnn.data.images import ImageDecodeError, decode_image, to_rgb_float
 from maskrcnn.masks import encode_masks
@@ -124,9 +123,8 @@ def test_a_mixed_batch_gives_each_image_its_batch_1_detections(tmp_path, checkpo
     with others of its padded size, so every image's detections are those of the model on it
     alone (the small preset's GroupNorm sees the padding, so a whole-batch forward gives other
     detections)."""
-    import pickle
-
-    from jobs.labeling.pipeline import LabelSettings, Predictor, decode_batch
+    from jobs.labeling.decode import decode_batch
+    from jobs.labeling.predict import LabelActor
 
     sizes = [(120, 90), (90, 130), (140, 100), (80, 150)]  # (width, height): landscape, portrait, ...
     uris = []
@@ -134,19 +132,16 @@ def test_a_mixed_batch_gives_each_image_its_batch_1_detections(tmp_path, checkpo
         uris.append(str(tmp_path / f"{k}.png"))
         Path(uris[-1]).write_bytes(encode(rgb_noise(w, h, seed=k), "PNG"))
     loaded = load_checkpoint(checkpoint)
-    settings = LabelSettings(
-        output_uri=str(tmp_path / "out"), checkpoint_uri=checkpoint, load_kwargs={}, storage_options=None,
-        model_hash=loaded.model_hash, label_map={}, min_size=loaded.config.input.min_size,
-        max_size=loaded.config.input.max_size, max_pixels=10**8, batch_size=4, decode_batch_size=4,
-        num_actors=1, gpus_per_actor=0.0, cpus_per_actor=1.0, run_id="test",
-    )
     batch = {"shard": np.zeros(4, dtype=np.int64), "index": np.arange(4), "image_uri": np.asarray(uris, dtype=object)}
+    size = {"min_size": loaded.config.input.min_size, "max_size": loaded.config.input.max_size, "max_pixels": 10**8}
     threads = torch.get_num_threads()
     try:
-        rows = Predictor(settings)(decode_batch(batch, settings))  # (it sets the actor's torch threads)
+        actor = LabelActor(checkpoint_uri=checkpoint, load_kwargs={}, storage_options=None, use_gpu=False, max_batch=4)
+        table = actor(decode_batch(batch, storage_options=None, **size))  # (it sets the actor's torch threads)
     finally:
         torch.set_num_threads(threads)
-    got = [pickle.loads(d) for d in rows["detections"]]
+    got = [{"boxes": np.asarray(b, np.float32).reshape(-1, 4), "scores": np.asarray(s, np.float32)}
+           for b, s in zip(table.column("boxes").to_pylist(), table.column("scores").to_pylist())]
 
     fast = optimize_for_inference(copy.deepcopy(loaded.model))
     images = [decode_image(Path(u).read_bytes(), 10**8) for u in uris]
@@ -193,13 +188,24 @@ def test_bad_arguments_stop_before_any_work(tmp_path, checkpoint, capsys):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the output folder should be")
     cases = {
-        "missing input": (["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o1"), "--checkpoint", checkpoint], "does not exist"),
+        "missing input": (
+            ["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o1"), "--checkpoint", checkpoint],
+            "does not exist",
+        ),
         "empty input": (["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o2"), "--checkpoint", checkpoint], "no images"),
         "unwritable output": (["--input", str(images), "--output", str(blocked / "sub"), "--checkpoint", checkpoint], "cannot write"),
-        "missing checkpoint": (["--input", str(images), "--output", str(tmp_path / "o3"), "--checkpoint", str(tmp_path / "no.pt")], "does not exist"),
-        "unreadable checkpoint": (["--input", str(images), "--output", str(tmp_path / "o4"), "--checkpoint", str(tmp_path / "junk.pt")], "not a readable"),
-        "negative wait": (["--input", str(images), "--output", str(tmp_path / "o5"), "--checkpoint", checkpoint, "--wait-for-gpus", "-1"],
-                          "--wait-for-gpus must be 0 or more seconds, got -1"),
+        "missing checkpoint": (
+            ["--input", str(images), "--output", str(tmp_path / "o3"), "--checkpoint", str(tmp_path / "no.pt")],
+            "does not exist",
+        ),
+        "unreadable checkpoint": (
+            ["--input", str(images), "--output", str(tmp_path / "o4"), "--checkpoint", str(tmp_path / "junk.pt")],
+            "not a readable",
+        ),
+        "negative wait": (
+            ["--input", str(images), "--output", str(tmp_path / "o5"), "--checkpoint", checkpoint, "--wait-for-gpus", "-1"],
+            "--wait-for-gpus must be 0 or more seconds, got -1",
+        ),
     }
     for name, (argv, message) in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -228,7 +234,10 @@ def test_wait_for_gpus_asks_the_autoscaler_then_gives_up_naming_the_option(tmp_p
     images.mkdir()
     (images / "a.png").write_bytes(encode(rgb_noise(8, 8), "PNG"))
     cases = {  # extra options -> (what the job needs, the bundles it asks for)
-        ("--gpus-per-actor", "0.5", "--num-actors", "3"): ("--gpus-per-actor 0.5 --num-actors 3 needs 1.5 GPUs", [{"GPU": 0.5, "CPU": 1.0}] * 3),
+        ("--gpus-per-actor", "0.5", "--num-actors", "3"): (
+            "--gpus-per-actor 0.5 --num-actors 3 needs 1.5 GPUs",
+            [{"GPU": 0.5, "CPU": 1.0}] * 3,
+        ),
         # --wait-for-gpus alone means GPUs: without it, this cluster would label on the CPU
         (): ("--gpus-per-actor 1 needs 1 GPUs", [{"GPU": 1.0, "CPU": 1.0}]),
     }
@@ -246,7 +255,10 @@ def test_wait_for_gpus_asks_the_autoscaler_then_gives_up_naming_the_option(tmp_p
         started = time.monotonic()
         try:
             with pytest.raises(SystemExit) as exit_info:
-                run_main(label_main, ["--input", str(images), "--output", str(tmp_path / "out"), "--checkpoint", checkpoint, *extra, "--wait-for-gpus", "2"])
+                run_main(
+                    label_main,
+                    ["--input", str(images), "--output", str(tmp_path / "out"), "--checkpoint", checkpoint, *extra, "--wait-for-gpus", "2"],
+                )
         finally:
             elapsed = time.monotonic() - started
             done.set()
@@ -267,17 +279,24 @@ def test_a_pool_that_leaves_no_cpu_to_decode_stops_the_job_on_a_private_ray(ray_
     one), which no autoscaler grows, the job stops at the start naming the options; on a cluster
     that may grow it warns (the warning path is the same check without ``ray_is_fixed``)."""
     from jobs.common import ray_is_fixed
-    from jobs.label import _resources, build_parser
+    from jobs.label import build_parser
+    from jobs.labeling.resources import actor_resources
 
     assert ray_is_fixed(ray_local)
     cpus = int(ray_local.cluster_resources()["CPU"])
     base = ["--input", "in", "--output", "out", "--checkpoint", "m.pt", "--gpus-per-actor", "0"]
-    with pytest.raises(JobError, match=rf"--num-actors {cpus} cannot start on this private local Ray: the job needs {cpus} x "
-                       rf"--cpus-per-actor 1 CPUs for the actors plus 1 CPU to decode, it has {cpus} CPUs"):
-        _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus), "--cpus-per-actor", "1"]))
+    with pytest.raises(
+        JobError,
+        match=rf"--num-actors {cpus} cannot start on this private local Ray: the job needs {cpus} x "
+        rf"--cpus-per-actor 1 CPUs for the actors plus 1 CPU to decode, it has {cpus} CPUs",
+    ):
+        actor_resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus), "--cpus-per-actor", "1"]))
     with pytest.raises(JobError, match=rf"--cpus-per-actor {cpus} CPUs"):
-        _resources(ray_local, build_parser().parse_args([*base, "--num-actors", "1", "--cpus-per-actor", str(cpus)]))
-    assert _resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus - 1), "--cpus-per-actor", "1"]))[:2] == (cpus - 1, 0.0)
+        actor_resources(ray_local, build_parser().parse_args([*base, "--num-actors", "1", "--cpus-per-actor", str(cpus)]))
+    assert actor_resources(ray_local, build_parser().parse_args([*base, "--num-actors", str(cpus - 1), "--cpus-per-actor", "1"]))[:2] == (
+        cpus - 1,
+        0.0,
+    )
     assert "decoding needs" not in capsys.readouterr().err
 
 
@@ -285,8 +304,9 @@ def test_without_gpus_the_actor_runs_as_many_torch_threads_as_its_node_has_cpus(
     """The CPU default: one model actor per node, its torch threads all the node's CPUs (the model
     is the work; decoding costs a few ms an image), Ray reserving it the node's CPUs less the one
     that decoding runs on. Given, --cpus-per-actor is both the reservation and the threads."""
-    from jobs.label import _resources, build_parser, cpu_actor_sizing
-    from jobs.labeling.pipeline import LabelSettings, Predictor, node_cpus
+    from jobs.label import build_parser
+    from jobs.labeling.predict import LabelActor, node_cpus
+    from jobs.labeling.resources import actor_resources, cpu_actor_sizing
 
     # (node CPUs, --num-actors, --cpus-per-actor) -> (actors, CPUs reserved each, threads; 0 = its node's CPUs)
     assert cpu_actor_sizing([2.0], None, None) == (1, 1.0, 0)
@@ -301,20 +321,14 @@ def test_without_gpus_the_actor_runs_as_many_torch_threads_as_its_node_has_cpus(
     cpus = int(ray_local.cluster_resources()["CPU"])
     assert node_cpus() == cpus == 2
     args = build_parser().parse_args(["--input", "in", "--output", "out", "--checkpoint", "m.pt", "--gpus-per-actor", "0"])
-    assert _resources(ray_local, args) == (1, 0.0, cpus - 1.0, 0)
-    loaded = load_checkpoint(checkpoint)
-    settings = LabelSettings(
-        output_uri=str(tmp_path / "out"), checkpoint_uri=checkpoint, load_kwargs={}, storage_options=None,
-        model_hash=loaded.model_hash, label_map={}, min_size=loaded.config.input.min_size,
-        max_size=loaded.config.input.max_size, max_pixels=10**8, batch_size=4, decode_batch_size=4,
-        num_actors=1, gpus_per_actor=0.0, cpus_per_actor=cpus - 1.0, torch_threads=0, run_id="test",
-    )
+    assert actor_resources(ray_local, args) == (1, 0.0, cpus - 1.0, 0)
+    actor = {"checkpoint_uri": checkpoint, "load_kwargs": {}, "storage_options": None, "use_gpu": False}
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        Predictor(settings)
+        LabelActor(**actor, threads=0)
         assert torch.get_num_threads() == cpus
-        Predictor(dataclasses.replace(settings, torch_threads=None, cpus_per_actor=1.0))  # --cpus-per-actor 1
+        LabelActor(**actor, threads=1)  # --cpus-per-actor 1
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
@@ -323,9 +337,24 @@ def test_without_gpus_the_actor_runs_as_many_torch_threads_as_its_node_has_cpus(
 def test_help_documents_every_option():
     result = subprocess.run([sys.executable, "-m", "jobs.label", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for option in ["--input", "--output", "--checkpoint", "--arch", "--categories", "--min-size", "--max-size", "--score-threshold",
-                   "--max-detections", "--batch-size", "--num-actors", "--gpus-per-actor", "--shard-size", "--preview", "--storage-options",
-                   "--wait-for-gpus"]:
+    for option in [
+        "--input",
+        "--output",
+        "--checkpoint",
+        "--arch",
+        "--categories",
+        "--min-size",
+        "--max-size",
+        "--score-threshold",
+        "--max-detections",
+        "--batch-size",
+        "--num-actors",
+        "--gpus-per-actor",
+        "--shard-size",
+        "--preview",
+        "--storage-options",
+        "--wait-for-gpus",
+    ]:
         assert option in result.stdout, option
 
 
@@ -348,7 +377,9 @@ def _expected_instances(loaded, model, image: torch.Tensor) -> list[dict]:
             "mask": rle,
             "keypoints": None,  # the model has no keypoint head
         }
-        for label, score, box, mask, rle in zip(out["labels"].tolist(), out["scores"].numpy(), xywh, out["masks"], encode_masks(out["masks"]))
+        for label, score, box, mask, rle in zip(
+            out["labels"].tolist(), out["scores"].numpy(), xywh, out["masks"], encode_masks(out["masks"])
+        )
     ]
 
 
@@ -373,9 +404,26 @@ def test_label_s3_nested_shards_matches_the_model_in_a_loop(s3_server, s3_bucket
     make_checkpoint(model_uri, storage_options=options)
     output = f"{s3_bucket}/labels"
 
-    code = label_main(["--input", images, "--output", output, "--checkpoint", model_uri, "--shard-size", "5",
-                       "--batch-size", "1", "--preview", "3", "--storage-options", json.dumps(options),
-                       "--batches-in-flight", "2"])  # two threads per actor: the GPU default
+    code = label_main(
+        [
+            "--input",
+            images,
+            "--output",
+            output,
+            "--checkpoint",
+            model_uri,
+            "--shard-size",
+            "5",
+            "--batch-size",
+            "1",
+            "--preview",
+            "3",
+            "--storage-options",
+            json.dumps(options),
+            "--batches-in-flight",
+            "2",
+        ]
+    )  # two threads per actor: the GPU default
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "shards: 5 labelled this run, 0 already done, 5 in all" in stdout
@@ -422,8 +470,9 @@ def test_every_bad_input_gets_its_row_and_the_job_finishes(tmp_path, checkpoint,
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     output = str(tmp_path / "out")
-    code = label_main(["--input", str(tmp_path / "in"), "--output", output, "--checkpoint", checkpoint,
-                       "--shard-size", "8", "--max-detections", "5"])
+    code = label_main(
+        ["--input", str(tmp_path / "in"), "--output", output, "--checkpoint", checkpoint, "--shard-size", "8", "--max-detections", "5"]
+    )
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     table = read_output(output)
@@ -450,8 +499,23 @@ def _ray_address(ray) -> str:
 @pytest.mark.slow
 def test_killed_job_reruns_exactly_once_with_less_work(tmp_path, checkpoint, shapes_folder, ray_local, capsys):
     output = tmp_path / "out"
-    argv = [sys.executable, "-m", "jobs.label", "--input", str(shapes_folder), "--output", str(output),
-            "--checkpoint", checkpoint, "--shard-size", "4", "--batch-size", "1", "--max-detections", "10"]
+    argv = [
+        sys.executable,
+        "-m",
+        "jobs.label",
+        "--input",
+        str(shapes_folder),
+        "--output",
+        str(output),
+        "--checkpoint",
+        checkpoint,
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "1",
+        "--max-detections",
+        "10",
+    ]
     env = dict(os.environ, RAY_ADDRESS=_ray_address(ray_local))
     job = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -500,10 +564,11 @@ def _raylet_pid() -> int | None:
 
 
 def _predictor_pids(raylet: int | None) -> set[int]:
-    """This Ray's model actors: its raylet's children whose title names the Predictor stage."""
+    """This Ray's model actors: its raylet's children whose title names the LabelActor stage."""
     return {
-        pid for pid, (parent, cmdline) in process_table().items()
-        if raylet in (None, parent) and cmdline.startswith("ray::") and "MapBatches(Predictor)" in cmdline
+        pid
+        for pid, (parent, cmdline) in process_table().items()
+        if raylet in (None, parent) and cmdline.startswith("ray::") and "MapBatches(LabelActor)" in cmdline
     }
 
 
@@ -533,8 +598,22 @@ def test_killed_model_actor_is_replaced_and_the_run_completes_exactly_once(tmp_p
 
     killer = threading.Thread(target=kill_an_actor, daemon=True)
     killer.start()
-    code = label_main(["--input", str(shapes_folder), "--output", str(output), "--checkpoint", checkpoint,
-                       "--shard-size", "4", "--batch-size", "1", "--max-detections", "10"])
+    code = label_main(
+        [
+            "--input",
+            str(shapes_folder),
+            "--output",
+            str(output),
+            "--checkpoint",
+            checkpoint,
+            "--shard-size",
+            "4",
+            "--batch-size",
+            "1",
+            "--max-detections",
+            "10",
+        ]
+    )
     killer.join(timeout=5)
     stdout = capsys.readouterr().out
     assert code == 0, stdout

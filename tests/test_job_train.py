@@ -163,7 +163,8 @@ def test_the_optimizer_decays_weights_but_not_norms_and_biases():
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].endswith(".weight") and p.ndim > 1 for p in decay["params"])
     # the trunk's GroupNorm (named bn1 as torchvision's BatchNorm) and the layers' biases
-    assert {names[id(p)] for p in no_decay["params"]} >= {"backbone.body.bn1.weight", "backbone.body.bn1.bias", "roi_heads.box_predictor.cls_score.bias"}
+    expected = {"backbone.body.bn1.weight", "backbone.body.bn1.bias", "roi_heads.box_predictor.cls_score.bias"}
+    assert {names[id(p)] for p in no_decay["params"]} >= expected
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
 
@@ -187,8 +188,23 @@ def test_help_documents_every_option():
         for option in action.option_strings:
             assert option in text
         assert action.help, f"{action.option_strings} has no help"
-    for name in ("--annotations", "--images", "--output", "--val-annotations", "--val-images", "--arch", "--weights",
-                 "--num-workers", "--use-gpu", "--epochs", "--max-steps", "--batch-size", "--lr", "--min-size", "--max-size"):
+    for name in (
+        "--annotations",
+        "--images",
+        "--output",
+        "--val-annotations",
+        "--val-images",
+        "--arch",
+        "--weights",
+        "--num-workers",
+        "--use-gpu",
+        "--epochs",
+        "--max-steps",
+        "--batch-size",
+        "--lr",
+        "--min-size",
+        "--max-size",
+    ):
         assert name in text  # DESIGN.md's command line
     from jobs.evaluate import build_parser as evaluate_parser
 
@@ -273,7 +289,10 @@ def test_annotations_naming_missing_images_stop_the_job(shapes, tmp_path):
     # As users see it: exit status 2, the reason on stderr, no traceback, no Ray started.
     result = subprocess.run(
         [sys.executable, "-m", "jobs.train", "--annotations", bad, "--images", images, "--output", str(tmp_path / "run"), *SMALL],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr
     assert "1 of the 24 images" in result.stderr and "not-there.png" in result.stderr
@@ -293,8 +312,21 @@ def test_empty_dataset_stops_the_job(shapes, tmp_path):
         main(["--annotations", no_instances, "--images", images, "--output", str(tmp_path / "run"), *SMALL])
     val_ann, val_images = shapes["val"]
     with pytest.raises(JobError, match="--val-annotations .* does not exist"):
-        main(["--annotations", ann, "--images", images, "--val-annotations", str(tmp_path / "missing.json"),
-              "--val-images", val_images, "--output", str(tmp_path / "run"), *SMALL])
+        main(
+            [
+                "--annotations",
+                ann,
+                "--images",
+                images,
+                "--val-annotations",
+                str(tmp_path / "missing.json"),
+                "--val-images",
+                val_images,
+                "--output",
+                str(tmp_path / "run"),
+                *SMALL,
+            ]
+        )
 
 
 def test_unreadable_weights_stop_the_job(shapes, tmp_path):
@@ -417,10 +449,38 @@ def test_two_workers_on_s3_learn_and_evaluate(s3_bucket, tmp_path):
     output = f"{s3_bucket}/runs/r1"
     job = run_job(
         "jobs.train",
-        ["--annotations", train_ann, "--images", train_img, "--val-annotations", val_ann, "--val-images", val_img,
-         "--output", output, "--num-workers", "2", "--batch-size", "2", "--max-steps", "60", "--log-every", "4",
-         "--checkpoint-every", "0", "--keep-checkpoints", "2", "--arch", "small", "--min-size", "192", "--max-size", "288",
-         "--loader-workers", "1"],
+        [
+            "--annotations",
+            train_ann,
+            "--images",
+            train_img,
+            "--val-annotations",
+            val_ann,
+            "--val-images",
+            val_img,
+            "--output",
+            output,
+            "--num-workers",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "60",
+            "--log-every",
+            "4",
+            "--checkpoint-every",
+            "0",
+            "--keep-checkpoints",
+            "2",
+            "--arch",
+            "small",
+            "--min-size",
+            "192",
+            "--max-size",
+            "288",
+            "--loader-workers",
+            "1",
+        ],
         timeout=400,
     )
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
@@ -433,8 +493,11 @@ def test_two_workers_on_s3_learn_and_evaluate(s3_bucket, tmp_path):
 
     records = read_metrics(output)
     # every loss term the model returns is logged, under its own name
-    assert all({k for k in r if k.startswith("loss_")} == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
-               for r in records if "loss" in r)
+    assert all(
+        {k for k in r if k.startswith("loss_")} == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+        for r in records
+        if "loss" in r
+    )
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] and sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
     assert all(r["images_per_s"] > 0 and r["lr"] > 0 for r in records if "loss" in r)
@@ -443,13 +506,30 @@ def test_two_workers_on_s3_learn_and_evaluate(s3_bucket, tmp_path):
     assert records[-1]["event"] == "end" and records[-1]["step"] == 60
 
     evaluation = f"{output}/eval.json"
-    job = run_job("jobs.evaluate", ["--checkpoint", f"{output}/model.pt", "--annotations", val_ann, "--images", val_img,
-                                    "--output", evaluation, "--loader-workers", "1"], timeout=120)
+    job = run_job(
+        "jobs.evaluate",
+        [
+            "--checkpoint",
+            f"{output}/model.pt",
+            "--annotations",
+            val_ann,
+            "--images",
+            val_img,
+            "--output",
+            evaluation,
+            "--loader-workers",
+            "1",
+        ],
+        timeout=120,
+    )
     assert "mask AP" in job.output
     with fs.open(evaluation.removeprefix("s3://")) as f:
         result = json.load(f)
     assert result["num_images"] == 8 and result["min_size"] == 192
-    print(f"after 60 steps: box AP {result['bbox_AP']:.4f} AP50 {result['bbox_AP50']:.4f}, mask AP {result['segm_AP']:.4f} AP50 {result['segm_AP50']:.4f}")
+    print(
+        f"after 60 steps: box AP {result['bbox_AP']:.4f} AP50 {result['bbox_AP50']:.4f}, "
+        f"mask AP {result['segm_AP']:.4f} AP50 {result['segm_AP50']:.4f}"
+    )
     # 60 steps of 4 images from scratch: far from converged, but clearly better than chance (0).
     assert result["bbox_AP50"] > 0.02 and result["segm_AP50"] > 0.02, result
     assert result["segm_AP"] == pytest.approx(evals[-1]["segm_AP"], abs=1e-6)  # the same model the last epoch evaluated
@@ -523,8 +603,29 @@ def test_fine_tune_from_torchvision_layout_with_other_classes(shapes, tmp_path):
     output = tmp_path / "run"
     ann, images = shapes["train"]
     # One worker, a vanishing learning rate: what model.pt holds is what was loaded.
-    job = run_job("jobs.train", ["--annotations", ann, "--images", images, "--output", str(output), "--weights", str(tmp_path / "tv7.pt"),
-                                 "--num-workers", "1", "--max-steps", "3", "--lr", "1e-12", "--log-every", "1", *SMALL], timeout=200)
+    job = run_job(
+        "jobs.train",
+        [
+            "--annotations",
+            ann,
+            "--images",
+            images,
+            "--output",
+            str(output),
+            "--weights",
+            str(tmp_path / "tv7.pt"),
+            "--num-workers",
+            "1",
+            "--max-steps",
+            "3",
+            "--lr",
+            "1e-12",
+            "--log-every",
+            "1",
+            *SMALL,
+        ],
+        timeout=200,
+    )
     assert "class-specific layers re-initialised" in job.output
 
     loaded = load_checkpoint(str(output / "model.pt"))
@@ -547,8 +648,26 @@ def test_fine_tune_from_torchvision_layout_with_other_classes(shapes, tmp_path):
 def test_one_gpu_worker_trains_under_bf16(shapes, tmp_path):
     output = tmp_path / "run"
     ann, images = shapes["train"]
-    job = run_job("jobs.train", ["--annotations", ann, "--images", images, "--output", str(output), "--num-workers", "1",
-                                 "--use-gpu", "--max-steps", "6", "--log-every", "1", *SMALL], timeout=300)
+    job = run_job(
+        "jobs.train",
+        [
+            "--annotations",
+            ann,
+            "--images",
+            images,
+            "--output",
+            str(output),
+            "--num-workers",
+            "1",
+            "--use-gpu",
+            "--max-steps",
+            "6",
+            "--log-every",
+            "1",
+            *SMALL,
+        ],
+        timeout=300,
+    )
     assert "on cuda" in job.output
     records = read_metrics(str(output))
     assert records[-1]["event"] == "end" and records[-1]["step"] == 6

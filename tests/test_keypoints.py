@@ -116,7 +116,9 @@ def test_loss_matches_torchvision_and_is_zero_without_visible_keypoints():
 def test_heatmaps_to_keypoints_matches_torchvision():
     generator = torch.Generator().manual_seed(1)
     maps = torch.randn(6, K, 56, 56, generator=generator)
-    rois = torch.tensor([[3.3, 4.1, 70.8, 50.2], [0, 0, 0.5, 0.4], [100, 10, 101.5, 200], [7, 7, 63, 63], [1.2, 3.4, 300.9, 250.1], [5, 5, 5, 5]])
+    rois = torch.tensor(
+        [[3.3, 4.1, 70.8, 50.2], [0, 0, 0.5, 0.4], [100, 10, 101.5, 200], [7, 7, 63, 63], [1.2, 3.4, 300.9, 250.1], [5, 5, 5, 5]]
+    )
     keypoints, scores = heatmaps_to_keypoints(maps, rois)
     expected_keypoints, expected_scores = tv_roi_heads.heatmaps_to_keypoints(maps, rois)
     assert torch.equal(keypoints, expected_keypoints) and torch.equal(scores, expected_scores)
@@ -185,8 +187,11 @@ def test_postprocessing_scales_keypoints_like_boxes():
     from maskrcnn.modeling.postprocessing import postprocess_detections
 
     result = {
-        "boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1]),
-        "keypoints": torch.tensor([[[10.0, 20.0, 1.0], [50.0, 60.0, 1.0]]]), "keypoints_scores": torch.tensor([[3.0, -1.0]]),
+        "boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0]]),
+        "scores": torch.tensor([0.9]),
+        "labels": torch.tensor([1]),
+        "keypoints": torch.tensor([[[10.0, 20.0, 1.0], [50.0, 60.0, 1.0]]]),
+        "keypoints_scores": torch.tensor([[3.0, -1.0]]),
     }
     out = postprocess_detections(result, (100, 200), (50, 400))
     assert out["boxes"].tolist() == [[20.0, 10.0, 100.0, 30.0]]
@@ -209,7 +214,12 @@ def test_config_round_trip_presets_and_validation():
         assert cfg.keypoint_head.enabled and not cfg.mask_head.enabled
         assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     tv = get_preset("keypoint_r50_fpn")
-    assert (tv.num_classes, tv.keypoint_head.num_keypoints, tv.keypoint_head.conv_layers, tv.keypoint_head.pooled_resolution) == (2, 17, (512,) * 8, 14)
+    assert (tv.num_classes, tv.keypoint_head.num_keypoints, tv.keypoint_head.conv_layers, tv.keypoint_head.pooled_resolution) == (
+        2,
+        17,
+        (512,) * 8,
+        14,
+    )
     assert tv.keypoint_head.keypoint_names == COCO_PERSON_KEYPOINT_NAMES and tv.input.train_min_sizes == (640, 672, 704, 736, 768, 800)
     old = get_preset("r50_fpn").to_dict()
     del old["keypoint_head"]  # a checkpoint written before keypoints existed
@@ -248,9 +258,14 @@ def test_checkpoint_round_trip_and_keypoint_errors(tmp_path, one_thread):
 
     # a keypoint state dict into a model without a keypoint head: the error says what to use
     with pytest.raises(CheckpointError, match="keypoint"):
-        load_state(build_model(get_preset("small", mask_head=dataclasses.replace(get_preset("small").mask_head, enabled=False))), model.state_dict())
+        load_state(
+            build_model(get_preset("small", mask_head=dataclasses.replace(get_preset("small").mask_head, enabled=False))),
+            model.state_dict(),
+        )
     # fine-tuning onto other keypoints: the keypoint predictor starts fresh, the rest loads
-    three = build_model(get_preset("small_keypoint", keypoint_head=KeypointHeadConfig(enabled=True, num_keypoints=3, conv_layers=(64,) * 4)))
+    three = build_model(
+        get_preset("small_keypoint", keypoint_head=KeypointHeadConfig(enabled=True, num_keypoints=3, conv_layers=(64,) * 4))
+    )
     with pytest.raises(CheckpointError):
         load_state(three, model.state_dict())
     load_state(three, model.state_dict(), skip_class_specific=True)
@@ -382,9 +397,9 @@ def test_keypoint_head_learns_the_corners(kp_data, one_thread):
         features = list(model.backbone(batched.tensor).values())[:-1]
         results = [{"boxes": t["boxes"]} for t in resized]
         model.roi_heads.keypoint_inference(features, results, batched.image_sizes)
-    errors = torch.cat([
-        (r["keypoints"][..., :2] - t["keypoints"][..., :2]).norm(dim=-1)[t["keypoints"][..., 2] > 0] for r, t in zip(results, resized)
-    ])
+    errors = torch.cat(
+        [(r["keypoints"][..., :2] - t["keypoints"][..., :2]).norm(dim=-1)[t["keypoints"][..., 2] > 0] for r, t in zip(results, resized)]
+    )
     print(f"keypoint errors on the ground-truth boxes (px at {model.transform.min_size}): median {errors.median():.2f}, {errors.tolist()}")
     assert float(errors.median()) < 2.5 and float((errors < 4).float().mean()) >= 0.75
 
@@ -405,8 +420,10 @@ def _output(boxes, scores, labels, masks=None, keypoints=None):
 
 @pytest.mark.parametrize("with_masks", [False, True])
 def test_label_rows_carry_keypoints_with_or_without_masks(with_masks):
-    from jobs.labeling.pipeline import LabelSettings, Predictor, postprocess_batch
-    from jobs.labeling.schema import OUTPUT_SCHEMA, PIECE_SCHEMA
+    from jobs.labeling.predict import detection_table
+    from jobs.labeling.rows import rows_table
+    from maskrcnn.inference import Detections
+    from jobs.labeling.rows import OUTPUT_SCHEMA, PIECE_SCHEMA
 
     height, width = 20, 30
     masks = torch.zeros(2, height, width, dtype=torch.bool)
@@ -414,17 +431,17 @@ def test_label_rows_carry_keypoints_with_or_without_masks(with_masks):
     masks[1, 10:12, 20:25] = True
     kps = [[[3.5, 2.5, 0], [8.0, 5.0, 0]], [[20.0, 10.0, 0], [24.5, 11.5, 0]]]
     out = _output([[3, 2, 9, 6], [20, 10, 25, 12]], [0.9, 0.6], [1, 2], masks if with_masks else None, kps)
-    settings = LabelSettings(
-        output_uri="", checkpoint_uri="", load_kwargs={}, storage_options=None, model_hash="sha256:x",
-        label_map={1: {"id": 1, "name": "person"}, 2: {"id": 7, "name": "dog"}}, min_size=1, max_size=1, max_pixels=1,
-        batch_size=2, decode_batch_size=2, num_actors=1, gpus_per_actor=0, cpus_per_actor=1, run_id="r",
-    )
+    label_map = {1: {"id": 1, "name": "person"}, 2: {"id": 7, "name": "dog"}}
     batch = {
-        "shard": np.array([0, 0], np.int32), "index": np.array([0, 1], np.int32), "image_uri": np.array(["a.png", "b.png"], dtype=object),
-        "height": np.array([height, height]), "width": np.array([width, width]), "error": np.array(["", ""], dtype=object),
-        "detections": np.array([Predictor._pack(out), Predictor._pack(_output(np.zeros((0, 4)), [], [], masks[:0] if with_masks else None, np.zeros((0, 2, 3))))], dtype=object),
+        "shard": np.array([0, 0], np.int32),
+        "index": np.array([0, 1], np.int32),
+        "image_uri": np.array(["a.png", "b.png"], dtype=object),
+        "height": np.array([height, height]),
+        "width": np.array([width, width]),
     }
-    table = postprocess_batch(batch, settings)
+    none = _output(np.zeros((0, 4)), [], [], masks[:0] if with_masks else None, np.zeros((0, 2, 3)))
+    detections = detection_table(batch, [None, None], [Detections.from_output(out), Detections.from_output(none)])
+    table = rows_table(detections, label_map=label_map, model_hash="sha256:x")
     assert table.schema == PIECE_SCHEMA
     rows = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA).to_pylist()
     first, second = rows[0]["instances"]
@@ -454,12 +471,41 @@ def test_train_label_export_round_trip(kp_data, tmp_path, ray_local, capsys, one
 
     (train_ann, train_images), (val_ann, val_images) = kp_data["train"], kp_data["val"]
     run = tmp_path / "run"
-    code = train_main(["--annotations", train_ann, "--images", train_images, "--val-annotations", val_ann, "--val-images", val_images,
-                       "--output", str(run), "--arch", "small_keypoint",
-                       "--num-workers", "1", "--batch-size", "2", "--max-steps", "3", "--min-size", "160", "--max-size", "240",
-                       "--loader-workers", "0", "--log-every", "1", "--checkpoint-every", "0",
-                       # a small lr keeps the 3-step model near its start, whose detections score above the threshold
-                       "--lr", "0.0025"])
+    code = train_main(
+        [
+            "--annotations",
+            train_ann,
+            "--images",
+            train_images,
+            "--val-annotations",
+            val_ann,
+            "--val-images",
+            val_images,
+            "--output",
+            str(run),
+            "--arch",
+            "small_keypoint",
+            "--num-workers",
+            "1",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "3",
+            "--min-size",
+            "160",
+            "--max-size",
+            "240",
+            "--loader-workers",
+            "0",
+            "--log-every",
+            "1",
+            "--checkpoint-every",
+            "0",
+            # a small lr keeps the 3-step model near its start, whose detections score above the threshold
+            "--lr",
+            "0.0025",
+        ]
+    )
     assert code == 0, capsys.readouterr().out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_keypoint" in r and "loss_mask" not in r for r in records if "loss" in r)
@@ -471,8 +517,24 @@ def test_train_label_export_round_trip(kp_data, tmp_path, ray_local, capsys, one
 
     labels = tmp_path / "labels"
     # one image a forward pass: the small trunk's GroupNorm sees the padding, so a batch's floats depend on its other images
-    code = label_main(["--input", val_images, "--output", str(labels), "--checkpoint", str(run / "model.pt"), "--batch-size", "1",
-                       "--num-actors", "1", "--cpus-per-actor", "1", "--preview", "1"])  # one torch thread, as here
+    code = label_main(
+        [
+            "--input",
+            val_images,
+            "--output",
+            str(labels),
+            "--checkpoint",
+            str(run / "model.pt"),
+            "--batch-size",
+            "1",
+            "--num-actors",
+            "1",
+            "--cpus-per-actor",
+            "1",
+            "--preview",
+            "1",
+        ]
+    )  # one torch thread, as here
     assert code == 0, capsys.readouterr().out
     table = pq.read_table(str(labels / "part-000000.parquet"))
     rows = table.to_pylist()
@@ -513,6 +575,8 @@ def test_train_label_export_round_trip(kp_data, tmp_path, ray_local, capsys, one
     coco = COCO(str(review))
     # the head is class-agnostic: every detection has keypoints; the square's category names them
     for category in coco.loadCats(coco.getCatIds()):
-        names = ["top_left", "top_right", "bottom_right", "bottom_left"] if category["id"] == 2 else [f"keypoint_{k}" for k in range(1, K + 1)]
+        names = (
+            ["top_left", "top_right", "bottom_right", "bottom_left"] if category["id"] == 2 else [f"keypoint_{k}" for k in range(1, K + 1)]
+        )
         assert category["keypoints"] == names
     assert all(a["num_keypoints"] == K and a["keypoints"][2::3] == [2] * K for a in coco.anns.values())

@@ -1,12 +1,14 @@
 """Unit tests of the model's parts: hand-computed values, slow references, empty inputs."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.models.resnet import Bottleneck
 
-from maskrcnn.config import ModelConfig, get_preset
+from maskrcnn.config import PRESETS, ModelConfig, get_preset
 from maskrcnn.modeling import build_model
 from maskrcnn.modeling.anchor_generator import AnchorGenerator
 from maskrcnn.modeling.box_regression import BoxCoder
@@ -386,7 +388,11 @@ def _target(boxes, labels, size):
     masks = torch.zeros(len(boxes), *size, dtype=torch.uint8)
     for k, (x1, y1, x2, y2) in enumerate(boxes):
         masks[k, int(y1):int(y2), int(x1):int(x2)] = 1
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.int64), "masks": masks}
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "masks": masks,
+    }
 
 
 def test_training_losses_on_empty_and_nonempty_targets():
@@ -503,13 +509,40 @@ def test_config_round_trip_and_errors():
         ModelConfig.from_dict(bad)
 
 
-def test_every_preset_builds():
-    for name in ("r50_fpn", "r101_fpn", "x101_32x8d_fpn", "small"):
-        model = build_model(get_preset(name, num_classes=3))
-        assert model.roi_heads.box_predictor.cls_score.out_features == 3
-    frozen = build_model(get_preset("r50_fpn"))
-    assert not frozen.backbone.body.conv1.weight.requires_grad
-    assert frozen.backbone.body.layer2[0].conv1.weight.requires_grad
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds(name):
+    """Every preset builds and runs one small image in eval mode, returning what its heads promise
+    at the input's size. Small inputs and few proposals keep the large trunks (and C4's res5 box
+    head, run once per RoI) quick on a CPU."""
+    cfg = get_preset(name, num_classes=3).with_overrides(min_size=64, max_size=80, score_thresh=0.0, detections_per_img=5)
+    cfg = cfg.replace(rpn=dataclasses.replace(cfg.rpn, pre_nms_top_n_test=50, post_nms_top_n_test=8))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    # Untrained, a deep frozen-BN trunk's activations double with every residual block (to ~1e5 on
+    # ResNet-101) and no proposal survives; each block starting as the identity keeps them in range.
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, Bottleneck):
+                block.bn3.weight.zero_()
+    with torch.inference_mode():
+        (out,) = model([torch.rand(3, 64, 80)])
+    expected = {"boxes", "scores", "labels"}
+    expected |= {"masks"} if cfg.mask_head.enabled else set()
+    expected |= {"keypoints", "keypoints_scores"} if cfg.keypoint_head.enabled else set()
+    assert set(out) == expected
+    d = out["boxes"].shape[0]
+    assert 1 <= d <= 5, d
+    assert out["boxes"].shape == (d, 4) and out["scores"].shape == (d,) and out["labels"].shape == (d,)
+    assert bool((out["labels"] >= 1).all()) and bool((out["labels"] < 3).all())
+    if cfg.mask_head.enabled:
+        assert out["masks"].shape == (d, 64, 80) and out["masks"].dtype == torch.bool
+    if cfg.keypoint_head.enabled:
+        k = cfg.keypoint_head.num_keypoints
+        assert out["keypoints"].shape == (d, k, 3) and out["keypoints_scores"].shape == (d, k)
+    if name == "r50_fpn":  # torchvision's default: stem and res2 frozen
+        assert not model.backbone.body.conv1.weight.requires_grad
+        assert model.backbone.body.layer2[0].conv1.weight.requires_grad
 
 
 def test_paste_masks_in_chunks_equals_one_pass(monkeypatch):

@@ -57,14 +57,20 @@ def overfit(tmp_path_factory):
                     break
         eval_set = CocoDataset(ann, image_root)
         metrics = evaluate_model(model, eval_set, batch_size=4)
-    print(f"after {STEPS} steps: loss {first:.3f} -> {sum(last) / len(last):.3f}, mask AP {metrics['segm_AP']:.3f}, box AP {metrics['bbox_AP']:.3f}")
+    print(
+        f"after {STEPS} steps: loss {first:.3f} -> {sum(last) / len(last):.3f}, "
+        f"mask AP {metrics['segm_AP']:.3f}, box AP {metrics['bbox_AP']:.3f}"
+    )
     return model, eval_set, metrics, first, sum(last) / len(last)
 
 
 def _assert_close_ap(got: dict, reference: dict, what: str) -> None:
     """Issue #7's bound: mask AP within 0.3 points of the fp32 reference path; box AP within
     0.5 (on 16 images, one detection moving is ~0.3 points)."""
-    print(f"{what}: mask AP {got['segm_AP']:.4f}, box AP {got['bbox_AP']:.4f} (fp32 reference {reference['segm_AP']:.4f}, {reference['bbox_AP']:.4f})")
+    print(
+        f"{what}: mask AP {got['segm_AP']:.4f}, box AP {got['bbox_AP']:.4f} "
+        f"(fp32 reference {reference['segm_AP']:.4f}, {reference['bbox_AP']:.4f})"
+    )
     assert abs(got["segm_AP"] - reference["segm_AP"]) <= 0.003, (what, got["segm_AP"], reference["segm_AP"])
     assert abs(got["bbox_AP"] - reference["bbox_AP"]) <= 0.005, (what, got["bbox_AP"], reference["bbox_AP"])
 

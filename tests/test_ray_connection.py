@@ -199,7 +199,9 @@ def test_a_stale_ray_start_record_is_warned_about_and_skipped(tmp_path, checkpoi
     output = tmp_path / "out"
     job = Job(_label_args(few_images, output, checkpoint), _env(ray_tmpdir))
     assert job.wait(240) == 0, job.output[-3000:]
-    assert any(s.startswith("warning: the `ray start` head recorded in") and dead in s and "does not answer" in s for s in job.lines), job.output[-3000:]
+    assert any(
+        s.startswith("warning: the `ray start` head recorded in") and dead in s and "does not answer" in s for s in job.lines
+    ), job.output[-3000:]
     assert any(s.startswith("ray: private local Ray (") for s in job.lines), job.output[-3000:]
     _assert_each_image_once(output, few_images)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.labeling.schema import INSTANCE_TYPE, OUTPUT_SCHEMA
+from jobs.labeling.rows import INSTANCE_TYPE, OUTPUT_SCHEMA
 from tests.labeling_helpers import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

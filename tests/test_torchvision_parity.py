@@ -66,9 +66,13 @@ def _match(exp, out, score_thresh, cap, box_tol=0.01, score_tol=1e-4):
     pairs = _pairs(exp, out, box_tol, score_tol)
     paired, used = {i for i, _ in pairs}, {j for _, j in pairs}
     for i in range(len(exp["scores"])):
-        assert i in paired or borderline(exp, i), f"torchvision's detection {i} {exp['boxes'][i].tolist()} score {float(exp['scores'][i]):.5f} has no twin"
+        assert i in paired or borderline(exp, i), (
+            f"torchvision's detection {i} {exp['boxes'][i].tolist()} score {float(exp['scores'][i]):.5f} has no twin"
+        )
     for j in range(len(out["scores"])):
-        assert j in used or borderline(out, j), f"our detection {j} {out['boxes'][j].tolist()} score {float(out['scores'][j]):.5f} has no twin"
+        assert j in used or borderline(out, j), (
+            f"our detection {j} {out['boxes'][j].tolist()} score {float(out['scores'][j]):.5f} has no twin"
+        )
     assert len(paired) == len(pairs)
     return pairs
 

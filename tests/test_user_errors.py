@@ -105,7 +105,9 @@ def test_scores_outside_zero_one(option, value, inputs, tmp_path):
 
 def test_categories_naming_a_class_the_model_lacks(inputs, tmp_path):
     # the bare small state dict has 4 classes (ids 1-3); coco.json names id 7
-    args = label_args(inputs, tmp_path / "out", **{"--checkpoint": inputs / "bare.pt", "--arch": "small", "--categories": inputs / "coco.json"})
+    args = label_args(
+        inputs, tmp_path / "out", **{"--checkpoint": inputs / "bare.pt", "--arch": "small", "--categories": inputs / "coco.json"}
+    )
     proc, _ = run_job("label", args)
     assert_user_error(proc, "--categories", "[7]", "4 classes")
     assert files_under(tmp_path / "out") == []
@@ -243,8 +245,8 @@ def test_export_to_an_unwritable_output_writes_nothing(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.labeling.plan import part_name
-    from jobs.labeling.schema import OUTPUT_SCHEMA
+    from jobs.labeling.shards import part_name
+    from jobs.labeling.rows import OUTPUT_SCHEMA
 
     labels = tmp_path / "labels"
     labels.mkdir()

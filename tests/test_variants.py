@@ -29,7 +29,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def variant(kind: str = "fpn", head: str = "fcn", loss: str = "sigmoid", agnostic: bool = False, pooler: str = "align", **top) -> ModelConfig:
+def variant(
+    kind: str = "fpn", head: str = "fcn", loss: str = "sigmoid", agnostic: bool = False, pooler: str = "align", **top
+) -> ModelConfig:
     """The ``small`` (or ``small_c4``) preset with the given switches, at a reduced input size."""
     cfg = get_preset("small_c4" if kind == "c4" else "small", input=InputConfig(min_size=160, max_size=224), **top)
     return cfg.replace(
@@ -41,8 +43,12 @@ def variant(kind: str = "fpn", head: str = "fcn", loss: str = "sigmoid", agnosti
 def _target(boxes, labels, size):
     masks = torch.zeros(len(boxes), *size, dtype=torch.uint8)
     for k, (x1, y1, x2, y2) in enumerate(boxes):
-        masks[k, int(y1):int(y2), int(x1):int(x2)] = 1
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.int64), "masks": masks}
+        masks[k, int(y1) : int(y2), int(x1) : int(x2)] = 1
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "masks": masks,
+    }
 
 
 def _mask_logits_shape(model, images):
@@ -215,8 +221,19 @@ def _with(cfg: ModelConfig, section: str, **changes) -> ModelConfig:
         (_with(variant(head="mlp"), "mask_head", mlp_dims=()), r"mask_head\.mlp_dims"),
         (_with(variant(), "mask_head", conv_layers=()), r"mask_head\.conv_layers"),
     ],
-    ids=["softmax-agnostic", "c4-softmax-agnostic", "kind", "fpn-anchors", "c4-dup-anchors", "c4-no-anchors",
-         "c4-odd-mask", "c4-dilation", "head-type", "mlp-dims", "conv-layers"],
+    ids=[
+        "softmax-agnostic",
+        "c4-softmax-agnostic",
+        "kind",
+        "fpn-anchors",
+        "c4-dup-anchors",
+        "c4-no-anchors",
+        "c4-odd-mask",
+        "c4-dilation",
+        "head-type",
+        "mlp-dims",
+        "conv-layers",
+    ],
 )
 def test_invalid_combinations_name_the_field(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -285,9 +302,11 @@ def test_mlp_head_fine_tunes_to_other_classes():
 
 
 def test_c4_checkpoint_labels_and_evaluates(tmp_path):
-    """A C4 + MLP checkpoint through the labeling stages (decode -> Predictor -> Parquet rows,
+    """A C4 + MLP checkpoint through the labeling stages (decode -> LabelActor -> Parquet rows,
     no Ray needed for the stages themselves) and through COCO evaluation."""
-    from jobs.labeling.pipeline import LabelSettings, Predictor, decode_batch, postprocess_batch
+    from jobs.labeling.decode import decode_batch
+    from jobs.labeling.predict import LabelActor
+    from jobs.labeling.rows import rows_table
     from maskrcnn.data import CocoDataset, make_sample_dataset
     from maskrcnn.evaluation import evaluate_model
 
@@ -297,14 +316,12 @@ def test_c4_checkpoint_labels_and_evaluates(tmp_path):
     save_checkpoint(path, build_model(cfg).eval(), cfg, CATEGORIES)
     ann, image_root = make_sample_dataset(str(tmp_path / "data"), splits={"val": 2}, seed=1)["val"]
 
-    settings = LabelSettings(
-        output_uri=str(tmp_path / "labels"), checkpoint_uri=path, load_kwargs={}, storage_options=None, model_hash="test",
-        label_map={k + 1: c for k, c in enumerate(CATEGORIES)}, min_size=160, max_size=224, max_pixels=10**8,
-        batch_size=2, decode_batch_size=2, num_actors=1, gpus_per_actor=0.0, cpus_per_actor=1.0, run_id="t",
-    )
     uris = [f"{image_root}/000001.png", f"{image_root}/000002.png"]
     batch = {"shard": np.zeros(2, np.int64), "index": np.arange(2), "image_uri": np.asarray(uris, dtype=object)}
-    rows = postprocess_batch(Predictor(settings)(decode_batch(batch, settings)), settings).to_pylist()
+    decoded = decode_batch(batch, storage_options=None, min_size=160, max_size=224, max_pixels=10**8)
+    actor = LabelActor(checkpoint_uri=path, load_kwargs={}, storage_options=None, use_gpu=False, max_batch=2)
+    label_map = {k + 1: c for k, c in enumerate(CATEGORIES)}
+    rows = rows_table(actor(decoded), label_map=label_map, model_hash="test").to_pylist()
     assert [r["error"] for r in rows] == [None, None]
     for row in rows:
         assert row["instances"], "random weights pass the 0.05 score threshold"

@@ -13,7 +13,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from jobs.common import JobError
-from jobs.labeling.plan import PLAN_DIR
+from jobs.labeling.shards import PLAN_DIR
 from maskrcnn.storage import explain_storage_error, filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")

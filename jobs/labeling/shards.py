@@ -1,4 +1,5 @@
-"""The plan of a labeling run: the input cut into fixed shards, kept beside the output.
+"""Stage 4 and exactly-once, all of it: the plan (the input cut into fixed shards, kept beside the
+output), the pieces of shards in flight, and each shard's atomic commit.
 
 Exactly-once rests on three rules:
 
@@ -13,7 +14,10 @@ Exactly-once rests on three rules:
    only) and labels the other shards.
 
 The driver holds one bit of state per shard, never per image; planning streams the listing
-through a buffer of one plan file.
+through a buffer of one plan file. While a shard is in flight, write tasks (``ShardSink``) write its
+rows as pieces under ``<output>/_pieces/<run>/``, report them to the ``ShardCommitter`` actor, and
+the task that completes a shard merges its pieces into the part file (deduplicated by index, so a
+retried task's rows are never written twice).
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ from typing import Iterable
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from jobs.common import JobError
+from jobs.labeling.rows import OUTPUT_SCHEMA, PIECE_SCHEMA
 from maskrcnn.storage import filesystem, is_local
 
 PLAN_FORMAT = "maskrcnn-ray-label-plan/1"
@@ -41,6 +48,8 @@ PREVIEW_DIR = "_preview"  # Parquet readers skip names starting with "_"
 SHARDS_PER_PLAN_FILE = 64
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 PLAN_FILE_SCHEMA = pa.schema([("shard", pa.int32()), ("image_uri", pa.string())])
+# Committed part files: zstd and row groups of a few hundred rows keep readers' memory small.
+PART_WRITE_OPTIONS = {"compression": "zstd", "row_group_size": 256}
 
 
 def part_name(shard: int) -> str:
@@ -139,7 +148,8 @@ def write_plan(
     if buffer:
         flush()
     if num_images == 0:
-        raise JobError(f"--input {input_uri} holds no images (looked for {', '.join(('jpg', 'jpeg', 'png', 'webp', 'bmp', 'tif', 'tiff'))})")
+        looked_for = ", ".join(("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"))
+        raise JobError(f"--input {input_uri} holds no images (looked for {looked_for})")
     plan = Plan(
         input=input_uri,
         num_images=num_images,
@@ -186,3 +196,119 @@ def finished_shards(output_uri: str, storage_options: dict | None = None) -> set
         return {_shard_of(path) for path in part_files(fs, root)}
     except FileNotFoundError:
         return set()
+
+
+# ---------------------------------------------------------------- shards in flight: pieces and commits
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class ShardCommitter:
+    """Knows which images of each in-flight shard have been written, and which shards are
+    committed. State per in-flight shard: a bitmap of its images and its piece files."""
+
+    def __init__(self, plan_num_images: int, shard_size: int):
+        self.num_images = plan_num_images
+        self.shard_size = shard_size
+        self.seen: dict[int, np.ndarray] = {}
+        self.pieces: dict[int, list[str]] = {}
+        self.committed: set[int] = set()
+        self.totals = {"images": 0, "detections": 0, "errors": 0, "shards": 0}
+
+    def add_piece(self, shard: int, indices: np.ndarray, piece: str) -> list[str] | None:
+        """Record a written piece; returns the shard's pieces when it is now complete (the
+        caller then commits it), an empty list when it was committed already (the piece is
+        redundant: a retried task's), else None."""
+        if shard in self.committed:
+            return []
+        length = min(self.shard_size, self.num_images - shard * self.shard_size)
+        seen = self.seen.setdefault(shard, np.zeros(length, dtype=bool))
+        seen[indices] = True
+        self.pieces.setdefault(shard, []).append(piece)
+        return list(self.pieces[shard]) if seen.all() else None
+
+    def commit(self, shard: int, images: int, detections: int, errors: int) -> None:
+        if shard in self.committed:
+            return
+        self.committed.add(shard)
+        self.seen.pop(shard, None)
+        self.pieces.pop(shard, None)
+        self.totals["images"] += images
+        self.totals["detections"] += detections
+        self.totals["errors"] += errors
+        self.totals["shards"] += 1
+
+    def summary(self) -> dict:
+        return dict(self.totals, in_flight=len(self.seen))
+
+
+class ShardSink(ray.data.Datasink):
+    """Writes rows into per-shard pieces and commits each shard once all its images are in."""
+
+    def __init__(self, *, output_uri: str, storage_options: dict | None, run_id: str, committer, plan: Plan):
+        self.output_uri, self.storage_options, self.run_id = output_uri, storage_options, run_id
+        self.committer = committer
+        self.shard_size = plan.shard_size
+        self.num_images = plan.num_images
+
+    def get_name(self) -> str:
+        return "WriteShards"
+
+    @property
+    def min_rows_per_write(self) -> int:
+        # About a shard per write task: fewer, larger pieces, and Ray Data's bookkeeping of
+        # write tasks on the driver grows with shards, not with images.
+        return self.shard_size
+
+    def write(self, blocks: Iterable, ctx) -> None:
+        fs, root = filesystem(self.output_uri, self.storage_options)
+        root = root.rstrip("/")
+        for block in blocks:
+            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+            if table.num_rows == 0:
+                continue
+            for shard in pc.unique(table.column("shard")).to_pylist():
+                rows = table.filter(pc.equal(table.column("shard"), shard))
+                piece = f"{root}/{PIECES_DIR}/{self.run_id}/{shard:06d}/{uuid.uuid4().hex}.parquet"
+                put_atomic(fs, piece, table_bytes(rows.cast(PIECE_SCHEMA)))
+                pieces = ray.get(self.committer.add_piece.remote(shard, rows.column("index").to_numpy(), piece))
+                if pieces == []:
+                    _remove(fs, [piece])
+                elif pieces:
+                    self._commit(fs, root, shard, pieces)
+
+    def _commit(self, fs, root: str, shard: int, pieces: list[str]) -> None:
+        final = f"{root}/{part_name(shard)}"
+        try:
+            tables = []
+            for piece in pieces:
+                with fs.open(piece, "rb") as f:
+                    tables.append(pq.read_table(f))
+        except FileNotFoundError:
+            if fs.exists(final):  # another task committed it meanwhile (a retry raced us)
+                return
+            raise
+        merged = pa.concat_tables(tables).cast(PIECE_SCHEMA)
+        # Keep the first row of each index: a retried task may have written some rows twice.
+        order = pc.sort_indices(merged, sort_keys=[("index", "ascending")])
+        merged = merged.take(order)
+        index = merged.column("index").to_numpy()
+        keep = np.ones(len(index), dtype=bool)
+        keep[1:] = index[1:] != index[:-1]
+        merged = merged.filter(pa.array(keep))
+        out = merged.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+        expected = min(self.shard_size, self.num_images - shard * self.shard_size)
+        if out.num_rows != expected:  # the committer said complete: this would be a bug, never commit it
+            raise RuntimeError(f"shard {shard}: {out.num_rows} rows merged from {len(pieces)} pieces, expected {expected}")
+        put_atomic(fs, final, table_bytes(out, **PART_WRITE_OPTIONS))
+        detections = int(pc.sum(pc.list_value_length(out.column("instances"))).as_py() or 0)
+        errors = int(pc.sum(pc.is_valid(out.column("error"))).as_py() or 0)
+        ray.get(self.committer.commit.remote(shard, out.num_rows, detections, errors))
+        _remove(fs, pieces)
+
+
+def _remove(fs, paths: list[str]) -> None:
+    for path in paths:
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass

@@ -2,13 +2,13 @@
 and a synthetic shapes dataset for demos and tests."""
 
 from maskrcnn.data.coco import (
-    AnnotationError,
     CocoDataset,
     DegenerateAnnotationWarning,
     collate_fn,
     missing_images,
     read_image,
 )
+from maskrcnn.data.coco_checks import AnnotationError
 from maskrcnn.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from maskrcnn.data.transforms import Compose, RandomHorizontalFlip
 

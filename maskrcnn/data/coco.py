@@ -20,14 +20,13 @@ decoded size (the model resizes), and ``target``:
   horizontal flip needs (``RandomHorizontalFlip(p, keypoint_flip=...)``).
 
 Crowd and degenerate annotations stay in ``dataset.coco``, the ground truth for evaluation.
+A malformed file raises ``AnnotationError`` (the checks are in :mod:`maskrcnn.data.coco_checks`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
-import math
 import posixpath
 import warnings
 from typing import Any, Callable, Iterable, Sequence
@@ -38,8 +37,17 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.ops import box_convert
 
+from maskrcnn.data.coco_checks import (
+    AnnotationError,
+    check_annotation,
+    check_categories,
+    check_images,
+    check_keypoint_categories,
+    load_instances,
+    where,
+)
 from maskrcnn.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from maskrcnn.masks import annotation_to_mask, annotation_to_rle, validate_segmentation
+from maskrcnn.masks import annotation_to_mask, annotation_to_rle
 from maskrcnn.storage import filesystem, join_uri, open_uri
 
 __all__ = [
@@ -57,10 +65,6 @@ _TRUSTED_AREA = 64.0
 
 Target = dict[str, Any]
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
-
-
-class AnnotationError(ValueError):
-    """A malformed COCO annotation file; the message names the file and the offending entry."""
 
 
 class DegenerateAnnotationWarning(UserWarning):
@@ -87,31 +91,6 @@ def collate_fn(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch
 
 def _mask_pixels(segmentation: Any, height: int, width: int) -> float:
     return float(mask_utils.area(annotation_to_rle(segmentation, height, width)))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _load_json(uri: str, storage_options: dict[str, Any] | None) -> dict:
-    with open_uri(uri, "rb", storage_options) as f:
-        raw = f.read()
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AnnotationError(f"{uri}: not a JSON file ({error})") from None
-    if not isinstance(data, dict):
-        raise AnnotationError(f"{uri}: expected a JSON object with 'images', 'annotations' and 'categories', got a {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise AnnotationError(f"{uri}: missing '{key}'; a COCO instances file needs 'images', 'annotations' and 'categories'")
-        if not isinstance(data[key], list):
-            raise AnnotationError(f"{uri}: '{key}' must be a list, got a {type(data[key]).__name__}")
-    return data
 
 
 class CocoDataset(torch.utils.data.Dataset):
@@ -150,10 +129,10 @@ class CocoDataset(torch.utils.data.Dataset):
         self.min_area = min_area
         self.max_pixels = max_pixels
 
-        data = _load_json(annotations_uri, storage_options)
-        images = self._check_images(data["images"])
-        categories = self._check_categories(data["categories"])
-        self._keypoint_names, self._skeleton = self._check_keypoint_categories(categories)
+        data = load_instances(annotations_uri, storage_options)
+        images = check_images(annotations_uri, data["images"])
+        categories = check_categories(annotations_uri, data["categories"])
+        self._keypoint_names, self._skeleton = check_keypoint_categories(annotations_uri, categories)
         self._categories = [{"id": c["id"], "name": c["name"]} for c in sorted(categories.values(), key=lambda c: c["id"])]
         self._category_id_to_class = {c["id"]: k + 1 for k, c in enumerate(self._categories)}
         self._image_ids = [image["id"] for image in data["images"]]
@@ -163,14 +142,10 @@ class CocoDataset(torch.utils.data.Dataset):
         dropped: list[str] = []
         seen_ids: set = set()
         for index, ann in enumerate(data["annotations"]):
-            where = self._where(index, ann)
-            self._check_annotation(ann, where, images, categories, seen_ids)
+            at = where(index, ann)
+            check_annotation(annotations_uri, ann, at, images, categories, seen_ids, len(self._keypoint_names))
             image = images[ann["image_id"]]
             height, width = image["height"], image["width"]
-            try:
-                validate_segmentation(ann["segmentation"], height, width)
-            except ValueError as error:
-                raise AnnotationError(f"{annotations_uri}: {where}: bad segmentation: {error}") from None
             ann.setdefault("iscrowd", 0)  # COCOeval reads both
             pixels = None
             if "area" not in ann:
@@ -181,16 +156,16 @@ class CocoDataset(torch.utils.data.Dataset):
             x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
             x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
             if x2 <= x1 or y2 <= y1:
-                dropped.append(where)
+                dropped.append(at)
                 continue
-            # Rasterizing every polygon would cost ~80 us per annotation (a minute for COCO's
-            # 860k); a mask the file says is large is not empty. __getitem__ still drops any
-            # mask that decodes to fewer than min_area pixels.
+            # Only small or unsized masks are rasterized here, not every polygon of a large file
+            # (what that would cost: docs/performance.md); a mask the file says is large is not
+            # empty. __getitem__ still drops any mask that decodes to fewer than min_area pixels.
             if ann["area"] < max(_TRUSTED_AREA, min_area):
                 if pixels is None:
                     pixels = _mask_pixels(ann["segmentation"], height, width)
                 if pixels < min_area:
-                    dropped.append(where)
+                    dropped.append(at)
                     continue
             self._targets[ann["image_id"]].append(ann)
         self.num_dropped = len(dropped)
@@ -208,110 +183,6 @@ class CocoDataset(torch.utils.data.Dataset):
         with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
             coco.createIndex()
         self._coco = coco
-
-    # -- validation ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _where(index: int, entry: Any, key: str = "annotations") -> str:
-        if isinstance(entry, dict) and "id" in entry:
-            return f"{key}[{index}] (id {entry['id']!r})"
-        return f"{key}[{index}]"
-
-    def _fail(self, where: str, problem: str) -> AnnotationError:
-        return AnnotationError(f"{self.annotations_uri}: {where}: {problem}")
-
-    def _check_images(self, images: list) -> dict[int, dict]:
-        by_id: dict[int, dict] = {}
-        for index, image in enumerate(images):
-            where = self._where(index, image, "images")
-            if not isinstance(image, dict):
-                raise self._fail(where, f"expected an object, got {type(image).__name__}")
-            if not _is_int(image.get("id")):
-                raise self._fail(where, "'id' must be an integer")
-            if image["id"] in by_id:
-                raise self._fail(where, f"duplicate image id {image['id']}")
-            file_name = image.get("file_name")
-            if not isinstance(file_name, str) or not file_name:
-                raise self._fail(where, "'file_name' must be a non-empty string")
-            for key in ("width", "height"):
-                if not _is_int(image.get(key)) or image[key] <= 0:
-                    raise self._fail(where, f"'{key}' must be a positive integer, got {image.get(key)!r}")
-            by_id[image["id"]] = image
-        return by_id
-
-    def _check_categories(self, categories: list) -> dict[int, dict]:
-        by_id: dict[int, dict] = {}
-        for index, category in enumerate(categories):
-            where = self._where(index, category, "categories")
-            if not isinstance(category, dict):
-                raise self._fail(where, f"expected an object, got {type(category).__name__}")
-            if not _is_int(category.get("id")):
-                raise self._fail(where, "'id' must be an integer")
-            if category["id"] in by_id:
-                raise self._fail(where, f"duplicate category id {category['id']}")
-            if not isinstance(category.get("name"), str):
-                raise self._fail(where, "'name' must be a string")
-            by_id[category["id"]] = category
-        if not by_id:
-            raise AnnotationError(f"{self.annotations_uri}: 'categories' is empty; name at least one class")
-        return by_id
-
-    def _check_annotation(self, ann: Any, where: str, images: dict, categories: dict, seen_ids: set) -> None:
-        if not isinstance(ann, dict):
-            raise self._fail(where, f"expected an object, got {type(ann).__name__}")
-        if not _is_int(ann.get("id")):
-            raise self._fail(where, "'id' must be an integer")
-        if ann["id"] in seen_ids:
-            raise self._fail(where, f"duplicate annotation id {ann['id']}")
-        seen_ids.add(ann["id"])
-        if ann.get("image_id") not in images:
-            raise self._fail(where, f"image_id {ann.get('image_id')!r} is not in 'images'")
-        if ann.get("category_id") not in categories:
-            raise self._fail(where, f"category_id {ann.get('category_id')!r} is not in 'categories'")
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            raise self._fail(where, f"'bbox' must be 4 finite numbers [x, y, width, height], got {bbox!r}")
-        if "segmentation" not in ann:
-            raise self._fail(where, "no 'segmentation'; Mask R-CNN needs a polygon or RLE mask per instance")
-        if ann.get("iscrowd", 0) not in (0, 1):
-            raise self._fail(where, f"'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
-        if "area" in ann and not _is_number(ann["area"]):
-            raise self._fail(where, f"'area' must be a finite number, got {ann['area']!r}")
-        if ann.get("keypoints"):  # an empty list: no keypoints, as a missing one
-            self._check_keypoints(ann["keypoints"], where)
-
-    def _check_keypoint_categories(self, categories: dict[int, dict]) -> tuple[list[str], list[list[int]]]:
-        """The keypoint names and skeleton that the categories share (none: no keypoints)."""
-        names: list[str] | None = None
-        skeleton: list[list[int]] = []
-        for index, category in enumerate(categories.values()):
-            where = self._where(index, category, "categories")
-            listed = category.get("keypoints")
-            if not listed:
-                continue
-            if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
-                raise self._fail(where, f"'keypoints' must be a list of keypoint names, got {listed!r}")
-            if names is not None and listed != names:
-                raise self._fail(where, f"'keypoints' {listed} differ from another category's {names}; one model predicts one set of keypoints")
-            bones = category.get("skeleton", [])
-            if not isinstance(bones, list) or not all(
-                isinstance(b, list) and len(b) == 2 and all(_is_int(v) and 1 <= v <= len(listed) for v in b) for b in bones
-            ):
-                raise self._fail(where, f"'skeleton' must be a list of [i, j] keypoint numbers in 1..{len(listed)}, got {bones!r}")
-            names, skeleton = listed, skeleton or [list(b) for b in bones]
-        return names or [], skeleton
-
-    def _check_keypoints(self, keypoints: Any, where: str) -> None:
-        count = len(self._keypoint_names)
-        if count == 0:
-            raise self._fail(where, "has 'keypoints' but no category names keypoints (a category's 'keypoints' list)")
-        if not isinstance(keypoints, list) or len(keypoints) != 3 * count or not all(_is_number(v) for v in keypoints):
-            length = len(keypoints) if isinstance(keypoints, list) else type(keypoints).__name__
-            raise self._fail(where, f"'keypoints' must be {3 * count} finite numbers (x, y, v for each of {count} keypoints), got {length}")
-        if any(v not in (0, 1, 2) for v in keypoints[2::3]):
-            raise self._fail(where, f"keypoint visibilities must be 0, 1 or 2, got {sorted(set(keypoints[2::3]))}")
-
-    # -- the dataset --------------------------------------------------------------------------
 
     @property
     def coco(self) -> COCO:
@@ -379,7 +250,9 @@ class CocoDataset(torch.utils.data.Dataset):
         try:
             image = read_image(self.image_uri(index), self.storage_options, self.max_pixels)
         except ImageDecodeError as exc:
-            raise ImageDecodeError(f"{self.annotations_uri}: image id {image_id} ({info['file_name']}): {exc}; fix or remove this image") from None
+            raise ImageDecodeError(
+                f"{self.annotations_uri}: image id {image_id} ({info['file_name']}): {exc}; fix or remove this image"
+            ) from None
         height, width = image.shape[-2:]
         if (height, width) != (info["height"], info["width"]):
             raise AnnotationError(

@@ -157,7 +157,8 @@ def _make_image(rng: np.random.Generator, index: int, keypoints: bool = False) -
         angle = float(rng.uniform(-math.pi / 6, math.pi / 6) if category_id == 2 else rng.uniform(0, 2 * math.pi))
         polygon = _shape_polygon(category_id, cx, cy, size, angle)
         full = mask_utils.decode(annotation_to_rle([polygon], height, width)).astype(bool)
-        shapes.append({"category_id": category_id, "polygon": polygon, "full": full, "colour": _object_colour(rng, category_id, [s["colour"] for s in shapes])})
+        colour = _object_colour(rng, category_id, [s["colour"] for s in shapes])
+        shapes.append({"category_id": category_id, "polygon": polygon, "full": full, "colour": colour})
 
     # Back to front: a shape is kept only if enough of it shows above the shapes kept after it.
     covered = np.zeros((height, width), dtype=bool)

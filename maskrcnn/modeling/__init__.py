@@ -79,7 +79,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     if cfg.keypoint_head.enabled:
         k = cfg.keypoint_head
         keypoint_parts = dict(
-            keypoint_pooler=MultiScaleRoIPooler(output_size=k.pooled_resolution, sampling_ratio=h.sampling_ratio, pooler_type=h.pooler_type, aligned=h.aligned),
+            keypoint_pooler=_pooler(cfg, k.pooled_resolution),
             keypoint_head=KeypointRCNNConvHead(channels, tuple(k.conv_layers)),
             keypoint_predictor=KeypointRCNNPredictor(k.conv_layers[-1], k.num_keypoints),
         )
@@ -134,7 +134,9 @@ def _build_box_parts(cfg: ModelConfig, channels: int, res5, res5_channels) -> di
     if cfg.backbone.kind == "c4":
         # 2S x 2S RoIs from res4 -> res5 -> S x S -> average pool
         head = Res5BoxHead(res5, res5_channels)
-        return dict(box_pooler=_pooler(cfg, 2 * h.box_resolution), box_head=head, box_predictor=FastRCNNPredictor(res5_channels, cfg.num_classes))
+        return dict(
+            box_pooler=_pooler(cfg, 2 * h.box_resolution), box_head=head, box_predictor=FastRCNNPredictor(res5_channels, cfg.num_classes)
+        )
     return dict(
         box_pooler=_pooler(cfg, h.box_resolution),
         box_head=TwoMLPHead(channels * h.box_resolution**2, h.representation_size),

@@ -76,7 +76,9 @@ class BackboneWithFPN(nn.Module):
 
 def build_resnet_fpn_backbone(name: str, *, norm: str, trainable_layers: int, fpn_channels: int,
                               small_widths=(16, 32, 64, 128), small_blocks=(1, 1, 1, 1)) -> BackboneWithFPN:
-    body, in_channels = build_trunk(name, norm=norm, trainable_layers=trainable_layers, small_widths=small_widths, small_blocks=small_blocks)
+    body, in_channels = build_trunk(
+        name, norm=norm, trainable_layers=trainable_layers, small_widths=small_widths, small_blocks=small_blocks
+    )
     return BackboneWithFPN(body, in_channels, fpn_channels)
 
 
@@ -124,6 +126,8 @@ def build_resnet_c4_backbone(name: str, *, norm: str, trainable_layers: int,
     """(backbone up to res4, the trunk's res5 stage for the RoI head, res5's output channels).
 
     ``trainable_layers`` counts res5 as for FPN (1: res5 only trains, ...)."""
-    body, in_channels = build_trunk(name, norm=norm, trainable_layers=trainable_layers, small_widths=small_widths, small_blocks=small_blocks)
+    body, in_channels = build_trunk(
+        name, norm=norm, trainable_layers=trainable_layers, small_widths=small_widths, small_blocks=small_blocks
+    )
     res5 = body.layer4
     return BackboneC4(body, in_channels[2]), res5, in_channels[3]

@@ -19,6 +19,23 @@ from maskrcnn.modeling.preprocessing import ImagePreprocessor
 
 
 class MaskRCNN(nn.Module):
+    """Mask R-CNN: detections with masks (and keypoints) for a list of images; its losses in training.
+
+    Args:
+        preprocessor: normalizes, resizes (short side ``min_size``) and pads the images into one batch.
+        backbone: the (N, 3, H, W) batch -> its feature levels (FPN: P2-P6; C4: res4 alone).
+        rpn: ``RegionProposalNetwork``: levels -> (P, 4) proposals per image.
+        roi_heads: ``RoIHeads``: levels (P6 left out) and proposals -> detections, mask probabilities, keypoints.
+
+    ``forward(images, targets=None, *, resized=False, original_sizes=None, mask_threshold=0.5)``:
+    ``images`` N float (3, Hi, Wi) in [0, 1]; ``targets`` per image ``boxes`` (G, 4), ``labels``
+    (G,), and ``masks`` (G, Hi, Wi) / ``keypoints`` (G, K, 3) as the heads need. With targets it
+    returns the loss dict; else per image ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,),
+    ``masks`` (D, Hi, Wi) bool (probabilities with ``mask_threshold=None``), ``keypoints``
+    (D, K, 3) and ``keypoints_scores`` (D, K), as the heads give. For predictions in
+    applications, ``maskrcnn.inference.Predictor`` runs it (device, precision, fast path, batches).
+    """
+
     def __init__(self, *, preprocessor: ImagePreprocessor, backbone: nn.Module, rpn: nn.Module, roi_heads: nn.Module):
         super().__init__()
         self.transform = preprocessor

@@ -9,11 +9,11 @@ and each class's ``nms`` gets exactly the boxes, in exactly the order, that torc
 the kept indices are the same. Below that size torchvision's own (coordinate-offset) path runs.
 
 On a GPU even the grouped loop is slow: each class is one ``nms`` launch whose last kernel
-walks the boxes in a single thread block (~0.25 ms on an H100 for 1000 boxes), and at score
-threshold 0 that is 90 launches an image: 70% of the model's GPU time. There
-``dense_batched_nms`` runs instead: every group's boxes padded to one (G, K) block, all the
-pairwise overlaps at once (G, K, K), and greedy NMS as the fixed point of "a box is kept unless
-a kept, higher-scoring box overlaps it", iterated over the whole block until nothing changes.
+walks the boxes in a single thread block, and at score threshold 0 that is 90 launches an
+image (their cost: docs/performance.md). There ``dense_batched_nms`` runs instead: every
+group's boxes padded to one (G, K) block, all the pairwise overlaps at once (G, K, K), and
+greedy NMS as the fixed point of "a box is kept unless a kept, higher-scoring box overlaps it",
+iterated over the whole block until nothing changes.
 That fixed point is greedy NMS's result exactly (the equations are triangular, so it is unique);
 it takes as many rounds as the longest chain of suppressions, a few in practice.
 """

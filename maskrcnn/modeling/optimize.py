@@ -45,7 +45,11 @@ def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module) -> None:
 
 def _foldable(norm: nn.Module) -> bool:
     # A BatchNorm in training mode normalises with batch statistics: nothing to fold.
-    return isinstance(norm, _FOLDABLE) and not (isinstance(norm, nn.BatchNorm2d) and norm.training) and getattr(norm, "running_var", None) is not None
+    return (
+        isinstance(norm, _FOLDABLE)
+        and not (isinstance(norm, nn.BatchNorm2d) and norm.training)
+        and getattr(norm, "running_var", None) is not None
+    )
 
 
 def fold_norms(module: nn.Module) -> int:
@@ -58,7 +62,7 @@ def fold_norms(module: nn.Module) -> int:
         for name, child in children.items():
             if not isinstance(child, nn.Conv2d) or not name.startswith("conv"):
                 continue
-            norm_name = "bn" + name[len("conv"):]
+            norm_name = "bn" + name[len("conv") :]
             norm = children.get(norm_name)
             if norm is not None and _foldable(norm):
                 fold_conv_norm(child, norm)

@@ -23,10 +23,15 @@ from torch import Tensor, nn
 from torchvision.ops import box_area, roi_align, roi_pool
 
 
-def assign_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 224, canonical_level: int = 4) -> Tensor:
+# FPN paper eq. 1: a box of ImageNet's 224 x 224 pixels pools from level k0 = 4.
+_CANONICAL_SCALE = 224
+_CANONICAL_LEVEL = 4
+
+
+def assign_levels(boxes: Tensor, k_min: int, k_max: int) -> Tensor:
     """FPN paper eq. 1: level k = floor(k0 + log2(sqrt(wh) / 224)), clamped; returns k - k_min."""
     scale = torch.sqrt(box_area(boxes))
-    levels = torch.floor(canonical_level + torch.log2(scale / canonical_scale) + torch.tensor(1e-6, dtype=scale.dtype))
+    levels = torch.floor(_CANONICAL_LEVEL + torch.log2(scale / _CANONICAL_SCALE) + torch.tensor(1e-6, dtype=scale.dtype))
     return (torch.clamp(levels, min=k_min, max=k_max).to(torch.int64) - k_min)
 
 
@@ -105,8 +110,9 @@ class MultiScaleRoIPooler(nn.Module):
     ``exact_inference`` (default True): in eval mode, RoIAlign runs torchvision's kernel on every
     device, for outputs bit-identical to torchvision's. In training, and in eval mode with
     ``exact_inference`` off (``optimize_for_inference`` turns it off), RoIAlign with a fixed
-    sampling ratio runs ``roi_align_gather`` on the CPU (same result up to float rounding, many
-    times faster). Other devices always run torchvision's kernel."""
+    sampling ratio runs ``roi_align_gather`` on the CPU (same result up to float rounding;
+    multithreaded, with each bin's weights computed once for all channels; its speed:
+    docs/performance.md). Other devices always run torchvision's kernel."""
 
     def __init__(self, *, output_size: int, sampling_ratio: int, pooler_type: str = "align", aligned: bool = False):
         super().__init__()

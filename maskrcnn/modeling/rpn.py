@@ -37,7 +37,7 @@ class RPNHead(nn.Module):
         for feature in features:
             t = self.conv(feature)
             # The 1x1 predictors run in fp32 under autocast: in bf16 the objectness ranking and
-            # the deltas lose enough to cost ~2 box AP points; in fp32 the cost is nil.
+            # the deltas lose box AP (docs/performance.md); these layers are cheap in fp32.
             with torch.autocast(t.device.type, enabled=False):
                 t = t.float()
                 logits.append(self.cls_logits(t))  # (N, A, Hi, Wi)
@@ -59,6 +59,39 @@ def flatten_predictions(logits: list[Tensor], deltas: list[Tensor]) -> tuple[Ten
 
 
 class RegionProposalNetwork(nn.Module):
+    """Object proposals from the backbone's levels, and in training the RPN's losses.
+
+    The head scores every one of the R anchors and regresses it; per level the ``pre_nms_top_n``
+    best are decoded into boxes, clipped to their image, filtered and NMS'd, and the
+    ``post_nms_top_n`` best of all levels are an image's proposals. For the losses, each anchor is
+    matched to the ground truth and ``batch_size_per_image`` of them are sampled.
+
+    Args:
+        anchor_generator: the A anchors of every cell of each level's grid (one level for C4).
+        head: per level (N, C, Hi, Wi) features -> (N, A, Hi, Wi) objectness logits and
+            (N, A*4, Hi, Wi) box deltas.
+        fg_iou_thresh: an anchor with IoU >= this with a ground-truth box is an object, as is every
+            ground truth's best-overlapping anchor (low-quality matches allowed).
+        bg_iou_thresh: an anchor whose best IoU is below this is background; in between it is
+            left out of the loss.
+        batch_size_per_image: anchors sampled per image for the loss.
+        positive_fraction: at most this fraction of the sampled anchors are objects; background
+            anchors fill the rest.
+        pre_nms_top_n: ``{"training": k, "testing": k}``: the top-scoring anchors kept per level
+            before NMS, in each mode.
+        post_nms_top_n: ``{"training": k, "testing": k}``: the proposals kept per image after NMS,
+            best first, in each mode.
+        nms_thresh: NMS IoU threshold, applied within each level.
+        score_thresh: a proposal whose objectness probability is below this is dropped.
+        min_size: a proposal narrower or shorter than this (pixels, after clipping) is dropped.
+
+    ``forward(batch_shape, image_sizes, features, gt_boxes=None)``: ``batch_shape`` the padded
+    batch's (H, W), ``image_sizes`` each image's (h, w) within it, ``features`` the L levels
+    (N, C, Hi, Wi), ``gt_boxes`` per image (G, 4) x1, y1, x2, y2 in the batch's pixels. Returns
+    per image its (P, 4) proposals (P <= post_nms_top_n), and with ``gt_boxes`` the losses
+    ``loss_objectness`` and ``loss_rpn_box_reg`` (else ``{}``).
+    """
+
     def __init__(
         self,
         *,

@@ -1,7 +1,8 @@
 """RoI heads: sample proposals, run the box branch, then the mask and keypoint branches (each
 optional) on the boxes it keeps.
 
-Shapes: N images; P proposals of an image; G its ground-truth objects; D its detections.
+Shapes: N images; P proposals of an image; G its ground-truth objects; D its detections;
+K classes, background (index 0) included; M x M masks; J keypoints; S x S pooled RoI features.
 The two branches are separate methods; ``forward`` only sequences them.
 """
 
@@ -19,6 +20,47 @@ from maskrcnn.modeling.roi_heads.mask_head import mask_rcnn_inference, mask_rcnn
 
 
 class RoIHeads(nn.Module):
+    """The box branch on the proposals, then the mask and keypoint branches on its boxes.
+
+    Training: the ground-truth boxes join the proposals, each is labelled by the ground truth it
+    matches, and ``batch_size_per_image`` of them are sampled; the box branch classifies and
+    regresses them, the mask and keypoint branches learn on the positive ones. Inference: the box
+    branch's detections (class-wise NMS), then each branch on the detected boxes.
+
+    Args:
+        box_pooler: RoI features of the boxes from the feature levels (``MultiScaleRoIPooler``).
+        box_head: pooled features -> one feature vector per RoI (two fc layers; C4: res5).
+        box_predictor: feature vectors -> (P, K) class logits and (P, K*4) box deltas, with K
+            classes counting the background (index 0).
+        fg_iou_thresh: a proposal with IoU >= this with a ground truth is positive (its class).
+        bg_iou_thresh: a proposal whose best IoU is below this is background; in between it is
+            left out.
+        batch_size_per_image: proposals sampled per image for the losses.
+        positive_fraction: at most this fraction of the sampled proposals are positive.
+        bbox_reg_weights: (wx, wy, ww, wh), the ``BoxCoder`` weights of the box deltas.
+        score_thresh: a detection's class probability must be above this.
+        nms_thresh: IoU threshold of the class-wise NMS.
+        detections_per_img: at most this many detections per image, best first.
+        mask_pooler: RoI features for the mask branch (C4: pooled from res4, then res5); None
+            with the other mask arguments: no mask branch.
+        mask_head: pooled features -> mask features (the FCN's convs; C4: nothing more).
+        mask_predictor: mask features -> (P, K or 1, M, M) mask logits (M = 2 x the pooler's size).
+        mask_loss_type: "sigmoid" (per-class binary masks, the paper's) or "softmax" (across classes).
+        keypoint_pooler: RoI features for the keypoint branch; None with the other keypoint
+            arguments: no keypoint branch.
+        keypoint_head: pooled features -> keypoint features (the convs).
+        keypoint_predictor: keypoint features -> (P, J, 4S, 4S) heatmap logits, J keypoints and S
+            the pooler's size.
+
+    ``forward(features, proposals, image_sizes, targets=None)``: ``features`` the levels the
+    poolers read (N, C, Hi, Wi), ``proposals`` per image (P, 4), ``image_sizes`` each image's
+    (h, w) in the batch, ``targets`` per image ``boxes`` (G, 4), ``labels`` (G,), and ``masks``
+    (G, h, w) / ``keypoints`` (G, J, 3) for the branches there are. Returns ``([], losses)`` with
+    targets (``loss_classifier``, ``loss_box_reg``, ``loss_mask``, ``loss_keypoint``), else
+    ``(results, {})``: per image ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,), and
+    ``mask_probs`` (D, M, M) / ``keypoints`` (D, J, 3) and ``keypoints_scores`` (D, J).
+    """
+
     def __init__(
         self,
         *,
@@ -175,7 +217,10 @@ class RoIHeads(nn.Module):
         for i, (props, idx, lbl, target) in enumerate(zip(proposals, matched, labels, targets)):
             gt = target["keypoints"]
             if gt.shape[1:] != (num_keypoints, 3):
-                raise ValueError(f"targets[{i}]['keypoints'] has shape {tuple(gt.shape)}; the model predicts {num_keypoints} keypoints: (G, {num_keypoints}, 3)")
+                raise ValueError(
+                    f"targets[{i}]['keypoints'] has shape {tuple(gt.shape)}; "
+                    f"the model predicts {num_keypoints} keypoints: (G, {num_keypoints}, 3)"
+                )
             pos = torch.where(lbl > 0)[0]
             pos_props.append(props[pos])
             h, v = keypoints_to_heatmap(gt[idx[pos]].to(props.dtype), props[pos], size)
@@ -188,7 +233,7 @@ class RoIHeads(nn.Module):
         return self.keypoint_roi_pool.output_size[0] * 4
 
     def keypoint_inference(self, features, results: list[dict[str, Tensor]], image_sizes) -> None:
-        """Adds ``keypoints`` (D, K, 3) x, y, 1 and ``keypoints_scores`` (D, K) to each image's result."""
+        """Adds ``keypoints`` (D, J, 3) x, y, 1 and ``keypoints_scores`` (D, J) to each image's result."""
         boxes = [r["boxes"] for r in results]
         num_keypoints = self.keypoint_predictor.num_keypoints
         if sum(b.shape[0] for b in boxes) == 0:

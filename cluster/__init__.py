@@ -1,0 +1,1 @@
+"""Checks of the cluster files (``python -m cluster.validate``); the files themselves are YAML and shell."""

@@ -1,0 +1,115 @@
+"""Stage 2, the model actors: prepared images -> each image's detections, with box-local mask
+crops, as typed columns. One ``maskrcnn.inference.Predictor`` per actor, loaded once.
+
+Columns out (R rows; D detections of a row, K keypoints): ``shard``, ``index``, ``image_uri``,
+``height``, ``width`` as they came; ``error`` (string, null when none); ``boxes`` (list of 4D
+float32: x1, y1, x2, y2 in the image), ``scores`` (D float32), ``labels`` (D int32 class
+indices); ``mask_extents`` (4D int32: y0, x0, y1, x1) and ``mask_bits`` (binary, the crops
+bit-packed end to end), null without a mask head; ``keypoints`` (3KD float32: x, y, score), null
+without a keypoint head.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from jobs.labeling.decode import prepared_images
+from maskrcnn.inference import Detections, Predictor
+
+DETECTION_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("index", pa.int32()),
+        ("image_uri", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("error", pa.string()),
+        ("boxes", pa.list_(pa.float32())),
+        ("scores", pa.list_(pa.float32())),
+        ("labels", pa.list_(pa.int32())),
+        ("mask_extents", pa.list_(pa.int32())),
+        ("mask_bits", pa.binary()),
+        ("keypoints", pa.list_(pa.float32())),
+    ]
+)
+
+
+def node_cpus() -> int:
+    """The CPUs of this process's Ray node (Ray's count: a container's share, not the host's), or
+    of this machine without Ray."""
+    if ray.is_initialized():
+        here = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == here and node["Resources"].get("CPU", 0) >= 1:
+                return int(node["Resources"]["CPU"])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class LabelActor:
+    """Loads the checkpoint once (``load_kwargs``: ``arch``, ``categories``, ``overrides`` of
+    ``load_checkpoint``), then labels batches. ``use_gpu``: on this actor's GPU; else on the CPU
+    with ``threads`` torch threads (0: as many as its node has CPUs). ``fast``, ``precision``,
+    ``max_batch``: ``maskrcnn.inference.Predictor``'s."""
+
+    def __init__(self, *, checkpoint_uri: str, load_kwargs: dict, storage_options: dict | None, use_gpu: bool,
+                 threads: int = 1, fast: bool = True, precision: str = "auto", max_batch: int | None = None):
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(threads or node_cpus())
+        self.predictor = Predictor.from_checkpoint(
+            checkpoint_uri, storage_options=storage_options, **load_kwargs,
+            device=device, fast=fast, precision=precision, max_batch=max_batch,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = [e or None for e in batch["error"].tolist()]
+        ok = [i for i, e in enumerate(errors) if e is None]
+        detections: list[Detections | None] = [None] * len(errors)
+        images = prepared_images(batch, ok)
+        try:
+            found = self.predictor.predict(images)
+        except Exception:  # one bad image (or out of memory) must not fail the batch: go one by one
+            found = []
+            for image in images:
+                try:
+                    found.extend(self.predictor.predict([image]))
+                except Exception as exc:
+                    found.append(f"model failed on this image: {type(exc).__name__}: {str(exc)[:300]}")
+        for i, result in zip(ok, found):
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                detections[i] = result
+        return detection_table(batch, errors, detections)
+
+
+def detection_table(batch: dict[str, np.ndarray], errors: list[str | None], detections: list[Detections | None]) -> pa.Table:
+    """Rows of ``DETECTION_SCHEMA`` (a row without detections: empty lists, null masks)."""
+    def lists(values: list[np.ndarray | None], dtype) -> pa.Array:
+        return pa.array([None if v is None else np.asarray(v, dtype).reshape(-1) for v in values], pa.list_(pa.from_numpy_dtype(dtype)))
+
+    empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    dets = [d if d is not None else empty for d in detections]
+    has_masks = any(d.mask_extents is not None for d in detections if d is not None)
+    columns = {
+        "shard": pa.array(np.asarray(batch["shard"], np.int32)),
+        "index": pa.array(np.asarray(batch["index"], np.int32)),
+        "image_uri": pa.array(batch["image_uri"].tolist(), pa.string()),
+        "height": pa.array(np.asarray(batch["height"], np.int32)),
+        "width": pa.array(np.asarray(batch["width"], np.int32)),
+        "error": pa.array(errors, pa.string()),
+        "boxes": lists([d.boxes for d in dets], np.float32),
+        "scores": lists([d.scores for d in dets], np.float32),
+        "labels": lists([d.labels for d in dets], np.int32),
+        "mask_extents": lists([d.mask_extents if has_masks and d.mask_extents is not None else
+                               (np.zeros(0, np.int32) if has_masks else None) for d in dets], np.int32),
+        "mask_bits": pa.array([(d.mask_bits.tobytes() if d.mask_bits is not None else b"") if has_masks else None for d in dets],
+                              pa.binary()),
+        "keypoints": lists([d.keypoints for d in dets], np.float32),
+    }
+    return pa.Table.from_pydict(columns, schema=DETECTION_SCHEMA)

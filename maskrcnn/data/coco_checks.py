@@ -1,0 +1,173 @@
+"""Checks of a COCO instances file, for :class:`maskrcnn.data.coco.CocoDataset`.
+
+Each check raises ``AnnotationError`` naming the file (``uri``), the offending entry
+(``annotations[3] (id 17)``) and what is wrong with it, so that a user can fix the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from maskrcnn.masks import validate_segmentation
+from maskrcnn.storage import open_uri
+
+__all__ = [
+    "AnnotationError",
+    "load_instances",
+    "where",
+    "check_images",
+    "check_categories",
+    "check_keypoint_categories",
+    "check_annotation",
+]
+
+
+class AnnotationError(ValueError):
+    """A malformed COCO annotation file; the message names the file and the offending entry."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fail(uri: str, where: str, problem: str) -> AnnotationError:
+    return AnnotationError(f"{uri}: {where}: {problem}")
+
+
+def where(index: int, entry: Any, key: str = "annotations") -> str:
+    """How a message names ``data[key][index]``: ``annotations[3] (id 17)``."""
+    if isinstance(entry, dict) and "id" in entry:
+        return f"{key}[{index}] (id {entry['id']!r})"
+    return f"{key}[{index}]"
+
+
+def load_instances(uri: str, storage_options: dict[str, Any] | None) -> dict:
+    """The JSON object at ``uri``, checked to have the lists ``images``, ``annotations`` and ``categories``."""
+    with open_uri(uri, "rb", storage_options) as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AnnotationError(f"{uri}: not a JSON file ({error})") from None
+    if not isinstance(data, dict):
+        raise AnnotationError(
+            f"{uri}: expected a JSON object with 'images', 'annotations' and 'categories', got a {type(data).__name__}"
+        )
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise AnnotationError(f"{uri}: missing '{key}'; a COCO instances file needs 'images', 'annotations' and 'categories'")
+        if not isinstance(data[key], list):
+            raise AnnotationError(f"{uri}: '{key}' must be a list, got a {type(data[key]).__name__}")
+    return data
+
+
+def check_images(uri: str, images: list) -> dict[int, dict]:
+    """``images`` by id, each checked to have a unique integer id, a file name and a positive size."""
+    by_id: dict[int, dict] = {}
+    for index, image in enumerate(images):
+        at = where(index, image, "images")
+        if not isinstance(image, dict):
+            raise _fail(uri, at, f"expected an object, got {type(image).__name__}")
+        if not _is_int(image.get("id")):
+            raise _fail(uri, at, "'id' must be an integer")
+        if image["id"] in by_id:
+            raise _fail(uri, at, f"duplicate image id {image['id']}")
+        file_name = image.get("file_name")
+        if not isinstance(file_name, str) or not file_name:
+            raise _fail(uri, at, "'file_name' must be a non-empty string")
+        for key in ("width", "height"):
+            if not _is_int(image.get(key)) or image[key] <= 0:
+                raise _fail(uri, at, f"'{key}' must be a positive integer, got {image.get(key)!r}")
+        by_id[image["id"]] = image
+    return by_id
+
+
+def check_categories(uri: str, categories: list) -> dict[int, dict]:
+    """``categories`` by id (at least one), each checked to have a unique integer id and a name."""
+    by_id: dict[int, dict] = {}
+    for index, category in enumerate(categories):
+        at = where(index, category, "categories")
+        if not isinstance(category, dict):
+            raise _fail(uri, at, f"expected an object, got {type(category).__name__}")
+        if not _is_int(category.get("id")):
+            raise _fail(uri, at, "'id' must be an integer")
+        if category["id"] in by_id:
+            raise _fail(uri, at, f"duplicate category id {category['id']}")
+        if not isinstance(category.get("name"), str):
+            raise _fail(uri, at, "'name' must be a string")
+        by_id[category["id"]] = category
+    if not by_id:
+        raise AnnotationError(f"{uri}: 'categories' is empty; name at least one class")
+    return by_id
+
+
+def check_keypoint_categories(uri: str, categories: dict[int, dict]) -> tuple[list[str], list[list[int]]]:
+    """The keypoint names and skeleton that the categories share (none: no keypoints)."""
+    names: list[str] | None = None
+    skeleton: list[list[int]] = []
+    for index, category in enumerate(categories.values()):
+        at = where(index, category, "categories")
+        listed = category.get("keypoints")
+        if not listed:
+            continue
+        if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+            raise _fail(uri, at, f"'keypoints' must be a list of keypoint names, got {listed!r}")
+        if names is not None and listed != names:
+            raise _fail(uri, at, f"'keypoints' {listed} differ from another category's {names}; one model predicts one set of keypoints")
+        bones = category.get("skeleton", [])
+        if not isinstance(bones, list) or not all(
+            isinstance(b, list) and len(b) == 2 and all(_is_int(v) and 1 <= v <= len(listed) for v in b) for b in bones
+        ):
+            raise _fail(uri, at, f"'skeleton' must be a list of [i, j] keypoint numbers in 1..{len(listed)}, got {bones!r}")
+        names, skeleton = listed, skeleton or [list(b) for b in bones]
+    return names or [], skeleton
+
+
+def check_annotation(
+    uri: str, ann: Any, at: str, images: dict[int, dict], categories: dict[int, dict], seen_ids: set, num_keypoints: int
+) -> None:
+    """One annotation: its ids (adding its own to ``seen_ids``), box, segmentation (within its
+    image of ``images``), ``iscrowd``, ``area`` and, where it has them, its ``num_keypoints`` keypoints."""
+    if not isinstance(ann, dict):
+        raise _fail(uri, at, f"expected an object, got {type(ann).__name__}")
+    if not _is_int(ann.get("id")):
+        raise _fail(uri, at, "'id' must be an integer")
+    if ann["id"] in seen_ids:
+        raise _fail(uri, at, f"duplicate annotation id {ann['id']}")
+    seen_ids.add(ann["id"])
+    if ann.get("image_id") not in images:
+        raise _fail(uri, at, f"image_id {ann.get('image_id')!r} is not in 'images'")
+    if ann.get("category_id") not in categories:
+        raise _fail(uri, at, f"category_id {ann.get('category_id')!r} is not in 'categories'")
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise _fail(uri, at, f"'bbox' must be 4 finite numbers [x, y, width, height], got {bbox!r}")
+    if "segmentation" not in ann:
+        raise _fail(uri, at, "no 'segmentation'; Mask R-CNN needs a polygon or RLE mask per instance")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise _fail(uri, at, f"'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
+    if "area" in ann and not _is_number(ann["area"]):
+        raise _fail(uri, at, f"'area' must be a finite number, got {ann['area']!r}")
+    if ann.get("keypoints"):  # an empty list: no keypoints, as a missing one
+        _check_keypoints(uri, ann["keypoints"], at, num_keypoints)
+    image = images[ann["image_id"]]
+    try:
+        validate_segmentation(ann["segmentation"], image["height"], image["width"])
+    except ValueError as error:
+        raise _fail(uri, at, f"bad segmentation: {error}") from None
+
+
+def _check_keypoints(uri: str, keypoints: Any, at: str, count: int) -> None:
+    if count == 0:
+        raise _fail(uri, at, "has 'keypoints' but no category names keypoints (a category's 'keypoints' list)")
+    if not isinstance(keypoints, list) or len(keypoints) != 3 * count or not all(_is_number(v) for v in keypoints):
+        length = len(keypoints) if isinstance(keypoints, list) else type(keypoints).__name__
+        raise _fail(uri, at, f"'keypoints' must be {3 * count} finite numbers (x, y, v for each of {count} keypoints), got {length}")
+    if any(v not in (0, 1, 2) for v in keypoints[2::3]):
+        raise _fail(uri, at, f"keypoint visibilities must be 0, 1 or 2, got {sorted(set(keypoints[2::3]))}")

@@ -1,0 +1,220 @@
+"""The library's one way to run a model for predictions: prepare images on the CPU, predict
+batches on the device, get each image's detections on the host with box-local mask crops.
+
+    from maskrcnn.inference import Predictor, prepare_image
+
+    predictor = Predictor.from_checkpoint("model.pt", device="cuda")   # or Predictor(model)
+    image = prepare_image(open("photo.jpg", "rb").read(), *predictor.input_size)
+    (detections,) = predictor.predict([image])
+    rles, areas = detections.mask_rles()
+
+D: detections of one image; H x W: the image as decoded; h x w: the model's input size.
+
+- ``prepare_image`` / ``prepare``: where an image's size and dtype are decided, once. Small
+  images stay uint8 as decoded (the model converts, normalizes and resizes them on its device,
+  exactly as ``model([image])`` would; 4x fewer bytes to move); images much larger than the
+  model's input are resized here, on the CPU, with the model's own resize.
+- ``Predictor``: eval mode on a device; ``fast=True`` (the default) is the fast path
+  (``maskrcnn.modeling.optimize``: norms folded, channels_last, the CPU's gather RoIAlign and
+  top-k NMS), ``fast=False`` runs the model exactly as built. A batch runs as one forward per
+  padded size (``meta_arch.predict_by_size``), so an image's detections do not depend on its
+  batch. Each calling thread gets its own CUDA stream, so several batches can be in flight.
+- ``Detections``: numpy arrays on the host; masks as bit-packed crops of each mask's extent,
+  cut on the device, which ``mask_rles`` turns into COCO RLE without a full-size mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from maskrcnn.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, as_float, decode_compact
+from maskrcnn.engine import autocast_context, autocast_dtype
+from maskrcnn.masks import RLE, encode_crops
+from maskrcnn.modeling.meta_arch import predict_by_size
+from maskrcnn.modeling.preprocessing import resize_image, resized_size
+
+__all__ = ["PreparedImage", "prepare", "prepare_image", "Detections", "Predictor", "crop_masks"]
+
+
+class PreparedImage(NamedTuple):
+    """An image as it travels to the model."""
+
+    image: Tensor  # (3, H, W) uint8 as decoded, or (3, h, w) float32 in [0, 1] when ``resized``
+    original_size: tuple[int, int]  # (H, W): the size detections are given in
+    resized: bool  # already resized to the model's input size (on the CPU)
+
+
+def prepare(image: Tensor, min_size: int, max_size: int) -> PreparedImage:
+    """A decoded (3, H, W) image (uint8, or float in [0, 1]) -> the form it travels to the model
+    in: the smaller of the decoded image and the image resized to the model's input (``min_size``
+    short side unless the long side would pass ``max_size``). Raises ImageDecodeError for an
+    image so thin that a side would resize to 0 pixels."""
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    new_height, new_width = resized_size(height, width, min_size, max_size)
+    if new_height < 1 or new_width < 1:
+        raise ImageDecodeError(
+            f"image of {width}x{height} is too thin: resized for the model (--min-size {min_size}, --max-size {max_size}) "
+            f"a side would be 0 pixels"
+        )
+    if image.dtype == torch.uint8 and height * width <= 4 * new_height * new_width:
+        return PreparedImage(image, (height, width), False)
+    return PreparedImage(resize_image(as_float(image), min_size, max_size), (height, width), True)
+
+
+def prepare_image(data: bytes, min_size: int, max_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+    """Encoded image bytes -> ``prepare``'s form; raises ImageDecodeError naming what is wrong
+    (not an image, truncated, more than ``max_pixels`` pixels, too thin)."""
+    return prepare(decode_compact(data, max_pixels), min_size, max_size)
+
+
+def crop_masks(masks: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(D, H, W) bool masks -> (D, 4) int32 extents y0, x0, y1, x1 (exclusive) and the crops'
+    pixels, bit-packed, laid end to end. Cut on the masks' device: only the pixels inside each
+    mask's extent travel to the host. An empty mask has the extent (0, 0, 0, 0)."""
+    count, height, width = masks.shape
+    if count == 0:
+        return np.zeros((0, 4), dtype=np.int32), np.zeros(0, dtype=np.uint8)
+    rows = masks.any(dim=2)  # (D, H)
+    cols = masks.any(dim=1)  # (D, W)
+    nonempty = rows.any(dim=1)
+    y0 = rows.int().argmax(dim=1)
+    y1 = height - rows.flip(1).int().argmax(dim=1)
+    x0 = cols.int().argmax(dim=1)
+    x1 = width - cols.flip(1).int().argmax(dim=1)
+    extents = (torch.stack([y0, x0, y1, x1], dim=1) * nonempty[:, None]).to("cpu", torch.int32).numpy()
+    crops = [masks[d, a:c, b:e].reshape(-1) for d, (a, b, c, e) in enumerate(extents.tolist())]
+    return extents, np.packbits(torch.cat(crops).to("cpu").numpy())
+
+
+@dataclass
+class Detections:
+    """One image's detections on the host, best score first, in the original image's pixels."""
+
+    boxes: np.ndarray  # (D, 4) float32 x1, y1, x2, y2
+    scores: np.ndarray  # (D,) float32
+    labels: np.ndarray  # (D,) int64 class indices (0, the background, never appears)
+    mask_extents: np.ndarray | None = None  # (D, 4) int32 y0, x0, y1, x1; None: the model has no mask head
+    mask_bits: np.ndarray | None = None  # the crops inside the extents, bit-packed end to end (``crop_masks``)
+    keypoints: np.ndarray | None = None  # (D, K, 3) float32 x, y, score; None: no keypoint head
+    image_size: tuple[int, int] = (0, 0)  # (H, W) of the image, which the masks' RLEs cover
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def from_output(cls, output: dict[str, Tensor], image_size: tuple[int, int] | None = None) -> Detections:
+        """From the model's output dict for one image of ``image_size`` (H, W; default: the masks'):
+        ``boxes``, ``scores``, ``labels`` and optionally ``masks`` (D, H, W) bool and
+        ``keypoints``/``keypoints_scores``."""
+        if image_size is None:
+            image_size = tuple(output["masks"].shape[-2:]) if "masks" in output else (0, 0)
+        det = cls(
+            boxes=output["boxes"].detach().to("cpu", torch.float32).numpy(),
+            scores=output["scores"].detach().to("cpu", torch.float32).numpy(),
+            labels=output["labels"].detach().to("cpu", torch.int64).numpy(),
+            image_size=(int(image_size[0]), int(image_size[1])),
+        )
+        if "masks" in output:
+            det.mask_extents, det.mask_bits = crop_masks(output["masks"])
+        if "keypoints" in output:  # x, y and the keypoint's score in place of torchvision's visibility 1
+            keypoints = output["keypoints"].detach().to(torch.float32).clone()
+            if "keypoints_scores" in output:
+                keypoints[..., 2] = output["keypoints_scores"].to(torch.float32)
+            det.keypoints = keypoints.cpu().numpy()
+        return det
+
+    def mask_crops(self) -> list[np.ndarray]:
+        """Each mask's crop, flat (row-major inside its extent), as bits 0/1."""
+        sizes = [(y1 - y0) * (x1 - x0) for y0, x0, y1, x1 in self.mask_extents.tolist()]
+        bits = np.unpackbits(self.mask_bits)
+        return np.split(bits[: sum(sizes)], np.cumsum(sizes)[:-1]) if sizes else []
+
+    def mask_rles(self) -> tuple[list[RLE], np.ndarray]:
+        """The masks as COCO compressed RLEs in the image, and their areas in pixels, straight
+        from the crops (``maskrcnn.masks.encode_crops``)."""
+        return encode_crops(*self.image_size, self.mask_extents, self.mask_crops())
+
+    def select(self, keep: np.ndarray) -> Detections:
+        """The detections where the boolean ``keep`` (D,) is True."""
+        kept = Detections(self.boxes[keep], self.scores[keep], self.labels[keep], image_size=self.image_size)
+        if self.mask_extents is not None:
+            crops = self.mask_crops()
+            kept.mask_extents = self.mask_extents[keep]
+            chosen = [c for c, k in zip(crops, keep.tolist()) if k]
+            kept.mask_bits = np.packbits(np.concatenate(chosen)) if chosen else np.zeros(0, np.uint8)
+        if self.keypoints is not None:
+            kept.keypoints = self.keypoints[keep]
+        return kept
+
+
+class Predictor:
+    """A model ready to predict: eval mode on ``device``, the fast path unless ``fast=False``,
+    autocast to ``precision`` (auto: bf16 on GPUs, fp32 on CPUs; fp32, bf16, fp16), at most
+    ``max_batch`` images per forward (None: a whole size group). ``fast=True`` changes ``model``
+    in place (its norms are folded): give it a model you do not train or save afterwards."""
+
+    def __init__(self, model: torch.nn.Module, *, device: str | torch.device | None = None, fast: bool = True,
+                 precision: str = "auto", max_batch: int | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        if fast:
+            from maskrcnn.modeling.optimize import optimize_for_inference
+
+            optimize_for_inference(self.model)
+        self.fast = fast
+        self.autocast_dtype = autocast_dtype(precision, self.device)
+        self.max_batch = max_batch
+        self.label_map: dict[int, dict] = {}  # class index -> {"id", "name"}: set by from_checkpoint
+        self.model_hash = ""
+        self._local = threading.local()
+
+    @classmethod
+    def from_checkpoint(cls, uri: str, *, arch: str | None = None, categories: list[dict] | None = None,
+                        overrides: dict | None = None, storage_options: dict | None = None, **options) -> Predictor:
+        """A project checkpoint or a torchvision state dict (``maskrcnn.checkpoint.load_checkpoint``'s
+        arguments), with ``options`` as in the constructor; ``label_map`` and ``model_hash`` set."""
+        from maskrcnn.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(uri, arch=arch, categories=categories, overrides=overrides, storage_options=storage_options)
+        predictor = cls(loaded.model, **options)
+        predictor.label_map, predictor.model_hash = loaded.label_map, loaded.model_hash
+        return predictor
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(min_size, max_size) of the model's resize: the arguments ``prepare`` needs."""
+        transform = self.model.transform
+        return transform.min_size, transform.max_size
+
+    def predict(self, images: Sequence[PreparedImage | Tensor]) -> list[Detections]:
+        """Detections of each image, in order. A plain tensor is a decoded (3, H, W) image (uint8
+        or float in [0, 1]) at its own size."""
+        prepared = [img if isinstance(img, PreparedImage) else PreparedImage(img, tuple(img.shape[-2:]), False) for img in images]
+        if not prepared:
+            return []
+        with torch.inference_mode(), self._stream():
+            # uint8 images become float on the device, as maskrcnn.data.images.to_rgb_float does
+            tensors = [as_float(p.image.to(self.device, non_blocking=True)) for p in prepared]
+            # images resized on the CPU tell the model so, and their original size; other models
+            # (torchvision's: ``model(images)``) work for images at their own size
+            per_image = {"resized": [p.resized for p in prepared], "original_sizes": [p.original_size for p in prepared]}
+            with autocast_context(self.device, self.autocast_dtype):
+                outputs = predict_by_size(self.model, tensors, max_batch=self.max_batch, **(per_image if any(per_image["resized"]) else {}))
+            # on this thread's stream: the copies to the host wait for its own work only
+            return [Detections.from_output(out, p.original_size) for out, p in zip(outputs, prepared)]
+
+    def _stream(self):
+        """One CUDA stream per calling thread: a host sync in one batch waits for its own work only."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
