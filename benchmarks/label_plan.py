@@ -24,7 +24,8 @@ import tracemalloc
 from pathlib import Path
 
 from jobs.labeling.inputs import iter_input_uris
-from jobs.labeling.shards import finished_shards, part_name, read_plan, write_plan
+from jobs.labeling.plan import read_plan, write_plan
+from jobs.labeling.shards import finished_shards, part_name
 
 
 def measure(fn, clean=None):

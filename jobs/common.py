@@ -61,40 +61,54 @@ def wait_for_gpus(ray, needed: float, bundles: list[dict], seconds: float, what:
     """The cluster's resources, once they hold ``needed`` GPUs.
 
     With ``seconds`` > 0 and too few GPUs, asks the autoscaler for ``bundles`` (the job's actors or
-    workers; ``ray.autoscaler.sdk.request_resources``), waits up to ``seconds`` for them, and
-    withdraws the request either way (the job's own use keeps the nodes up). Raises JobError naming
+    workers) and waits up to ``seconds`` for them (``ask_autoscaler``). Raises JobError naming
     ``what`` and --wait-for-gpus when they do not come. With ``seconds`` = 0: the resources as
     they are.
     """
     resources = ray.cluster_resources()
     if seconds <= 0 or resources.get("GPU", 0) >= needed:
         return resources
-    from ray.autoscaler.sdk import request_resources
-
-    print(
+    resources = ask_autoscaler(
+        ray, "GPU", needed, bundles, seconds,
         f"{what} needs {needed:g} GPUs, the Ray cluster has {resources.get('GPU', 0):g}: "
         f"asked its autoscaler for them, waiting up to {seconds:g} s (--wait-for-gpus)",
-        flush=True,
     )
+    if resources.get("GPU", 0) >= needed - 1e-9:
+        return resources
+    raise JobError(
+        f"{what} needs {needed:g} GPUs, but the Ray cluster has {resources.get('GPU', 0):g} after --wait-for-gpus {seconds:g} s; "
+        "check that it can add GPU nodes (its autoscaler, node types, quotas), or wait longer with a larger --wait-for-gpus"
+    )
+
+
+def ask_autoscaler(ray, resource: str, needed: float, bundles: list[dict], seconds: float, note: str) -> dict:
+    """The cluster's resources once they hold ``needed`` of ``resource`` ("GPU", "CPU"), else
+    after ``seconds``: says ``note``, asks the autoscaler for ``bundles`` (what the job needs in
+    all; ``ray.autoscaler.sdk.request_resources``), polls each second, and withdraws the request
+    either way (the job's own use keeps the nodes up). The caller checks what came."""
+    from ray.autoscaler.sdk import request_resources
+
+    print(note, flush=True)
     started = time.monotonic()
     last_report = started
+    resources = ray.cluster_resources()
     request_resources(bundles=bundles)
     try:
         while time.monotonic() - started < seconds:
             time.sleep(min(1.0, max(0.0, seconds - (time.monotonic() - started))))
             resources = ray.cluster_resources()
-            if resources.get("GPU", 0) >= needed:
-                print(f"the Ray cluster has {resources['GPU']:g} GPUs after {time.monotonic() - started:.0f} s", flush=True)
+            if resources.get(resource, 0) >= needed - 1e-9:
+                print(f"the Ray cluster has {resources[resource]:g} {resource}s after {time.monotonic() - started:.0f} s", flush=True)
                 return resources
             if time.monotonic() - last_report >= 30:
                 last_report = time.monotonic()
-                print(f"waiting for GPUs: {resources.get('GPU', 0):g} of {needed:g} after {last_report - started:.0f} s", flush=True)
+                print(
+                    f"waiting for {resource}s: {resources.get(resource, 0):g} of {needed:g} after {last_report - started:.0f} s",
+                    flush=True,
+                )
     finally:
         request_resources(bundles=[])
-    raise JobError(
-        f"{what} needs {needed:g} GPUs, but the Ray cluster has {resources.get('GPU', 0):g} after --wait-for-gpus {seconds:g} s; "
-        "check that it can add GPU nodes (its autoscaler, node types, quotas), or wait longer with a larger --wait-for-gpus"
-    )
+    return resources
 
 
 def add_ray_options(parser) -> None:

@@ -26,8 +26,11 @@ writes the numbering beside the results: ``<output stem>.images.json`` (``result
 ``results.images.json``), a COCO file with the ``images`` (id, file_name, width, height) and
 ``categories`` and no annotations, so ``COCO("results.images.json").loadRes("results.json")``
 maps every detection back to its file. Rows whose image failed (error set) have no size and are
-left out, counted on stderr. Streams: one part file at a time, into a temporary file that
-becomes the output only when the whole JSON is written (a failed export leaves no file).
+left out, counted on stderr. Each image is listed once: a manifest that names an image twice
+gets two rows of it (each line is a request), and the export takes the first row of each image
+URI (its detections, or its error) and leaves the others out, counted on stderr. Streams: one
+part file at a time, into a temporary file that becomes the output only when the whole JSON is
+written (a failed export leaves no file); what it holds is the set of image URIs seen.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ import pyarrow.parquet as pq
 
 from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
 from jobs.common import HelpFormatter
-from jobs.labeling.shards import part_files, read_plan
+from jobs.labeling.plan import read_plan
+from jobs.labeling.shards import part_files
 from maskrcnn.storage import explain_storage_error, filesystem, is_local, open_uri
 
 
@@ -65,6 +69,20 @@ def iter_rows(label_output: str, storage_options: dict | None, columns: list[str
             raise JobError(
                 f"--input {label_output}: cannot read {part}: {explain_storage_error(exc)}; is it a jobs.label --output?"
             ) from None
+
+
+def first_rows(rows: Iterator[dict], counts: dict | None = None) -> Iterator[dict]:
+    """Each image URI's first row: later rows of a URI seen before (a manifest that lists the
+    image twice) are left out, counted in ``counts["repeated"]`` when given."""
+    seen: set[str] = set()
+    for row in rows:
+        uri = row["image_uri"]
+        if uri in seen:
+            if counts is not None:
+                counts["repeated"] += 1
+            continue
+        seen.add(uri)
+        yield row
 
 
 def list_parts(label_output: str, storage_options: dict | None) -> tuple[list[str], object]:
@@ -199,14 +217,15 @@ def export(
     categories_uri: str | None = None,
 ) -> dict:
     """Writes the JSON (and, for results numbered here, its ``.images.json``) whole or not at
-    all; returns counts (images, detections, failed, unmatched)."""
+    all; returns counts (images, detections, failed, unmatched, repeated: rows of an image
+    listed before, left out)."""
     if fmt not in ("results", "annotations"):
         raise JobError(f"--format must be 'results' or 'annotations', got {fmt!r}")
     list_parts(label_output, storage_options)  # a bad --input fails before any output exists
     if images_root is None:
         images_root = _default_images_root(label_output, storage_options)
     ground_truth = _ground_truth_ids(annotations, storage_options) if annotations else None
-    counts = {"images": 0, "detections": 0, "failed": 0, "unmatched": 0}
+    counts = {"images": 0, "detections": 0, "failed": 0, "unmatched": 0, "repeated": 0}
     numbered_here = fmt == "results" and ground_truth is None
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(AtomicOutput(output, storage_options))
@@ -221,7 +240,7 @@ def export(
                 info = {"description": f"the images of the COCO results {output} (jobs.export_coco)", "source": label_output}
                 side.write('{"info": ' + json.dumps(info) + ',\n"images": [')
             columns = ["image_uri", "instances", "error"] + (["width", "height"] if side is not None else [])
-            for row in iter_rows(label_output, storage_options, columns):
+            for row in first_rows(iter_rows(label_output, storage_options, columns), counts):
                 if row["error"] is not None:
                     counts["failed"] += 1
                     continue
@@ -261,7 +280,7 @@ def export(
             out.write('"licenses": [],\n"images": [')
             ids = _ImageIds(ground_truth)
             first = True
-            for row in iter_rows(label_output, storage_options, ["image_uri", "width", "height", "error"]):
+            for row in first_rows(iter_rows(label_output, storage_options, ["image_uri", "width", "height", "error"]), counts):
                 if row["error"] is not None:
                     counts["failed"] += 1
                     continue
@@ -279,7 +298,7 @@ def export(
             categories: dict[int, str] = {}
             keypoint_counts: dict[int, int] = {}
             first = True
-            for row in iter_rows(label_output, storage_options, ["image_uri", "instances", "error"]):
+            for row in first_rows(iter_rows(label_output, storage_options, ["image_uri", "instances", "error"])):
                 if row["error"] is not None:
                     continue
                 image_id = ids(relative_name(row["image_uri"], images_root))
@@ -353,7 +372,9 @@ def _add_keypoint_names(cats: list[dict], keypoint_counts: dict[int, int], categ
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.export_coco",
-        description="Convert jobs.label's Parquet output into a COCO results JSON or a COCO annotation file (for CVAT / Label Studio).",
+        description="Convert jobs.label's Parquet output into a COCO results JSON or a COCO annotation file (for CVAT / Label Studio). "
+        "Each image is listed once: where the output has several rows of one image URI (a manifest that lists it twice), "
+        "the first row's detections are exported and the others left out.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--input", required=True, metavar="URI", help="a jobs.label --output folder (or one of its part-*.parquet files)")
@@ -387,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
               "(a COCO file without annotations: COCO(it).loadRes(results) maps the detections to their files)")
     if counts["failed"]:
         print(f"note: {counts['failed']} images that failed to label (error set) are left out", file=sys.stderr)
+    if counts["repeated"]:
+        print(
+            f"note: {counts['repeated']} rows repeat an image URI of an earlier row (listed twice in the manifest) "
+            "and are left out: each image is exported once, from its first row",
+            file=sys.stderr,
+        )
     if counts["unmatched"]:
         print(f"note: {counts['unmatched']} images are not in --annotations {args.annotations} and are left out", file=sys.stderr)
     return 0

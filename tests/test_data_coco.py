@@ -159,12 +159,38 @@ def test_no_warning_without_degenerate_annotations(tmp_path):
 
 def test_mask_emptier_than_its_area_is_dropped_when_read(tmp_path):
     document = _document()
-    # A 2-point "polygon" encloses nothing, but the file claims 100 pixels: trusted at load time.
-    document["annotations"][0].update(segmentation=[[1, 1, 4, 4]], area=100.0)
+    # An empty RLE, but the file claims 100 pixels: trusted at load time.
+    document["annotations"][0].update(segmentation={"size": [H, W], "counts": [H * W]}, area=100.0)
     dataset = _load(*_write(tmp_path, document))
     _, target = dataset[0]
     assert target["labels"].tolist() == [1]
     assert target["masks"].shape == (1, H, W) and target["boxes"].shape == (1, 4) and target["area"].tolist() == [12.0]
+
+
+def test_polygons_of_fewer_than_3_points_are_named(tmp_path):
+    """A 2-point "polygon" encloses nothing: an annotation with nothing else is dropped as
+    degenerate, even where its 'area' says it is large; one that has larger polygons keeps them.
+    Both are named in the one counted warning."""
+    document = _document()
+    document["annotations"][0].update(segmentation=[[1, 1, 4, 4]], area=100.0)
+    document["annotations"][6]["segmentation"].append([0, 0, 1, 1])
+    annotations, images = _write(tmp_path, document)
+    with pytest.warns(DegenerateAnnotationWarning) as caught:
+        dataset = CocoDataset(annotations, images)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith(f"dropped 4 degenerate annotations in {annotations} (")
+    assert "2 with no polygon of 3 or more points, e.g. annotations[0] (id 10), annotations[4] (id 14)" in message
+    assert "2 with an empty box, e.g. annotations[3] (id 13), annotations[5] (id 15)" in message
+    assert f"ignored 1 polygons of fewer than 3 points (they enclose nothing) in {annotations}, e.g. in annotations[6] (id 16)" in message
+    assert dataset.num_dropped == 4
+    assert dataset[0][1]["labels"].tolist() == [1]  # id 10 left out, id 11 kept
+    _, target = dataset[1]
+    assert target["labels"].tolist() == [1] and int(target["masks"].sum()) == 4  # id 16: its square
+    # only a short polygon beside larger ones: still one warning, the one a training worker filters
+    document["annotations"] = [a for a in document["annotations"] if a["id"] not in (10, 13, 14, 15)]
+    with pytest.warns(DegenerateAnnotationWarning, match=r"^ignored 1 polygons .*annotations\[2\] \(id 16\).*degenerate annotations"):
+        assert CocoDataset(*_write(tmp_path, document)).num_dropped == 0
 
 
 def _mutated(change):

@@ -13,7 +13,8 @@ from pycocotools.cocoeval import COCOeval
 
 from jobs.common import run_main
 from jobs.export_coco import main as export_main
-from jobs.labeling.shards import part_name, write_plan
+from jobs.labeling.plan import write_plan
+from jobs.labeling.shards import part_name
 from jobs.labeling.rows import OUTPUT_SCHEMA
 from maskrcnn.masks import decode_masks, encode_masks
 
@@ -145,3 +146,40 @@ def test_results_carry_their_image_numbering_beside_them(label_output, tmp_path)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     assert export_main(["--input", out, "--output", str(tmp_path / "g.json"), "--annotations", str(tmp_path / "gt.json")]) == 0
     assert not (tmp_path / "g.images.json").exists()
+
+
+def test_an_image_listed_twice_is_exported_once_from_its_first_row(tmp_path, capsys):
+    """A manifest line is a request: a URI listed twice is planned (and labelled) twice, two rows.
+    The COCO files list the image once, with the first row's detections."""
+    uris = ["/m/a.png", "/m/b.png", "/m/a.png", "/m/c.png", "/m/a.png"]
+    out = str(tmp_path / "labels")
+    plan = write_plan(iter(uris), out, str(tmp_path / "manifest.txt"), shard_size=2, settings={})
+    assert plan.num_images == 5
+    rng = np.random.default_rng(1)
+    rows, first_a = [], None
+    for k, uri in enumerate(uris):
+        mask = np.zeros((30, 40), dtype=np.uint8)
+        y, x = rng.integers(0, 15, size=2)
+        mask[y : y + 10, x : x + 5 + k] = 1
+        if uri == "/m/a.png" and first_a is None:
+            first_a = mask
+        count = 1 if k != 2 else 3  # the second a.png row has other detections
+        instances = [_instance(mask, 1, 0.9)] * count
+        rows.append({"image_uri": uri, "width": 40, "height": 30, "instances": instances, "error": None, "model": "sha256:x"})
+    for shard in range(3):
+        pq.write_table(pa.Table.from_pylist(rows[2 * shard : 2 * shard + 2], schema=OUTPUT_SCHEMA), f"{out}/{part_name(shard)}")
+
+    review, results = tmp_path / "review.json", tmp_path / "r.json"
+    assert export_main(["--input", out, "--output", str(review), "--format", "annotations"]) == 0
+    assert "2 rows repeat an image URI" in capsys.readouterr().err
+    document = json.loads(review.read_text())
+    assert [(i["id"], i["file_name"]) for i in document["images"]] == [(1, "/m/a.png"), (2, "/m/b.png"), (3, "/m/c.png")]
+    assert [a["image_id"] for a in document["annotations"]] == [1, 2, 3]
+    coco = COCO(str(review))
+    np.testing.assert_array_equal(coco.annToMask(coco.loadAnns(coco.getAnnIds(imgIds=[1]))[0]), first_a)
+
+    assert export_main(["--input", out, "--output", str(results)]) == 0
+    assert "2 rows repeat an image URI" in capsys.readouterr().err
+    sidecar = json.loads((tmp_path / "r.images.json").read_text())
+    assert [i["file_name"] for i in sidecar["images"]] == ["/m/a.png", "/m/b.png", "/m/c.png"]
+    assert [d["image_id"] for d in json.loads(results.read_text())] == [1, 2, 3]

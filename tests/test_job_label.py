@@ -24,7 +24,8 @@ from jobs.common import JobError, run_main
 from jobs.label import main as label_main
 from maskrcnn.inference import prepare_image
 from jobs.labeling.inputs import iter_input_uris
-from jobs.labeling.shards import finished_shards, part_name, read_plan, read_shard_uris, write_plan
+from jobs.labeling.plan import read_plan, read_shard_uris, write_plan
+from jobs.labeling.shards import finished_shards, part_name
 from jobs.labeling.rows import OUTPUT_SCHEMA
 from maskrcnn.checkpoint import load_checkpoint
 from maskrcnn.data.images import ImageDecodeError, decode_image, to_rgb_float

@@ -131,6 +131,43 @@ def test_missing_files(inputs, tmp_path):
     assert not out.exists()
 
 
+# -- manifests -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["int64", "list", "no column"])
+def test_parquet_manifest_without_a_column_of_uri_strings(case, inputs, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = str(inputs / "images" / "a.png")
+    table, needles = {
+        "int64": (pa.table({"image_uri": [1, 2]}), ["the manifest's image_uri column holds int64, not strings (one image URI per row)"]),
+        "list": (pa.table({"image_uri": [[image], [image]]}), ["image_uri column holds list<element: string>, not strings"]),
+        "no column": (pa.table({"path": [image], "size": [1]}), ["the manifest has no 'image_uri' column (its columns: path, size)"]),
+    }[case]
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(table, manifest)
+    out = tmp_path / "out"
+    proc, _ = run_job("label", label_args(inputs, out, **{"--input": manifest}))
+    assert_user_error(proc, f"--input {manifest}: ", *needles)
+    # no plan, no labels; the listing comes after the run took the output's lease, whose ended record stays
+    assert [p for p in files_under(out) if not p.name.startswith("lease-")] == []
+
+
+def test_parquet_manifest_nulls_and_empty_values_are_skipped_and_counted(tmp_path, capsys):
+    """As a .txt manifest's blank lines: no request, no row; the listing says how many."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.labeling.inputs import iter_input_uris
+
+    manifest = tmp_path / "m.parquet"
+    column = pa.array(["a.png", None, "", "b.png", "a.png"]).dictionary_encode()  # as pandas' categoricals write it
+    pq.write_table(pa.table({"image_uri": column}), manifest)
+    assert list(iter_input_uris(str(manifest))) == ["a.png", "b.png", "a.png"]  # a line listed twice is two requests
+    assert f"note: --input {manifest}: 2 manifest rows with a null or empty image_uri skipped" in capsys.readouterr().out
+
+
 # -- S3 ------------------------------------------------------------------------------------------
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Iterator
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import JobError
-from jobs.labeling.shards import PLAN_DIR
+from jobs.labeling.plan import PLAN_DIR
 from maskrcnn.storage import explain_storage_error, filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -147,17 +148,46 @@ def _walk_s3(fs, root: str) -> Iterator[str]:
 
 
 def _iter_manifest(fs: fsspec.AbstractFileSystem, path: str, input_uri: str) -> Iterator[str]:
+    """A manifest's URIs: a ``.txt`` one's lines (blank and ``#`` lines skipped), a ``.parquet``
+    one's ``image_uri`` column of strings (null and empty values skipped, as blank lines are, and
+    counted in a note). Every line or row is a request: one listed twice is labelled twice."""
     if path.lower().endswith(".parquet"):
+        skipped = 0
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            if MANIFEST_COLUMN not in parquet.schema_arrow.names:
+            names = parquet.schema_arrow.names
+            if MANIFEST_COLUMN not in names:
+                shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
                 raise JobError(
-                    f"manifest {input_uri} has no '{MANIFEST_COLUMN}' column (columns: {parquet.schema_arrow.names[:10]})"
+                    f"--input {input_uri}: the manifest has no '{MANIFEST_COLUMN}' column (its columns: {shown or 'none'}); "
+                    f"a .parquet manifest holds one image URI per row in a string column named {MANIFEST_COLUMN}"
+                )
+            kind = parquet.schema_arrow.field(MANIFEST_COLUMN).type
+            if not _is_text(kind):
+                raise JobError(
+                    f"--input {input_uri}: the manifest's {MANIFEST_COLUMN} column holds {kind}, not strings (one image URI per row)"
                 )
             for batch in parquet.iter_batches(batch_size=65536, columns=[MANIFEST_COLUMN]):
-                for uri in batch.column(0).to_pylist():
+                column = batch.column(0)
+                if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                    try:  # binary (older writers' strings), dictionary-encoded, string views
+                        column = column.cast(pa.string())
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                        raise JobError(
+                            f"--input {input_uri}: the manifest's {MANIFEST_COLUMN} column ({kind}) holds values that are not "
+                            f"UTF-8 text: {str(exc).splitlines()[0]}"
+                        ) from None
+                for uri in column.to_pylist():
                     if uri:
                         yield uri
+                    else:
+                        skipped += 1
+        if skipped:
+            print(
+                f"note: --input {input_uri}: {skipped} manifest row{'s' if skipped != 1 else ''} with a null or empty "
+                f"{MANIFEST_COLUMN} skipped",
+                flush=True,
+            )
         return
     with fs.open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -167,3 +197,11 @@ def _iter_manifest(fs: fsspec.AbstractFileSystem, path: str, input_uri: str) -> 
                 raise JobError(f"manifest {input_uri} line {number} is not UTF-8 text: is it a text list of URIs?") from None
             if line and not line.startswith("#"):
                 yield line
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    """A column type whose values are strings (or bytes, read as UTF-8): what a manifest's URIs are."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    checks = ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view")
+    return any(getattr(pa.types, name, lambda _: False)(kind) for name in checks)

@@ -1,6 +1,6 @@
 """The labeling pipeline on Ray Data: wiring only. Each stage is one file:
 
-1. ``shards.read_shard_uris``: a shard id -> its image rows (shard, index, image_uri), from the plan.
+1. ``plan.read_shard_uris``: a shard id -> its image rows (shard, index, image_uri), from the plan.
 2. ``decode.decode_batch`` (CPU tasks): fetch, decode and size each image for the model.
 3. ``predict.LabelActor`` (actor pool, ``num_gpus`` per actor): one model per actor, batched
    forwards; each mask leaves the device as a crop of its extent.
@@ -33,7 +33,8 @@ from jobs.common import format_duration
 from jobs.labeling.decode import decode_batch
 from jobs.labeling.predict import LabelActor
 from jobs.labeling.rows import rows_table
-from jobs.labeling.shards import Plan, ShardCommitter, ShardSink, read_shard_uris
+from jobs.labeling.plan import Plan, read_shard_uris
+from jobs.labeling.shards import ShardCommitter, ShardSink
 
 # Batches of images an actor takes at once, to form forwards of one padded size from.
 SIZE_GROUPING_WINDOW = 4
@@ -68,11 +69,11 @@ class LabelSettings:
     precision: str = "auto"
 
 
-def expand_shards(batch: dict[str, np.ndarray], *, output_uri: str, storage_options: dict | None) -> dict[str, np.ndarray]:
+def expand_shards(batch: dict[str, np.ndarray], *, output_uri: str, storage_options: dict | None, plan: Plan) -> dict[str, np.ndarray]:
     """Shard ids -> the rows of their images."""
     shards, indices, uris = [], [], []
     for shard in batch["shard"].tolist():
-        shard_uris = read_shard_uris(output_uri, int(shard), storage_options)
+        shard_uris = read_shard_uris(output_uri, int(shard), storage_options, plan)
         shards.extend([shard] * len(shard_uris))
         indices.extend(range(len(shard_uris)))
         uris.extend(shard_uris)
@@ -83,7 +84,7 @@ def expand_shards(batch: dict[str, np.ndarray], *, output_uri: str, storage_opti
     }
 
 
-def build_dataset(pending_shards: list[int], settings: LabelSettings) -> ray.data.Dataset:
+def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings) -> ray.data.Dataset:
     """The pending shards' images through the stages, ready to write."""
     ctx = ray.data.DataContext.get_current()
     # Ray Data's bars on a terminal; in logs (not a terminal), run_pipeline's line per shard
@@ -93,7 +94,7 @@ def build_dataset(pending_shards: list[int], settings: LabelSettings) -> ray.dat
     if not ctx.enable_progress_bars:  # "Starting execution of Dataset ...", the plan, "finished": the shard lines say it
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     ds = ray.data.from_items([{"shard": s} for s in pending_shards], override_num_blocks=max(1, min(len(pending_shards), 200)))
-    where = {"output_uri": settings.output_uri, "storage_options": settings.storage_options}
+    where = {"output_uri": settings.output_uri, "storage_options": settings.storage_options, "plan": plan}
     ds = ds.map_batches(expand_shards, fn_kwargs=where, batch_size=1, batch_format="numpy")
     # Blocks of a few images, so decoding of one shard spreads over every CPU.
     ds = ds.repartition(target_num_rows_per_block=settings.decode_batch_size)
@@ -136,7 +137,7 @@ def run_pipeline(plan: Plan, pending_shards: list[int], settings: LabelSettings)
     # On the driver's node: on another, losing that node would lose the record of the shards in
     # flight and end the run.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    committer = ShardCommitter.options(scheduling_strategy=here).remote(plan.num_images, plan.shard_size)
+    committer = ShardCommitter.options(scheduling_strategy=here).remote(plan)
     stop = threading.Event()
     progress = None
     try:
@@ -147,7 +148,7 @@ def run_pipeline(plan: Plan, pending_shards: list[int], settings: LabelSettings)
             progress.start()
         sink = ShardSink(output_uri=settings.output_uri, storage_options=settings.storage_options, run_id=settings.run_id,
                          committer=committer, plan=plan)
-        build_dataset(pending_shards, settings).write_datasink(sink)
+        build_dataset(plan, pending_shards, settings).write_datasink(sink)
         totals = ray.get(committer.summary.remote())
         totals["seconds"] = time.perf_counter() - started
         stop.set()

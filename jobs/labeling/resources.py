@@ -3,9 +3,11 @@ has them, else one actor per node whose torch threads use the node's CPUs."""
 
 from __future__ import annotations
 
-import sys
+from jobs.common import JobError, ask_autoscaler, ray_is_fixed, wait_for_gpus
 
-from jobs.common import JobError, ray_is_fixed, wait_for_gpus
+# How long a job on a cluster that may grow waits for the CPU that decoding needs beside the
+# model actors (asking the autoscaler for it) before it stops; tests shorten it.
+DECODE_CPU_WAIT_S = 60.0
 
 
 def cpu_actor_sizing(node_cpus: list[float], num_actors: int | None, cpus_per_actor: float | None) -> tuple[int, float, int]:
@@ -37,7 +39,10 @@ def cpu_actor_sizing(node_cpus: list[float], num_actors: int | None, cpus_per_ac
 
 def actor_resources(ray, args) -> tuple[int, float, float, int]:
     """(model actors, GPUs and CPUs Ray reserves for each, torch threads of each on the CPU; 0 =
-    its node's CPUs). Stops the job when they cannot start on a private local Ray."""
+    its node's CPUs). Stops the job when they cannot start on a private local Ray. On a cluster
+    that may grow, actors that would leave no CPU to decode with (Ray Data would wait for it for
+    ever) ask the autoscaler for one more CPU and wait up to ``DECODE_CPU_WAIT_S`` for it, then
+    stop the job naming --num-actors and --cpus-per-actor."""
     cluster = ray.cluster_resources()
     gpus = float(cluster.get("GPU", 0))
     # --wait-for-gpus says the job is meant for GPUs, also before the cluster has any.
@@ -64,27 +69,40 @@ def actor_resources(ray, args) -> tuple[int, float, float, int]:
     what_cpus = (
         f"--cpus-per-actor {cpus_per_actor:g}" if args.cpus_per_actor is not None else f"{cpus_per_actor:g} (the default --cpus-per-actor)"
     )
-    short = []
-    cpus_short = num_actors * cpus_per_actor > cpus - 1 + 1e-9
-    if cpus_short:
-        short.append(f"{num_actors} x {what_cpus} CPUs for the actors plus 1 CPU to decode, it has {cpus:g} CPUs")
-    if num_actors * gpus_per_actor > gpus + 1e-9:
-        short.append(f"{num_actors} x --gpus-per-actor {gpus_per_actor:g} GPUs, it has {gpus:g} GPUs")
+    needed_cpus = num_actors * cpus_per_actor + 1  # the actors, and one CPU to decode with
+
+    def shortfalls(cpus: float, gpus: float) -> list[str]:
+        short = []
+        if cpus < needed_cpus - 1e-9:
+            short.append(f"{num_actors} x {what_cpus} CPUs for the actors plus 1 CPU to decode, it has {cpus:g} CPUs")
+        if num_actors * gpus_per_actor > gpus + 1e-9:
+            short.append(f"{num_actors} x --gpus-per-actor {gpus_per_actor:g} GPUs, it has {gpus:g} GPUs")
+        return short
+
+    short = shortfalls(cpus, gpus)
     if short and ray_is_fixed(ray):
         # A private local Ray never grows: Ray Data would wait for the missing resources for ever.
         raise JobError(
             f"--num-actors {num_actors} cannot start on this private local Ray: the job needs {'; and '.join(short)}; "
             "lower --num-actors or --cpus-per-actor, or run on a larger cluster (--address, RAY_ADDRESS)"
         )
-    if cpus_short:
-        # The actors would hold every CPU and decoding none: Ray Data would wait, silently, for ever.
-        print(
-            f"warning: {num_actors} model actor(s) x {cpus_per_actor:g} CPU leave less than the 1 CPU that decoding needs "
-            f"of the cluster's {cpus:g} CPUs now; the job waits until the cluster has more (an autoscaler may add them). "
-            "On a fixed cluster, lower --num-actors or --cpus-per-actor",
-            file=sys.stderr,
-            flush=True,
+    if cpus < needed_cpus - 1e-9:
+        # The actors would hold every CPU and decoding none: Ray Data would wait, silently, for
+        # ever. A cluster that may grow is asked for the CPU, for a while.
+        actor = {name: amount for name, amount in (("CPU", cpus_per_actor), ("GPU", gpus_per_actor)) if amount > 0}
+        bundles = ([actor] * num_actors if actor else []) + [{"CPU": 1.0}]
+        cluster = ask_autoscaler(
+            ray, "CPU", needed_cpus, bundles, DECODE_CPU_WAIT_S,
+            f"{num_actors} model actor(s) x {cpus_per_actor:g} CPU leave less than 1 of the Ray cluster's {cpus:g} CPUs to decode with: "
+            f"asked its autoscaler for {needed_cpus:g} CPUs, waiting up to {DECODE_CPU_WAIT_S:g} s",
         )
+        cpus = float(cluster.get("CPU", 0))
+        if cpus < needed_cpus - 1e-9:
+            short = shortfalls(cpus, float(cluster.get("GPU", 0)))
+            raise JobError(
+                f"--num-actors {num_actors} cannot start on this Ray cluster after {DECODE_CPU_WAIT_S:g} s of asking its autoscaler "
+                f"for CPUs: the job needs {'; and '.join(short)}; lower --num-actors or --cpus-per-actor, or add CPU nodes"
+            )
     return num_actors, gpus_per_actor, cpus_per_actor, threads
 
 

@@ -68,7 +68,8 @@ Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
 
 class DegenerateAnnotationWarning(UserWarning):
-    """Annotations left out of training targets because their box or mask is empty."""
+    """Annotations left out of training targets because their box or mask is empty (or their
+    polygons have fewer than 3 points), and polygons of fewer than 3 points that others lose."""
 
 
 def read_image(uri: str, storage_options: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
@@ -89,6 +90,28 @@ def collate_fn(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch
     return images, targets
 
 
+def _examples(ats: list[str]) -> str:
+    unique = list(dict.fromkeys(ats))
+    return ", ".join(unique[:3]) + (", ..." if len(unique) > 3 else "")
+
+
+def _degenerate_message(uri: str, dropped: dict[str, list[str]], short_polygons: list[str]) -> str:
+    """One line: the annotations left out of the targets by reason, and the polygons of fewer
+    than 3 points that kept annotations lose, each with examples (always saying "degenerate
+    annotations": jobs/training/resume.py's workers filter on it, the driver having said it)."""
+    parts = []
+    if dropped:
+        total = sum(len(ats) for ats in dropped.values())
+        reasons = "; ".join(f"{len(ats)} with {reason}, e.g. {_examples(ats)}" for reason, ats in dropped.items())
+        parts.append(f"dropped {total} degenerate annotations in {uri} ({reasons}); they stay in the evaluation ground truth")
+    if short_polygons:
+        parts.append(
+            f"ignored {len(short_polygons)} polygons of fewer than 3 points (they enclose nothing) in "
+            f"{uri}, e.g. in {_examples(short_polygons)}; these partly degenerate annotations keep their other polygons"
+        )
+    return "; ".join(parts)
+
+
 def _mask_pixels(segmentation: Any, height: int, width: int) -> float:
     return float(mask_utils.area(annotation_to_rle(segmentation, height, width)))
 
@@ -106,8 +129,11 @@ class CocoDataset(torch.utils.data.Dataset):
 
     Raises ``AnnotationError`` (a ``ValueError``) on a malformed file, and, when an image is
     read, ``ImageDecodeError`` naming the image that is empty, corrupt or too large. Degenerate annotations
-    (box of zero or negative width or height after clipping to the image, or a mask under
-    ``min_area`` pixels) are left out of the targets with one ``DegenerateAnnotationWarning``.
+    (box of zero or negative width or height after clipping to the image, polygons none of
+    which has 3 or more points, or a mask under ``min_area`` pixels) are left out of the
+    targets with one ``DegenerateAnnotationWarning`` that counts them by reason and names
+    examples; it also counts the polygons of fewer than 3 points (they enclose nothing) that an
+    annotation with larger ones loses.
     Masks are rasterized at load time only where the file's ``area`` is missing or small; an
     instance whose mask still decodes to fewer than ``min_area`` pixels is left out when its
     image is read.
@@ -139,7 +165,8 @@ class CocoDataset(torch.utils.data.Dataset):
 
         # Training targets per image: its annotations that are neither crowds nor degenerate.
         self._targets: dict[int, list[dict]] = {image_id: [] for image_id in self._image_ids}
-        dropped: list[str] = []
+        dropped: dict[str, list[str]] = {}  # reason -> the annotations ("annotations[3] (id 17)")
+        short_polygons: list[str] = []  # one entry per polygon of fewer than 3 points in a kept annotation
         seen_ids: set = set()
         for index, ann in enumerate(data["annotations"]):
             at = where(index, ann)
@@ -156,8 +183,15 @@ class CocoDataset(torch.utils.data.Dataset):
             x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
             x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
             if x2 <= x1 or y2 <= y1:
-                dropped.append(at)
+                dropped.setdefault("an empty box", []).append(at)
                 continue
+            if isinstance(ann["segmentation"], list):
+                # pycocotools' polygons need 3 points (6 numbers); a shorter one encloses nothing
+                short = sum(1 for polygon in ann["segmentation"] if len(polygon) < 6)
+                if short == len(ann["segmentation"]):
+                    dropped.setdefault("no polygon of 3 or more points", []).append(at)
+                    continue
+                short_polygons += [at] * short
             # Only small or unsized masks are rasterized here, not every polygon of a large file
             # (what that would cost: docs/performance.md); a mask the file says is large is not
             # empty. __getitem__ still drops any mask that decodes to fewer than min_area pixels.
@@ -165,18 +199,12 @@ class CocoDataset(torch.utils.data.Dataset):
                 if pixels is None:
                     pixels = _mask_pixels(ann["segmentation"], height, width)
                 if pixels < min_area:
-                    dropped.append(at)
+                    dropped.setdefault("an empty mask" if min_area <= 1 else f"a mask under {min_area:g} pixels", []).append(at)
                     continue
             self._targets[ann["image_id"]].append(ann)
-        self.num_dropped = len(dropped)
-        if dropped:
-            examples = ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else "")
-            warnings.warn(
-                f"dropped {len(dropped)} degenerate annotations in {annotations_uri} "
-                f"(empty box or mask, e.g. {examples}); they stay in the evaluation ground truth",
-                DegenerateAnnotationWarning,
-                stacklevel=2,
-            )
+        self.num_dropped = sum(len(ats) for ats in dropped.values())
+        if dropped or short_polygons:
+            warnings.warn(_degenerate_message(annotations_uri, dropped, short_polygons), DegenerateAnnotationWarning, stacklevel=2)
 
         coco = COCO()
         coco.dataset = data

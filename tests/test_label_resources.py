@@ -1,0 +1,96 @@
+"""jobs.label's model actors on a Ray cluster that may grow (not a private local Ray): actors that
+would leave no CPU to decode with ask the autoscaler for one more and wait for it, then stop the
+job with one line naming the options, never a silent wait for ever. A real multi-node cluster on
+this machine (``ray.cluster_utils.Cluster``), in a process of its own: the session's ``ray_local``
+stays untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json, threading, time
+
+import ray
+from ray.cluster_utils import Cluster
+
+from jobs.common import JobError, ray_is_fixed
+from jobs.label import build_parser
+from jobs.labeling import resources
+
+resources.DECODE_CPU_WAIT_S = 3.0
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+ray.init(address=cluster.address, log_to_driver=False)
+result = {"fixed": ray_is_fixed(ray)}
+try:
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    readable = not is_autoscaler_v2()
+except ImportError:
+    readable = False
+seen, done = [], threading.Event()
+
+def watch():
+    while readable and not done.is_set():
+        seen.append(json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"null"))
+        time.sleep(0.1)
+
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
+base = ["--input", "in", "--output", "out", "--checkpoint", "m.pt", "--gpus-per-actor", "0", "--cpus-per-actor", "1"]
+args = build_parser().parse_args([*base, "--num-actors", "2"])  # 2 CPUs for the actors + 1 to decode, of 2
+started = time.monotonic()
+try:
+    resources.actor_resources(ray, args)
+    result["error"] = None
+except JobError as exc:
+    result["error"] = str(exc)
+result["seconds"] = time.monotonic() - started
+done.set()
+watcher.join(5)
+result["readable"] = readable
+result["asked"] = [request for request in seen if request]
+result["withdrawn"] = json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"null") if readable else None
+# the cluster grows while the job waits (as an autoscaler adds a node): the job goes on
+resources.DECODE_CPU_WAIT_S = 120.0
+started = time.monotonic()
+waiting = threading.Thread(target=lambda: result.update(grown=list(resources.actor_resources(ray, args))))
+waiting.start()
+time.sleep(1.0)
+cluster.add_node(num_cpus=1)  # in the main thread: Ray's node start sets signal handlers
+waiting.join(150)
+result["grown_seconds"] = time.monotonic() - started
+ray.shutdown()
+cluster.shutdown()
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_actors_leaving_no_cpu_to_decode_ask_the_autoscaler_then_stop_naming_the_options():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["fixed"] is False
+    assert result["error"] == (
+        "--num-actors 2 cannot start on this Ray cluster after 3 s of asking its autoscaler for CPUs: the job needs 2 x "
+        "--cpus-per-actor 1 CPUs for the actors plus 1 CPU to decode, it has 2 CPUs; lower --num-actors or --cpus-per-actor, "
+        "or add CPU nodes"
+    )
+    assert 3 <= result["seconds"] < 60, result["seconds"]
+    assert "asked its autoscaler for 3 CPUs, waiting up to 3 s" in proc.stdout
+    if result["readable"]:  # autoscaler v1 reads requests from the KV store
+        assert [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}] in result["asked"], result["asked"][:5]
+        assert result["withdrawn"] == [], "the request must be withdrawn when the wait ends"
+    assert result.get("grown") == [2, 0.0, 1.0, 1], proc.stderr[-3000:]
+    assert result["grown_seconds"] < 60
+    assert "the Ray cluster has 3 CPUs after" in proc.stdout
