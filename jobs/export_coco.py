@@ -38,20 +38,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import posixpath
 import sys
-import tempfile
-import uuid
 from typing import Iterator
 
 import pyarrow.parquet as pq
 
 from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
 from jobs.common import HelpFormatter
+from jobs.atomic import AtomicOutput
 from jobs.labeling.plan import read_plan
 from jobs.labeling.shards import part_files
-from maskrcnn.storage import explain_storage_error, filesystem, is_local, open_uri
+from maskrcnn.storage import explain_storage_error, filesystem, open_uri
 
 
 def iter_rows(label_output: str, storage_options: dict | None, columns: list[str]) -> Iterator[dict]:
@@ -103,52 +101,6 @@ def list_parts(label_output: str, storage_options: dict | None) -> tuple[list[st
     if not parts:
         raise JobError(f"--input {label_output} holds no part-*.parquet files: is it a jobs.label --output?")
     return parts, fs
-
-
-class AtomicOutput:
-    """A text file that appears at ``uri`` whole when the ``with`` block ends without an error,
-    else not at all: written to a temporary file (locally beside ``uri``, then renamed; for an
-    object store in the local temp folder, then uploaded in one put)."""
-
-    def __init__(self, uri: str, storage_options: dict | None, option: str = "--output"):
-        self.uri, self.storage_options, self.option = uri, storage_options, option
-
-    def _fail(self, exc: BaseException) -> JobError:
-        return JobError(f"cannot write {self.option} {self.uri}: {explain_storage_error(exc)}")
-
-    def __enter__(self):
-        try:
-            self.fs, self.path = filesystem(self.uri, self.storage_options)
-            self.local = is_local(self.fs)
-            if self.local:
-                if os.path.isdir(self.path):
-                    raise IsADirectoryError(f"{self.path} is a folder; give a .json file")
-                parent = os.path.dirname(os.path.abspath(self.path))
-                os.makedirs(parent, exist_ok=True)
-                self.temporary = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(self.path)}")
-            else:
-                handle, self.temporary = tempfile.mkstemp(suffix=".json")
-                os.close(handle)
-            self.file = open(self.temporary, "w", encoding="utf-8")
-        except Exception as exc:
-            raise self._fail(exc) from None
-        return self.file
-
-    def __exit__(self, kind, exc, traceback) -> bool:
-        try:
-            self.file.close()
-            if kind is None:
-                try:
-                    if self.local:
-                        os.replace(self.temporary, self.path)
-                    else:
-                        self.fs.put_file(self.temporary, self.path)
-                except Exception as error:
-                    raise self._fail(error) from None
-        finally:
-            if os.path.exists(self.temporary):
-                os.remove(self.temporary)
-        return False
 
 
 def images_sidecar_uri(output: str) -> str:

@@ -19,8 +19,9 @@ D: detections of one image; H x W: the image as decoded; h x w: the model's inpu
   top-k NMS), ``fast=False`` runs the model exactly as built. A batch runs as one forward per
   padded size (``meta_arch.predict_by_size``), so an image's detections do not depend on its
   batch. Each calling thread gets its own CUDA stream, so several batches can be in flight.
-- ``Detections``: numpy arrays on the host; masks as bit-packed crops of each mask's extent,
-  cut on the device, which ``mask_rles`` turns into COCO RLE without a full-size mask.
+- ``Detections``: numpy arrays on the host; masks as bit-packed crops: our model pastes each
+  mask over its box only (``paste_masks(box_local=True)``), another model's full masks are cut
+  to their extent on the device; ``mask_rles`` turns them into COCO RLE without a full-size mask.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import Tensor
 from maskrcnn.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, as_float, decode_compact
 from maskrcnn.engine import autocast_context, autocast_dtype
 from maskrcnn.masks import RLE, encode_crops
-from maskrcnn.modeling.meta_arch import predict_by_size
+from maskrcnn.modeling.meta_arch import MaskRCNN, predict_by_size
 from maskrcnn.modeling.preprocessing import resize_image, resized_size
 
 __all__ = ["PreparedImage", "prepare", "prepare_image", "Detections", "Predictor", "crop_masks"]
@@ -100,7 +101,7 @@ class Detections:
     boxes: np.ndarray  # (D, 4) float32 x1, y1, x2, y2
     scores: np.ndarray  # (D,) float32
     labels: np.ndarray  # (D,) int64 class indices (0, the background, never appears)
-    mask_extents: np.ndarray | None = None  # (D, 4) int32 y0, x0, y1, x1; None: the model has no mask head
+    mask_extents: np.ndarray | None = None  # (D, 4) int32 y0, x0, y1, x1 holding the mask; None: no mask head
     mask_bits: np.ndarray | None = None  # the crops inside the extents, bit-packed end to end (``crop_masks``)
     keypoints: np.ndarray | None = None  # (D, K, 3) float32 x, y, score; None: no keypoint head
     image_size: tuple[int, int] = (0, 0)  # (H, W) of the image, which the masks' RLEs cover
@@ -121,7 +122,12 @@ class Detections:
             labels=output["labels"].detach().to("cpu", torch.int64).numpy(),
             image_size=(int(image_size[0]), int(image_size[1])),
         )
-        if "masks" in output:
+        if "mask_crops" in output:  # box-local: crop d valid in its top-left (y1 - y0, x1 - x0)
+            extents = output["mask_extents"].to("cpu", torch.int32)
+            crops = [output["mask_crops"][d, : y1 - y0, : x1 - x0].reshape(-1) for d, (y0, x0, y1, x1) in enumerate(extents.tolist())]
+            flat = torch.cat(crops).to("cpu").numpy() if crops else np.zeros(0, dtype=bool)
+            det.mask_extents, det.mask_bits = extents.numpy(), np.packbits(flat)
+        elif "masks" in output:
             det.mask_extents, det.mask_bits = crop_masks(output["masks"])
         if "keypoints" in output:  # x, y and the keypoint's score in place of torchvision's visibility 1
             keypoints = output["keypoints"].detach().to(torch.float32).clone()
@@ -205,8 +211,11 @@ class Predictor:
             # images resized on the CPU tell the model so, and their original size; other models
             # (torchvision's: ``model(images)``) work for images at their own size
             per_image = {"resized": [p.resized for p in prepared], "original_sizes": [p.original_size for p in prepared]}
+            options = per_image if any(per_image["resized"]) else {}
+            if isinstance(self.model, MaskRCNN):  # ours pastes each mask over its box only: no full-size masks
+                options["box_local_masks"] = True
             with autocast_context(self.device, self.autocast_dtype):
-                outputs = predict_by_size(self.model, tensors, max_batch=self.max_batch, **(per_image if any(per_image["resized"]) else {}))
+                outputs = predict_by_size(self.model, tensors, max_batch=self.max_batch, **options)
             # on this thread's stream: the copies to the host wait for its own work only
             return [Detections.from_output(out, p.original_size) for out, p in zip(outputs, prepared)]
 

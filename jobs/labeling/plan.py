@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator
 
@@ -36,7 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import JobError
-from maskrcnn.storage import filesystem, is_local
+from jobs.atomic import put_atomic
+from maskrcnn.storage import filesystem
 
 PLAN_FORMAT = "maskrcnn-ray-label-plan/2"
 OLD_PLAN_FORMAT = "maskrcnn-ray-label-plan/1"  # one generation, files _plan/shards-<n>.parquet
@@ -98,24 +98,6 @@ class Plan:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` so that readers see the whole file or none of it.
-
-    Locally: a temporary name in the same folder, then a rename (atomic on POSIX). On object
-    stores a single PUT (or a completed multipart upload) is atomic by itself.
-    """
-    if is_local(fs):
-        parent = fs._parent(path)
-        fs.makedirs(parent, exist_ok=True)
-        temporary = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-        with fs.open(temporary, "wb") as f:
-            f.write(data)
-        fs.mv(temporary, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
 
 
 def table_bytes(table: pa.Table, **write_options) -> bytes:

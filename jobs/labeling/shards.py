@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from jobs.labeling.plan import Plan, put_atomic, table_bytes
+from jobs.atomic import put_atomic
+from jobs.labeling.plan import Plan, table_bytes
 from jobs.labeling.rows import OUTPUT_SCHEMA, PIECE_SCHEMA
 from maskrcnn.storage import filesystem
 

@@ -53,10 +53,13 @@ class MaskRCNN(nn.Module):
         resized: bool | list[bool] = False,
         original_sizes: list[tuple[int, int]] | None = None,
         mask_threshold: float | None = 0.5,
+        box_local_masks: bool = False,
     ):
         """``resized=True`` (or one flag per image): the images were already resized with
         ``preprocessing.resize_image`` (e.g. in CPU decode tasks); ``original_sizes`` then gives
-        the sizes to map outputs back to."""
+        the sizes to map outputs back to. ``box_local_masks``: each mask pasted only over its box,
+        returned as ``mask_extents`` (D, 4) y0, x0, y1, x1 and ``mask_crops`` (D, h, w) in place of
+        ``masks`` (``postprocessing.paste_masks(box_local=True)``)."""
         if self.training and targets is None:
             raise ValueError("training mode needs targets: a dict with boxes, labels (and masks) per image")
         if targets is not None:
@@ -79,7 +82,7 @@ class MaskRCNN(nn.Module):
         if targets is not None:
             return {**rpn_losses, **head_losses}
         return [
-            postprocess_detections(det, resized_size, original_size, mask_threshold)
+            postprocess_detections(det, resized_size, original_size, mask_threshold, box_local_masks)
             for det, resized_size, original_size in zip(detections, batch.image_sizes, original_sizes)
         ]
 

@@ -47,17 +47,21 @@ def _interpolation_matrix(start: Tensor, length: Tensor, src_size: int, out_size
     return weights.to(dtype)
 
 
-def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float | None = 0.5, padding: int = 1) -> Tensor:
+def paste_masks(
+    mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float | None = 0.5, padding: int = 1, *,
+    box_local: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """(D, M, M) probabilities and (D, 4) boxes -> (D, H, W) masks in the image.
 
     With ``threshold`` the masks are boolean (probability >= threshold; the paper cuts at 0.5),
-    else float probabilities.
+    else float probabilities. ``box_local``: only each mask's box region is pasted (the pixels
+    outside it are 0 anyway): returns (D, 4) int64 extents y0, x0, y1, x1 (exclusive, inside the
+    image) and (D, h, w) crops, crop d valid in its top-left (y1 - y0, x1 - x0): the same pixels
+    as the full paste, at the cost of the boxes instead of D whole images.
     """
     height, width = image_size
     num = mask_probs.shape[0]
-    if num == 0:
-        dtype = torch.bool if threshold is not None else mask_probs.dtype
-        return mask_probs.new_zeros((0, height, width), dtype=dtype)
+    dtype = torch.bool if threshold is not None else mask_probs.dtype
     m = mask_probs.shape[-1]
     padded = F.pad(mask_probs, (padding,) * 4)  # (D, M+2, M+2)
     src = m + 2 * padding
@@ -65,30 +69,47 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], 
     x0, y0 = boxes[:, 0], boxes[:, 1]
     w = (boxes[:, 2] - boxes[:, 0] + 1).clamp(min=1)
     h = (boxes[:, 3] - boxes[:, 1] + 1).clamp(min=1)
-    out = torch.empty((num, height, width), dtype=torch.bool if threshold is not None else mask_probs.dtype, device=mask_probs.device)
-    # chunks bound the float intermediate to ~_CHUNK_ELEMENTS whatever the image size
-    chunk = max(1, _CHUNK_ELEMENTS // max(height * width, 1))
-    # fp32 under the caller's autocast too: bf16 weights would move mask edges by a pixel
-    with torch.autocast(mask_probs.device.type, enabled=False):
-        for start in range(0, num, chunk):
-            sl = slice(start, start + chunk)
-            wy = _interpolation_matrix(y0[sl], h[sl], src, height, torch.float32)  # (d, H, M+2)
-            wx = _interpolation_matrix(x0[sl], w[sl], src, width, torch.float32)  # (d, W, M+2)
-            # (d, H, M+2) @ (d, M+2, M+2) @ (d, M+2, W) -> (d, H, W)
-            pasted = torch.bmm(torch.bmm(wy, padded[sl].float()), wx.transpose(1, 2))
-            out[sl] = pasted >= threshold if threshold is not None else pasted.to(out.dtype)
-    return out
+    if box_local:  # the region of each box inside the image; positions taken relative to its start
+        top, left = y0.clamp(0, height), x0.clamp(0, width)
+        bottom = torch.maximum((y0 + h).clamp(max=height), top)
+        right = torch.maximum((x0 + w).clamp(max=width), left)
+        extents = torch.stack([top, left, bottom, right], dim=1)
+        out_h = int((extents[:, 2] - top).max()) if num else 0
+        out_w = int((extents[:, 3] - left).max()) if num else 0
+        y0, x0 = y0 - top, x0 - left
+    else:
+        out_h, out_w = height, width
+    out = torch.zeros((num, out_h, out_w), dtype=dtype, device=mask_probs.device)
+    if num and out_h and out_w:
+        # chunks bound the float intermediate to ~_CHUNK_ELEMENTS whatever the image size
+        chunk = max(1, _CHUNK_ELEMENTS // max(out_h * out_w, 1))
+        # fp32 under the caller's autocast too: bf16 weights would move mask edges by a pixel
+        with torch.autocast(mask_probs.device.type, enabled=False):
+            for start in range(0, num, chunk):
+                sl = slice(start, start + chunk)
+                wy = _interpolation_matrix(y0[sl], h[sl], src, out_h, torch.float32)  # (d, H, M+2)
+                wx = _interpolation_matrix(x0[sl], w[sl], src, out_w, torch.float32)  # (d, W, M+2)
+                # (d, H, M+2) @ (d, M+2, M+2) @ (d, M+2, W) -> (d, H, W)
+                pasted = torch.bmm(torch.bmm(wy, padded[sl].float()), wx.transpose(1, 2))
+                out[sl] = pasted >= threshold if threshold is not None else pasted.to(out.dtype)
+    return (extents, out) if box_local else out
 
 
 def postprocess_detections(
-    result: dict[str, Tensor], resized_size: tuple[int, int], original_size: tuple[int, int], mask_threshold: float | None = 0.5
+    result: dict[str, Tensor], resized_size: tuple[int, int], original_size: tuple[int, int], mask_threshold: float | None = 0.5,
+    box_local_masks: bool = False,
 ) -> dict[str, Tensor]:
-    """One image's detections from the resized input back to the original image."""
+    """One image's detections from the resized input back to the original image; with
+    ``box_local_masks``, ``mask_extents`` and ``mask_crops`` (``paste_masks(box_local=True)``)
+    in place of ``masks``."""
     from maskrcnn.modeling.preprocessing import resize_boxes, resize_keypoints
 
     out = {k: v for k, v in result.items() if k != "mask_probs"}
     out["boxes"] = resize_boxes(result["boxes"], resized_size, original_size)
-    if "mask_probs" in result:
+    if "mask_probs" in result and box_local_masks:
+        extents, crops = paste_masks(result["mask_probs"], out["boxes"], original_size, mask_threshold, box_local=True)
+        out["mask_extents"], out["mask_crops"] = extents, crops
+    elif "mask_probs" in result:
         out["masks"] = paste_masks(result["mask_probs"], out["boxes"], original_size, threshold=mask_threshold)
     if "keypoints" in result:
         out["keypoints"] = resize_keypoints(result["keypoints"], resized_size, original_size)
