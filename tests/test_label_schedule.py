@@ -126,3 +126,21 @@ def test_two_runs_at_once_one_refuses_one_waits_and_every_image_is_labelled_once
     assert third.returncode == 0 and "nothing to do" in third_out, third_out[-3000:]
     uris = read_output(str(output)).column("image_uri").to_pylist()
     assert len(uris) == len(set(uris)) == 12
+
+
+def test_on_s3_the_lease_is_created_exclusively_with_a_conditional_put(s3_bucket):
+    """S3's If-None-Match: * (moto honours it): of two runs creating the same lease number one
+    wins; the other is refused naming the holder, and takes the next number once it is released."""
+    from jobs.labeling.lease import Lease
+
+    output = f"{s3_bucket}/labels"
+    first = Lease(output, "_plan", "run-a")
+    first.acquire()
+    second = Lease(output, "_plan", "run-b")
+    assert second._create(first.number) is False
+    with pytest.raises(JobError, match="is being labelled by run run-a"):
+        second.acquire(wait=0)
+    first.release()
+    second.acquire()
+    assert second.number == 2
+    second.release()
