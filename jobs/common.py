@@ -187,6 +187,7 @@ def init_ray(address: str | None = None, **kwargs):
     import ray
 
     if ray.is_initialized():
+        _start_s3_retry_tally()
         return ray
     _forget_private_ray()  # a private Ray this process started before is gone (ray.shutdown)
     source = "--address" if address else "RAY_ADDRESS"
@@ -236,7 +237,15 @@ def init_ray(address: str | None = None, **kwargs):
     if dashboard and "://" not in dashboard:
         dashboard = f"http://{dashboard}"
     print(f"ray: {where} ({resources.get('CPU', 0):g} CPUs{gpus})" + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
+    _start_s3_retry_tally()
     return ray
+
+
+def _start_s3_retry_tally() -> None:
+    """Where the job's Ray workers count their S3 retries, for run_main's last line."""
+    from maskrcnn.storage import start_s3_retry_tally
+
+    start_s3_retry_tally()
 
 
 def _name_private_ray_for_its_workers(ray) -> None:
@@ -327,10 +336,14 @@ def run_main(main, argv=None) -> None:
     """Runs ``main(argv)`` so that every way it ends is one clear line, never a traceback:
     a JobError or a ValueError (bad input) exits 2 with ``error: ...`` on stderr, so schedulers
     and ``ray job logs`` show the reason; Ctrl-C exits 130 and SIGTERM 143 with ``interrupted: ...``
-    (the exception's message, when ``main`` gave it one), after Ray is shut down cleanly."""
+    (the exception's message, when ``main`` gave it one), after Ray is shut down cleanly. A job
+    whose S3 requests were retried says how many in its last line (``S3: 41 requests retried``)."""
     import signal
 
+    from maskrcnn.storage import s3_retries, s3_retries_line
+
     install_sigterm_handler()
+    retries_before = s3_retries()
     try:
         code = main(argv)
     except (JobError, ValueError) as exc:
@@ -344,6 +357,12 @@ def run_main(main, argv=None) -> None:
         _quietly(shutdown_ray)
         print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr, flush=True)
         sys.exit(code)
+    try:
+        line = s3_retries_line(since=retries_before)
+    except Exception:  # a count is no reason to fail a job that is done
+        line = None
+    if line:
+        print(line, flush=True)
     sys.exit(code or 0)
 
 

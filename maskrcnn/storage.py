@@ -5,18 +5,32 @@ Credentials and the endpoint of an S3-compatible store come from the standard AW
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``) or from
 ``storage_options``, the fsspec convention (for s3fs: ``key``, ``secret``, ``endpoint_url``,
 ``client_kwargs``, ...). Nothing here logs or prints the options: they may hold secrets.
+
+S3 requests that fail for a passing reason (``503 SlowDown``, a dropped connection, a 5xx) are
+retried with backoff, a bounded number of times (``S3_RETRIES``, then s3fs's own few tries), and
+counted: ``s3_retries()`` in this process, ``s3_retries_line()`` for a job's last line, with the
+counts of its Ray workers (``start_s3_retry_tally``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import posixpath
+import selectors
+import sys
+import threading
+import time
 from typing import IO, Any
 
 import fsspec
 from fsspec.utils import get_protocol
 
-__all__ = ["filesystem", "open_uri", "join_uri", "absolute_uri", "is_local", "explain_storage_error"]
+__all__ = [
+    "filesystem", "open_uri", "join_uri", "absolute_uri", "is_local", "explain_storage_error",
+    "count_s3_retry", "s3_retries", "report_s3_retries", "start_s3_retry_tally", "s3_retries_line",
+]
 
 _S3_PROTOCOLS = ("s3", "s3a")
 _LOCAL_PROTOCOLS = ("file", "local")
@@ -47,8 +61,12 @@ def _s3_options(storage_options: dict[str, Any]) -> dict[str, Any]:
 
 # botocore's defaults wait 60 s to connect and retry a refused connection 4 times with
 # backoff ("legacy" mode): a wrong AWS_ENDPOINT_URL took minutes to fail. The AWS SDKs' "standard"
-# mode (3 attempts, also on throttling) with a 10 s connect timeout fails in seconds; a store
-# that answers is unaffected. AWS_MAX_ATTEMPTS / AWS_RETRY_MODE or --storage-options' config_kwargs win.
+# mode (3 attempts) with a 10 s connect timeout fails in seconds; a store that answers is
+# unaffected. It retries throttling (503 SlowDown), 5xx and dropped connections after a jittered
+# 0-1 s, then 0-2 s, within a retry budget per client. s3fs then makes the whole call again, 5
+# times at most (``_retry_in_s3fs``): 15 attempts for a passing fault, 3 for a refused connection
+# (more attempts made a wrong endpoint take a minute to report: one backoff per call of the job).
+# AWS_MAX_ATTEMPTS / AWS_RETRY_MODE or --storage-options' config_kwargs win.
 S3_CONNECT_TIMEOUT_S = 10
 S3_RETRIES = {"max_attempts": 3, "mode": "standard"}
 
@@ -57,15 +75,238 @@ def _s3_client_defaults(options: dict[str, Any]) -> dict[str, Any]:
     config_kwargs = dict(options.get("config_kwargs") or {})
     config_kwargs.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
     if "retries" not in config_kwargs and not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
-        config_kwargs["retries"] = dict(S3_RETRIES)
+        config_kwargs["retries"] = _RetrySettings(S3_RETRIES)
     return {**options, "config_kwargs": config_kwargs}
+
+
+class _RetrySettings(dict):
+    """``S3_RETRIES`` as botocore takes it. A filesystem made here keeps it in its options, so a
+    process that unpickles the filesystem (Ray Train ships --output's to its controller) runs
+    ``_install_s3_hooks`` before it makes the filesystem again, without importing this module itself."""
+
+    def __reduce__(self):
+        return (_unpickle_retry_settings, (dict(self),))
+
+
+def _unpickle_retry_settings(settings: dict) -> dict:
+    _install_s3_hooks()
+    return _RetrySettings(settings)
 
 
 def _options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     options = dict(storage_options or {})
     if get_protocol(uri) in _S3_PROTOCOLS:
+        _install_s3_hooks()
         options = _s3_client_defaults(_s3_options(options))
     return options
+
+
+# ---------------------------------------------------------------- S3 retries: bounded, and counted
+#
+# Three layers retry, each a bounded number of times: botocore (S3_RETRIES, counted by the
+# "request-created" hook: an attempt after the first), s3fs around each call (5 tries; counted
+# where ``_retry_in_s3fs`` decides, not where s3fs retries SlowDown and cut connections by itself)
+# and jobs.labeling.decode.fetch around an image read (``count_s3_retry``).
+#
+# The count of this process lives in shared memory, so DataLoader processes forked from it add to
+# it. A Ray worker hands its count to the job's tally actor as it goes (``report_s3_retries``);
+# the driver adds the tally to its own count (``s3_retries_line``).
+
+_SHARED = mmap.mmap(-1, 8)  # anonymous and shared: forked children write to the same 8 bytes
+_COUNT = ctypes.c_int64.from_buffer(_SHARED)
+_COUNT_LOCK = threading.Lock()
+_REPORT_LOCK = threading.Lock()
+_REPORTED = 0  # of _COUNT, handed to the tally by this process
+_TALLY: list = [None, 0.0]  # the tally actor's handle (None: not made or found yet), and when a worker last looked for it
+RETRY_TALLY_NAME = "maskrcnn-s3-retries"  # in the job's Ray namespace: one per job
+_HOOKS_INSTALLED = False
+_IN_FORKED_CHILD = False
+
+
+def count_s3_retry(n: int = 1) -> None:
+    """Counts ``n`` S3 requests sent again after a failure (and, in a Ray worker, reports them)."""
+    with _COUNT_LOCK:
+        _COUNT.value += n
+    report_s3_retries()
+
+
+def s3_retries() -> int:
+    """The S3 requests retried by this process and the processes it forked, so far."""
+    return int(_COUNT.value)
+
+
+def _on_request_created(request=None, **_) -> None:
+    """botocore's "request-created" event: an attempt after the first is a retry."""
+    retries = (getattr(request, "context", None) or {}).get("retries") or {}
+    if retries.get("attempt", 1) > 1:
+        count_s3_retry()
+
+
+def _retry_in_s3fs(exc: BaseException) -> bool:
+    """s3fs's custom error handler: whether to call again after botocore's attempts failed.
+
+    s3fs itself retries SlowDown and cut connections (HTTPClientError); this adds the rest of
+    what a retry can fix: a 5xx without SlowDown (a HEAD's "503" has no body to name it) and a
+    connection broken while the request was sent (EndpointConnectionError around aiohttp's
+    ClientOSError). Not a connection that could not be made: that is a wrong endpoint, and
+    fails after botocore's attempts."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    retry = False
+    if "ClientError" in names:
+        response = getattr(exc, "response", None) or {}
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        code = str((response.get("Error") or {}).get("Code", ""))
+        retry = status in (500, 502, 503, 504) or code in ("InternalError", "ServiceUnavailable", "RequestTimeout")
+    elif "EndpointConnectionError" in names:
+        cause = (getattr(exc, "kwargs", None) or {}).get("error")
+        retry = cause is not None and "ClientConnectorError" not in {cls.__name__ for cls in type(cause).__mro__}
+    if retry:
+        count_s3_retry()
+    return retry
+
+
+def _install_s3_hooks() -> None:
+    """Once per process, before its first S3 client: the retry counter in every botocore session
+    made from now on, and ``_retry_in_s3fs`` (after any handler set before it)."""
+    global _HOOKS_INSTALLED
+    if _HOOKS_INSTALLED:
+        return
+    _HOOKS_INSTALLED = True
+    from botocore import handlers
+
+    if all(spec[1] is not _on_request_created for spec in handlers.BUILTIN_HANDLERS):
+        handlers.BUILTIN_HANDLERS.append(("request-created.s3", _on_request_created))
+    try:
+        import s3fs.core
+    except ImportError:
+        return
+    previous = s3fs.core.CUSTOM_ERROR_HANDLER
+    s3fs.core.set_custom_error_handler(lambda exc: bool(previous(exc)) or _retry_in_s3fs(exc))
+
+
+def _ray_worker():
+    """Ray, when this process is a Ray worker (not the driver, not a process it forked)."""
+    ray = sys.modules.get("ray")
+    if ray is None or _IN_FORKED_CHILD:
+        return None
+    try:
+        worker = ray._private.worker.global_worker
+        if not worker.connected or worker.mode != ray._private.worker.WORKER_MODE:
+            return None
+    except AttributeError:
+        return None
+    return ray
+
+
+def report_s3_retries() -> None:
+    """In a Ray worker: hands the retries counted here (and in processes it forked) since the
+    last report to the job's tally, when the job made one. Elsewhere: nothing."""
+    global _REPORTED
+    ray = _ray_worker()
+    if ray is None:
+        return
+    with _REPORT_LOCK:
+        delta = int(_COUNT.value) - _REPORTED
+        if delta <= 0:
+            return
+        if _TALLY[0] is None:
+            if time.monotonic() - _TALLY[1] < 10:  # looked for it a moment ago
+                return
+            _TALLY[1] = time.monotonic()
+            try:
+                _TALLY[0] = ray.get_actor(RETRY_TALLY_NAME)
+            except Exception:  # no tally: this job does not count its workers' retries
+                return
+        try:
+            _TALLY[0].add.remote(delta)
+        except Exception:  # the tally is gone (its job is ending)
+            _TALLY[0] = None
+            return
+        _REPORTED += delta
+
+
+class _RetryTally:
+    """The job's count of its Ray workers' S3 retries (a Ray actor, ``start_s3_retry_tally``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
+
+
+def start_s3_retry_tally() -> None:
+    """On the driver, once Ray is up, for a job that reads or writes S3: the actor its workers
+    report their retries to, named in the job's namespace (an existing one is kept: its count is
+    what ``s3_retries_line`` did not take yet)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or not _HOOKS_INSTALLED:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # lives as long as the driver's node
+    actor = ray.remote(num_cpus=0, max_restarts=0)(_RetryTally)
+    # held here: a (non-detached) actor lives as long as its creator holds a handle
+    _TALLY[0] = actor.options(name=RETRY_TALLY_NAME, get_if_exists=True, scheduling_strategy=here).remote()
+
+
+def s3_retries_line(since: int = 0) -> str | None:
+    """``"S3: 41 requests retried"``: the retries of this process since ``s3_retries()`` was
+    ``since``, and those its Ray workers reported to the tally; None when there were none."""
+    count = s3_retries() - since
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and _ray_worker() is None and _TALLY[0] is not None:
+        try:
+            count += ray.get(_TALLY[0].take.remote(), timeout=30)
+        except Exception:  # the tally is gone: the driver's own count
+            pass
+    if count <= 0:
+        return None
+    return f"S3: {count} request{'s' if count != 1 else ''} retried"
+
+
+# ---------------------------------------------------------------- fork: leave the parent's connections alone
+#
+# A forked child (a DataLoader worker) inherits the parent's event loop, whose epoll instance it
+# shares with the parent, and fsspec then drops the parent's S3 filesystems from its instance
+# cache. Collected, they close their pooled connections, and closing unregisters each socket
+# from that shared epoll: the parent's next request on one of them never hears its answer (a
+# PUT waiting for "100 Continue" hangs for ever). So the child keeps them, never collected, and
+# its copies of their loops get an epoll of their own.
+
+_INHERITED: list = []  # the parent's S3 filesystems, and the loops they run on
+
+
+def _before_fork() -> None:
+    s3fs, asyn = sys.modules.get("s3fs"), sys.modules.get("fsspec.asyn")
+    if s3fs is None:
+        return
+    try:
+        filesystems = list(s3fs.S3FileSystem._cache.values())
+    except RuntimeError:  # another thread made one just now
+        filesystems = []
+    loops = [getattr(fs, "_loop", None) for fs in filesystems] + [asyn.loop[0] if asyn is not None else None]
+    _INHERITED[:] = [filesystems, [loop for loop in loops if loop is not None]]
+
+
+def _after_fork_in_parent() -> None:
+    _INHERITED.clear()
+
+
+def _after_fork_in_child() -> None:
+    global _IN_FORKED_CHILD
+    _IN_FORKED_CHILD = True
+    for loop in {id(loop): loop for loop in (_INHERITED[1] if _INHERITED else [])}.values():
+        if isinstance(getattr(loop, "_selector", None), selectors.BaseSelector):
+            loop._selector = selectors.DefaultSelector()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def explain_storage_error(exc: BaseException) -> str:

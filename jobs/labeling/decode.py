@@ -47,14 +47,24 @@ def fetch(uris: list[str], storage_options: dict | None) -> list[bytes | Excepti
         else:
             fetched = [None] * len(paths)
         for position, path, data in zip(positions, paths, fetched):
-            if data is None or isinstance(data, Exception) and not isinstance(data, _PERMANENT):
-                data = _fetch_one(fs, path)  # local files, and retries of transient errors
+            if data is None:  # local files
+                data = _fetch_one(fs, path)
+            elif isinstance(data, Exception) and not isinstance(data, _PERMANENT):
+                data = _fetch_one(fs, path, failed=True)  # a transient error, retried
             results[position] = data
     return results
 
 
-def _fetch_one(fs, path: str, attempts: int = 4) -> bytes | Exception:
+def _fetch_one(fs, path: str, attempts: int = 4, failed: bool = False) -> bytes | Exception:
+    """The bytes of ``path``, or the exception of its last attempt. ``attempts`` reads at most
+    (each with the filesystem's own retries), 0.5, 1, 2 s apart; a permanent error ends them at
+    once. ``failed``: a read of it failed already, so the first attempt is a retry too. Every
+    retry of an object store's read is counted (``maskrcnn.storage.count_s3_retry``)."""
+    from maskrcnn.storage import count_s3_retry, is_local
+
     for attempt in range(attempts):
+        if (failed or attempt) and not is_local(fs):
+            count_s3_retry()
         try:
             return fs.cat_file(path)
         except _PERMANENT as exc:

@@ -153,8 +153,12 @@ class Lease:
                 self.fs.pipe_file(path, data)
                 with self.fs.open(path, "rb") as f:
                     return json.load(f).get("owner") == self.owner
-        except FileExistsError:
-            return False
+        except FileExistsError:  # another run's, or ours when the answer to our create was lost and retried
+            try:
+                with self.fs.open(path, "rb") as f:
+                    return json.load(f).get("owner") == self.owner
+            except (FileNotFoundError, ValueError):
+                return False
         return True
 
     def _write(self, number: int, expires: float) -> None:

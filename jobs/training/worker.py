@@ -38,6 +38,15 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train's loop on each worker. ``config``: ``plan``, a ``TrainPlan`` as a dict, and
     ``storage_options``, a ``Hidden`` dict or None. Trains from the latest checkpoint (or the
     start) to ``plan.total_steps``; rank 0 then writes ``model.pt``."""
+    from maskrcnn.storage import report_s3_retries
+
+    try:
+        _train(config)
+    finally:  # the retries of this worker's DataLoader processes, counted in memory they share with it
+        report_s3_retries()
+
+
+def _train(config: dict) -> None:
     import ray.train
 
     run = resume_or_start(TrainPlan(**config["plan"]), config["storage_options"].value)

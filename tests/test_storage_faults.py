@@ -1,0 +1,179 @@
+"""Storage faults: jobs.label and jobs.train against an S3 that answers ``503 SlowDown`` and drops
+connections at random, on every kind of request (tests/s3_faults.py: a proxy in front of the
+real moto server). Both finish with every image exactly once and no row in error, the retries
+bounded and counted in one line at the end ("S3: 41 requests retried")."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from maskrcnn.storage import filesystem, open_uri
+from tests.labeling_helpers import encode, make_checkpoint, read_output, rgb_noise
+from tests.s3_faults import FaultyS3Proxy
+
+# Share of requests that fail: high enough that every run meets faults of every kind, low
+# enough that the bounded retries always get through. S3_FAULT_RATE / S3_FAULT_SEED to stress.
+FAULT_RATE = float(os.environ.get("S3_FAULT_RATE", "0.2"))
+FAULT_SEED = int(os.environ.get("S3_FAULT_SEED", "20240601"))
+
+
+@pytest.fixture
+def faulty_s3(s3_server):
+    """A FaultyS3Proxy in front of the moto server; its ``endpoint`` is what the jobs are given.
+    Faults start off (the test uploads its inputs) and go on with ``proxy.enabled = True``."""
+    proxy = FaultyS3Proxy(s3_server, rate=FAULT_RATE, seed=FAULT_SEED).start()
+    proxy.enabled = False
+    try:
+        yield proxy
+    finally:
+        print(proxy.report())
+        proxy.stop()
+
+
+def _options(endpoint: str, **extra) -> dict:
+    return {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing", **extra}
+
+
+def _retried(output: str) -> int:
+    found = re.findall(r"^S3: (\d+) requests? retried$", output, flags=re.M)
+    assert len(found) == 1, output[-3000:]
+    return int(found[0])
+
+
+def _assert_faults_of_several_kinds(proxy: FaultyS3Proxy) -> None:
+    """The run met faults: at least 5, on 3 kinds of request or more, of 2 kinds or more (which
+    request meets which fault varies with the threads' timing; ~80 requests at 20% make 16)."""
+    by_kind, by_fault = proxy.injected_by_kind(), proxy.injected_by_fault()
+    assert sum(by_kind.values()) >= 5 and len(by_kind) >= 3 and len(by_fault) >= 2, proxy.report()
+
+
+# A process with a kept-alive S3 connection forks a child (as DataLoader workers are made), then
+# writes on that connection. Forked children used to close the parent's pooled connections
+# (fsspec drops the parent's filesystems in the child; collected there, they close their sockets,
+# which unregisters them from the epoll the parent shares): the PUT waited for ever for its answer.
+_FORK_THEN_WRITE = """
+import multiprocessing, sys
+from maskrcnn.storage import open_uri
+options = {"client_kwargs": {"endpoint_url": sys.argv[1]}, "key": "testing", "secret": "testing"}
+
+def write(name, text):
+    with open_uri(sys.argv[2] + "/" + name, "w", options) as f:
+        f.write(text)
+
+async def collect():
+    import asyncio, gc
+    gc.collect()
+    await asyncio.sleep(0.5)  # what the collection started (closing what it collected) runs
+
+def child():  # collects garbage on its own IO thread, as a DataLoader worker reading from S3 does
+    import fsspec.asyn
+    fsspec.asyn.sync(fsspec.asyn.get_loop(), collect)
+
+write("before.txt", "kept alive")
+process = multiprocessing.get_context("fork").Process(target=child)
+process.start()
+process.join()
+write("after.txt", "x" * 1000)
+print("parent done")
+"""
+
+
+def test_a_forked_child_leaves_the_parents_s3_connections_alone(s3_bucket, faulty_s3):
+    faulty_s3.rate = 0  # keep-alive without faults: the proxy keeps connections open, as S3 does
+    faulty_s3.enabled = True
+    try:
+        done = subprocess.run([sys.executable, "-c", _FORK_THEN_WRITE, faulty_s3.endpoint, s3_bucket],
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=40)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the parent's S3 request after the fork never finished") from None
+    assert done.returncode == 0 and "parent done" in done.stdout, done.stdout + done.stderr[-3000:]
+
+
+def test_label_on_a_faulty_s3_labels_every_image_once(s3_server, s3_bucket, faulty_s3, ray_local, capsys):
+    """16 PNG and JPEG images, the checkpoint and the output on S3, every request through the
+    proxy: the job exits 0, each image has exactly one row, none with an error."""
+    from jobs.common import run_main
+    from jobs.label import main as label_main
+    from maskrcnn.data.synthetic import make_sample_dataset
+
+    direct = _options(s3_server)
+    images = f"{s3_bucket}/images"
+    make_sample_dataset(f"{images}/shapes", {"part": 12}, seed=5, storage_options=direct)  # PNGs beside an annotations.json
+    for k in range(4):
+        with open_uri(f"{images}/photos/p{k}.jpg", "wb", direct) as f:
+            f.write(encode(rgb_noise(80 + 8 * k, 64, seed=k), "JPEG"))
+    make_checkpoint(f"{s3_bucket}/model.pt", storage_options=direct)
+    output = f"{s3_bucket}/labels"
+
+    faulty_s3.enabled = True
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(label_main, [
+            "--input", images, "--output", output, "--checkpoint", f"{s3_bucket}/model.pt",
+            "--shard-size", "4", "--batch-size", "2", "--decode-batch-size", "4",
+            "--storage-options", json.dumps(_options(faulty_s3.endpoint)),
+        ])
+    seconds = time.perf_counter() - started
+    faulty_s3.enabled = False
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.out[-3000:] + captured.err[-3000:]
+    print(f"labelled through the faulty proxy in {seconds:.1f} s; {faulty_s3.report()}")
+
+    fs, root = filesystem(images, direct)
+    expected = sorted(f"s3://{p}" for p in fs.find(root) if p.endswith((".png", ".jpg")))
+    assert len(expected) == 16
+    table = read_output(output, direct)
+    assert sorted(table.column("image_uri").to_pylist()) == expected  # every image, exactly once
+    errors = [e for e in table.column("error").to_pylist() if e]
+    assert errors == []
+    assert all(h > 0 for h in table.column("height").to_pylist())
+    _assert_faults_of_several_kinds(faulty_s3)
+    retried = _retried(captured.out)
+    print(f"jobs.label said: S3: {retried} requests retried")
+    assert retried > 0  # counted on the driver and in the Ray workers
+
+
+@pytest.mark.slow
+def test_train_on_a_faulty_s3_writes_the_model(s3_server, s3_bucket, faulty_s3):
+    """A 1-worker run of a few steps, annotations, images and --output on S3 through the proxy
+    (parts of 5 MiB, so checkpoints go up as multipart uploads): exits 0 and writes model.pt."""
+    from maskrcnn.data.synthetic import make_sample_dataset
+    from tests.test_job_train import run_job
+
+    direct = _options(s3_server)
+    annotations, images = make_sample_dataset(f"{s3_bucket}/data", {"train": 8}, seed=2, storage_options=direct)["train"]
+    output = f"{s3_bucket}/runs/faulty"
+
+    faulty_s3.enabled = True
+    started = time.perf_counter()
+    job = run_job(
+        "jobs.train",
+        [
+            "--annotations", annotations, "--images", images, "--output", output,
+            "--num-workers", "1", "--batch-size", "2", "--max-steps", "4", "--log-every", "2",
+            "--checkpoint-every", "1", "--keep-checkpoints", "1",
+            "--arch", "small", "--min-size", "128", "--max-size", "160", "--loader-workers", "1",
+            "--storage-options", json.dumps({"default_block_size": 5 * 2**20}),
+        ],
+        timeout=240,  # ~50 s; a PUT that waits for ever for its answer (a forked DataLoader worker's doing) ends here
+        env={"AWS_ENDPOINT_URL": faulty_s3.endpoint},  # the job finds the store the standard way
+    )
+    seconds = time.perf_counter() - started
+    faulty_s3.enabled = False
+    print(f"trained through the faulty proxy in {seconds:.1f} s; {faulty_s3.report()}")
+    fs, root = filesystem(output, direct)
+    fs.invalidate_cache()
+    assert fs.exists(f"{root}/model.pt"), job.output[-3000:]
+    _assert_faults_of_several_kinds(faulty_s3)
+    assert faulty_s3.forwarded["multipart_complete"] > 0, faulty_s3.report()
+    retried = _retried(job.output)
+    print(f"jobs.train said: S3: {retried} requests retried")
+    assert retried > 0
