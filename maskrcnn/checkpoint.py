@@ -13,6 +13,8 @@ shipped in ``maskrcnn/data/``: 91 classes (a Mask R-CNN) COCO's 80 categories at
 (``person_keypoints.json``). torchvision's ``keypointrcnn_resnet50_fpn`` state dicts (keys
 ``roi_heads.keypoint_head.*``, ``roi_heads.keypoint_predictor.*``, the same in our layout) load
 with ``arch="keypoint_r50_fpn"``; the number of keypoints is read from the state dict.
+torchvision's ``maskrcnn_resnet50_fpn_v2`` state dicts (BatchNorm in the trunk, FPN and heads, a
+``box_head.0.0.*``..``box_head.5.*`` conv-fc box head) load with ``arch="r50_fpn_v2"``.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def convert_torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, 
 
     ``rpn.head.conv.weight`` -> ``rpn.head.conv.0.0.weight``, ``mask_head.mask_fcnN.*`` ->
     ``mask_head.{N-1}.0.*``, ``fpn.inner_blocks.i.weight`` -> ``fpn.inner_blocks.i.0.weight``
-    (and layer_blocks); BatchNorm's ``num_batches_tracked`` counters are dropped (the trunk's
-    norm is frozen).
+    (and layer_blocks); BatchNorm's ``num_batches_tracked`` counters are dropped (a frozen norm
+    has none; ``load_state`` gives a trained BatchNorm, as r50_fpn_v2's, its own).
     """
     out = {}
     for key, value in state.items():
@@ -77,7 +79,8 @@ def convert_torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def to_torchvision_state_dict(model: MaskRCNN) -> dict[str, torch.Tensor]:
-    """Our weights in torchvision's current layout: loads into ``maskrcnn_resnet50_fpn`` as is."""
+    """Our weights in torchvision's current layout: loads into ``maskrcnn_resnet50_fpn`` (or, from
+    r50_fpn_v2, strictly into ``maskrcnn_resnet50_fpn_v2``) as is."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -284,8 +287,13 @@ def load_checkpoint(
 
 
 def load_state(model: MaskRCNN, state: dict[str, torch.Tensor], uri: str = "state dict", skip_class_specific: bool = False) -> None:
-    """Strict load, with an error that says which layers disagree and what to do."""
+    """Strict load, with an error that says which layers disagree and what to do. BatchNorm's
+    ``num_batches_tracked`` counters are optional either way: a state dict without them (a
+    converted torchvision one) keeps the model's, one with them loads into frozen norms too."""
     own = model.state_dict()
+    counter = "num_batches_tracked"
+    state = {k: v for k, v in state.items() if not (k.endswith(counter) and k not in own)}
+    state.update({k: v for k, v in own.items() if k.endswith(counter) and k not in state})
     fresh: list[str] = []
     if skip_class_specific:
         state = {k: v for k, v in state.items() if not k.startswith(CLASS_SPECIFIC)}
@@ -305,6 +313,11 @@ def load_state(model: MaskRCNN, state: dict[str, torch.Tensor], uri: str = "stat
         raise CheckpointError(
             f"checkpoint {uri} is a Keypoint R-CNN (it has a keypoint head) but the model has none; "
             "use a keypoint architecture (--arch keypoint_r50_fpn, or small_keypoint)"
+        )
+    if any(k.startswith("roi_heads.box_head.0.0.") for k in unexpected) and "roi_heads.box_head.fc6.weight" in own:
+        raise CheckpointError(
+            f"checkpoint {uri} has a conv-fc box head (torchvision's maskrcnn_resnet50_fpn_v2) but the model has the 2-fc one "
+            f"({len(missing)} missing, {len(unexpected)} unexpected); use --arch r50_fpn_v2"
         )
     if missing or unexpected or mismatched:
         raise CheckpointError(

@@ -26,6 +26,9 @@ class BackboneConfig:
     # "frozen_bn" (the paper and torchvision, for pretrained trunks), "bn", or "gn" (from scratch).
     norm: str = "frozen_bn"
     fpn_channels: int = 256
+    # The FPN's norm after each of its convs (then without bias): "none" (torchvision's v1, the
+    # paper's), "bn" (torchvision's maskrcnn_resnet50_fpn_v2), "frozen_bn" or "gn".
+    fpn_norm: str = "none"
     # Widths and depth of the "small" trunk (ignored by the torchvision trunks).
     small_widths: tuple[int, int, int, int] = (16, 32, 64, 128)
     small_blocks: tuple[int, int, int, int] = (1, 1, 1, 1)
@@ -51,6 +54,8 @@ class RPNConfig:
     nms_thresh: float = 0.7
     score_thresh: float = 0.0
     min_size: float = 1e-3
+    # 3x3 convs (with ReLU) before the 1x1 predictors: 1 (the paper, torchvision's v1), 2 (v2).
+    conv_depth: int = 1
 
 
 @dataclass
@@ -69,6 +74,13 @@ class RoIHeadsConfig:
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    # FPN box head: "mlp" (the paper's 2 fc layers of representation_size, torchvision's
+    # TwoMLPHead) or "conv_fc" (3x3 convs of box_conv_layers, then one fc of representation_size:
+    # "4conv1fc", torchvision's FastRCNNConvFCHead in maskrcnn_resnet50_fpn_v2). Unused by C4.
+    box_head_type: str = "mlp"
+    box_conv_layers: tuple[int, ...] = (256, 256, 256, 256)
+    # The norm after each of the "conv_fc" head's convs: "none", "bn" (v2), "frozen_bn" or "gn".
+    box_head_norm: str = "none"
     representation_size: int = 1024
     # Inference
     score_thresh: float = 0.05
@@ -88,6 +100,9 @@ class MaskHeadConfig:
     mlp_dims: tuple[int, ...] = (1024, 1024)
     conv_layers: tuple[int, ...] = (256, 256, 256, 256)
     dilation: int = 1
+    # The norm after each of the "fcn" head's convs (then without bias): "none" (the paper,
+    # torchvision's v1), "bn" (torchvision's maskrcnn_resnet50_fpn_v2), "frozen_bn" or "gn".
+    norm: str = "none"
     # "sigmoid": per-class binary masks (the paper's default); "softmax": multinomial across classes.
     loss_type: str = "sigmoid"
     class_agnostic: bool = False
@@ -230,6 +245,18 @@ def _r50_fpn() -> ModelConfig:
     return ModelConfig()
 
 
+def _r50_fpn_v2() -> ModelConfig:
+    """torchvision's maskrcnn_resnet50_fpn_v2 (Li et al., 2021, "Benchmarking Detection Transfer
+    Learning with Vision Transformers"): BatchNorm in the trunk, the FPN and the box and mask
+    heads, two RPN convs, a 4conv1fc box head; torchvision's other settings as r50_fpn's."""
+    return ModelConfig(
+        backbone=BackboneConfig(norm="bn", fpn_norm="bn"),
+        rpn=RPNConfig(conv_depth=2),
+        roi_heads=RoIHeadsConfig(box_head_type="conv_fc", box_head_norm="bn"),
+        mask_head=MaskHeadConfig(norm="bn"),
+    )
+
+
 def _small() -> ModelConfig:
     """A narrow ResNet-FPN that trains to useful masks in minutes on a 2-core CPU."""
     return ModelConfig(
@@ -287,6 +314,7 @@ def _small_keypoint() -> ModelConfig:
 
 PRESETS = {
     "r50_fpn": _r50_fpn,
+    "r50_fpn_v2": _r50_fpn_v2,
     "r101_fpn": _r101_fpn,
     "x101_32x8d_fpn": _x101_32x8d_fpn,
     "small": _small,

@@ -99,6 +99,7 @@ def _models(tv_state, min_size, max_size, layout="current"):
 
 
 def _check_same_detections(reference, ours, box_tol=0.01, score_tol=1e-4, min_mask_iou=0.99):
+    """Returns the pairs' largest box and score differences and their smallest mask IoU."""
     # the training images and unseen ones, of other sizes and aspect ratios, in one batch
     seen, _ = synthetic_batch(torch.Generator().manual_seed(1))
     unseen, _ = synthetic_batch(torch.Generator().manual_seed(7), count=2, size=(333, 250))
@@ -108,14 +109,19 @@ def _check_same_detections(reference, ours, box_tol=0.01, score_tol=1e-4, min_ma
         got = ours(images)
 
     confident = 0
+    box_diff, score_diff, ious = 0.0, 0.0, [1.0]
     for exp, out in zip(expected, got):
         exp_masks = exp["masks"][:, 0] >= 0.5
         pairs = _match(exp, out, score_thresh=reference.roi_heads.score_thresh, cap=reference.roi_heads.detections_per_img,
                        box_tol=box_tol, score_tol=score_tol)
         for i, j in pairs:
-            assert _mask_iou(out["masks"][j : j + 1], exp_masks[i : i + 1]).item() >= min_mask_iou
+            ious.append(_mask_iou(out["masks"][j : j + 1], exp_masks[i : i + 1]).item())
+            assert ious[-1] >= min_mask_iou
+            box_diff = max(box_diff, float((out["boxes"][j] - exp["boxes"][i]).abs().max()))
+            score_diff = max(score_diff, abs(float(out["scores"][j] - exp["scores"][i])))
         confident += int((exp["scores"] > 0.5).sum())
     assert confident >= 4, "the reference weights must give confident detections, or the test proves little"
+    return box_diff, score_diff, min(ious)
 
 
 @pytest.mark.slow
@@ -135,6 +141,13 @@ def test_fast_path_same_detections_as_torchvision(tv_state):
     reference, ours = _models(tv_state, 400, 560)
     fast = optimize_for_inference(copy.deepcopy(ours))
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules()), "every frozen BN follows a conv and folds"
+    _check_fast_path(reference, ours, fast)
+
+
+def _check_fast_path(reference, ours, fast, min_pairs=4):
+    """``fast``'s detections against torchvision's, and its masks against ``ours``' (the exact
+    path): test_fast_path_same_detections_as_torchvision's criteria. Returns the pairs' largest
+    box and score differences and their smallest mask IoU."""
     seen, _ = synthetic_batch(torch.Generator().manual_seed(1))
     unseen, _ = synthetic_batch(torch.Generator().manual_seed(7), count=2, size=(333, 250))
     images = seen + unseen
@@ -143,9 +156,12 @@ def test_fast_path_same_detections_as_torchvision(tv_state):
         exact = ours(images, mask_threshold=None)
         got = fast(images, mask_threshold=None)
     paired = total = 0
-    ious = []
+    ious, box_diff, score_diff = [], 0.0, 0.0
     for exp, ref, out in zip(expected, exact, got):
         pairs = _pairs(exp, out)
+        for i, j in pairs:
+            box_diff = max(box_diff, float((out["boxes"][j] - exp["boxes"][i]).abs().max()))
+            score_diff = max(score_diff, abs(float(out["scores"][j] - exp["scores"][i])))
         matched_exp, matched_out = {i for i, _ in pairs}, {j for _, j in pairs}
         for k in range(len(exp["scores"])):
             assert k in matched_exp or float(exp["scores"][k]) < 0.3, f"torchvision's confident detection {k} has no twin"
@@ -158,7 +174,8 @@ def test_fast_path_same_detections_as_torchvision(tv_state):
     assert paired >= 0.9 * total, (paired, total)
     # Pasting truncates the box to whole pixels, as torchvision does: a box 1e-3 px across an
     # integer shifts a whole mask by a pixel. So most masks are the same, none far off.
-    assert len(ious) >= 4 and min(ious) >= 0.8 and sorted(ious)[len(ious) // 2] >= 0.99, sorted(ious)[:5]
+    assert len(ious) >= min_pairs and min(ious) >= 0.8 and sorted(ious)[len(ious) // 2] >= 0.99, sorted(ious)[:5]
+    return box_diff, score_diff, min(ious)
 
 
 def test_written_back_in_torchvision_layout(tv_state):
@@ -176,14 +193,17 @@ def test_written_back_in_torchvision_layout(tv_state):
 # ---------------------------------------------------------------- through jobs.label, as users run it
 
 
-def _mixed_size_images(folder):
+MIXED_SIZES = [(200, 260), (333, 250), (210, 270), (200, 260), (300, 300), (333, 250), (190, 330), (210, 270)]
+
+
+def _mixed_size_images(folder, sizes=MIXED_SIZES):
     """Images of five sizes, landscape and portrait, some sharing a padded size at 400/560
     (200x260 and 210x270 both pad to 416x544) and some not: in a batch of any size, some pad
     others. Saved as PNG, and returned as the float images the job decodes (uint8 / 255)."""
     from PIL import Image
 
     images, uris = [], []
-    for k, size in enumerate([(200, 260), (333, 250), (210, 270), (200, 260), (300, 300), (333, 250), (190, 330), (210, 270)]):
+    for k, size in enumerate(sizes):
         (image,), _ = synthetic_batch(torch.Generator().manual_seed(100 + k), count=1, size=size)
         pixels = (image * 255).round().to(torch.uint8)
         uri = str(folder / f"{k:02d}.png")
@@ -193,13 +213,13 @@ def _mixed_size_images(folder):
     return images, uris
 
 
-def _label(tmp_path, name, images_dir, checkpoint, categories, *extra):
+def _label(tmp_path, name, images_dir, checkpoint, categories, *extra, arch="r50_fpn", size=(400, 560)):
     from jobs.label import main as label_main
     from tests.labeling_helpers import read_output
 
     out = str(tmp_path / name)
-    assert label_main(["--input", str(images_dir), "--output", out, "--checkpoint", checkpoint, "--arch", "r50_fpn",
-                       "--categories", categories, "--min-size", "400", "--max-size", "560", *extra]) == 0
+    assert label_main(["--input", str(images_dir), "--output", out, "--checkpoint", checkpoint, "--arch", arch,
+                       "--categories", categories, "--min-size", str(size[0]), "--max-size", str(size[1]), *extra]) == 0
     rows = read_output(out).to_pylist()
     return {row["image_uri"]: row for row in rows}
 
@@ -232,16 +252,22 @@ def test_jobs_label_at_its_defaults_gives_torchvisions_detections(tv_state, labe
     against torchvision's model on each image alone: every confident detection (>= 0.3) has its
     twin both ways (same category, box within 0.01 px, score within 1e-4; the fast path's
     criteria, see test_fast_path_same_detections_as_torchvision), and the twins' masks agree."""
-    from maskrcnn.masks import decode_masks
-
     images, uris, runs = labelled
     reference, _ = _models(tv_state, 400, 560)
+    _check_job_rows(reference, images, uris, runs["default"], min_confident=8)
+
+
+def _check_job_rows(reference, images, uris, rows, min_confident):
+    """jobs.label's ``rows`` (by image URI) against ``reference`` on each image alone: the
+    criteria of test_jobs_label_at_its_defaults_gives_torchvisions_detections."""
+    from maskrcnn.masks import decode_masks
+
     confident = 0
     ious = []
     for image, uri in zip(images, uris):
         with torch.inference_mode():
             (exp,) = reference([image])
-        row = runs["default"][uri]
+        row = rows[uri]
         assert row["error"] is None and (row["height"], row["width"]) == tuple(image.shape[-2:])
         instances = row["instances"]
         out = {
@@ -259,7 +285,7 @@ def test_jobs_label_at_its_defaults_gives_torchvisions_detections(tv_state, labe
         masks = torch.from_numpy(decode_masks([instances[j]["mask"] for _, j in pairs], *image.shape[-2:])).bool()
         for (i, _), mask in zip(pairs, masks):
             ious.append(_mask_iou(mask[None], (exp["masks"][i, 0] >= 0.5)[None]).item())
-    assert confident >= 8, "the reference weights must give confident detections, or the test proves little"
+    assert confident >= min_confident, "the reference weights must give confident detections, or the test proves little"
     assert min(ious) >= 0.8 and sorted(ious)[len(ious) // 2] >= 0.99, sorted(ious)[:5]
 
 

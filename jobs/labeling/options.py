@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch",
         default=None,
         metavar="PRESET",
-        help="architecture preset of a bare torchvision state dict (r50_fpn, r101_fpn, x101_32x8d_fpn, small; "
-        "keypoint_r50_fpn for keypointrcnn_resnet50_fpn)",
+        help="architecture preset of a bare torchvision state dict (r50_fpn; r50_fpn_v2 for maskrcnn_resnet50_fpn_v2; r101_fpn, "
+        "x101_32x8d_fpn, small; keypoint_r50_fpn for keypointrcnn_resnet50_fpn)",
     )
     io_group.add_argument(
         "--categories",

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--arch", default=None, metavar="PRESET",
-        help="model preset: r50_fpn, r101_fpn, x101_32x8d_fpn, small; the paper's ResNet-C4: r50_c4, r101_c4, small_c4; "
+        help="model preset: r50_fpn, r50_fpn_v2 (torchvision's v2), r101_fpn, x101_32x8d_fpn, small; "
+        "the paper's ResNet-C4: r50_c4, r101_c4, small_c4; "
         "or a Keypoint R-CNN: keypoint_r50_fpn (torchvision's keypointrcnn_resnet50_fpn) "
         "or small_keypoint (needs keypoints in --annotations) (default: r50_fpn, or the --weights checkpoint's own architecture)",
     )

@@ -6,11 +6,11 @@ from torch import nn
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.modeling.anchor_generator import AnchorGenerator
-from maskrcnn.modeling.backbone import build_resnet_c4_backbone, build_resnet_fpn_backbone
+from maskrcnn.modeling.backbone import HEAD_NORMS, build_resnet_c4_backbone, build_resnet_fpn_backbone, head_norm_layer
 from maskrcnn.modeling.meta_arch import MaskRCNN
 from maskrcnn.modeling.poolers import MultiScaleRoIPooler
 from maskrcnn.modeling.preprocessing import ImagePreprocessor
-from maskrcnn.modeling.roi_heads import FastRCNNPredictor, MaskRCNNConvHead, MaskRCNNPredictor, RoIHeads, TwoMLPHead
+from maskrcnn.modeling.roi_heads import ConvFCHead, FastRCNNPredictor, MaskRCNNConvHead, MaskRCNNPredictor, RoIHeads, TwoMLPHead
 from maskrcnn.modeling.roi_heads.keypoint_head import KeypointRCNNConvHead, KeypointRCNNPredictor
 from maskrcnn.modeling.rpn import RegionProposalNetwork, RPNHead
 from maskrcnn.modeling.roi_heads.c4_head import Res5BoxHead, Res5MaskFeatures
@@ -18,6 +18,7 @@ from maskrcnn.modeling.roi_heads.mask_head import MaskRCNNMLPHead, MLPMaskPredic
 
 BACKBONE_KINDS = ("fpn", "c4")
 MASK_HEAD_TYPES = ("fcn", "mlp")
+BOX_HEAD_TYPES = ("mlp", "conv_fc")
 
 
 def validate_config(cfg: ModelConfig) -> None:
@@ -30,6 +31,31 @@ def validate_config(cfg: ModelConfig) -> None:
     if cfg.mask_head.loss_type == "softmax" and cfg.mask_head.class_agnostic:
         raise ValueError("mask_head.loss_type 'softmax' competes across classes; it cannot be class_agnostic")
     _validate_keypoint_head(cfg)
+    _validate_norms_and_heads(cfg)
+
+
+def _validate_norms_and_heads(cfg: ModelConfig) -> None:
+    """The FPN's and the heads' norms, the RPN's conv depth, the box head type (r50_fpn_v2's fields)."""
+    b, h, m = cfg.backbone, cfg.roi_heads, cfg.mask_head
+    for where, norm in (("backbone.fpn_norm", b.fpn_norm), ("roi_heads.box_head_norm", h.box_head_norm), ("mask_head.norm", m.norm)):
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"{where} must be one of {HEAD_NORMS}, got {norm!r}")
+    if cfg.rpn.conv_depth < 1:
+        raise ValueError(f"rpn.conv_depth must be at least 1, got {cfg.rpn.conv_depth}")
+    if h.box_head_type not in BOX_HEAD_TYPES:
+        raise ValueError(f"roi_heads.box_head_type must be one of {BOX_HEAD_TYPES}, got {h.box_head_type!r}")
+    if h.box_head_type == "conv_fc" and (not h.box_conv_layers or any(c <= 0 for c in h.box_conv_layers)):
+        raise ValueError(f"roi_heads.box_conv_layers must be positive widths, at least one, got {tuple(h.box_conv_layers)}")
+    unused = [f"{where} {value!r}" for where, value, default in (
+        ("backbone.fpn_norm", b.fpn_norm, "none"), ("roi_heads.box_head_type", h.box_head_type, "mlp"),
+        ("roi_heads.box_head_norm", h.box_head_norm, "none"), ("mask_head.norm", m.norm, "none"),
+    ) if value != default and b.kind == "c4"]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: backbone.kind 'c4' has no FPN, and res5 is its box and mask heads; leave the defaults")
+    if h.box_head_norm != "none" and h.box_head_type != "conv_fc":
+        raise ValueError(f"roi_heads.box_head_norm {h.box_head_norm!r} is for the 'conv_fc' box head's convs; 'mlp' has none")
+    if m.norm != "none" and m.head_type != "fcn":
+        raise ValueError(f"mask_head.norm {m.norm!r} is for the 'fcn' head's convs; head_type {m.head_type!r} has none")
 
 
 def _validate_keypoint_head(cfg: ModelConfig) -> None:
@@ -57,7 +83,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     anchor_generator = _build_anchor_generator(cfg)
     rpn = RegionProposalNetwork(
         anchor_generator=anchor_generator,
-        head=RPNHead(channels, anchor_generator.num_anchors_per_location()[0]),
+        head=RPNHead(channels, anchor_generator.num_anchors_per_location()[0], conv_depth=r.conv_depth),
         fg_iou_thresh=r.fg_iou_thresh,
         bg_iou_thresh=r.bg_iou_thresh,
         batch_size_per_image=r.batch_size_per_image,
@@ -112,7 +138,7 @@ def _build_backbone(cfg: ModelConfig):
         )
     backbone = build_resnet_fpn_backbone(
         b.name, norm=b.norm, trainable_layers=b.trainable_layers, fpn_channels=b.fpn_channels,
-        small_widths=b.small_widths, small_blocks=b.small_blocks,
+        small_widths=b.small_widths, small_blocks=b.small_blocks, fpn_norm=b.fpn_norm,
     )
     return backbone, None, None
 
@@ -137,9 +163,15 @@ def _build_box_parts(cfg: ModelConfig, channels: int, res5, res5_channels) -> di
         return dict(
             box_pooler=_pooler(cfg, 2 * h.box_resolution), box_head=head, box_predictor=FastRCNNPredictor(res5_channels, cfg.num_classes)
         )
+    if h.box_head_type == "conv_fc":
+        box_head = ConvFCHead(
+            channels, h.box_resolution, tuple(h.box_conv_layers), h.representation_size, head_norm_layer(h.box_head_norm)
+        )
+    else:
+        box_head = TwoMLPHead(channels * h.box_resolution**2, h.representation_size)
     return dict(
         box_pooler=_pooler(cfg, h.box_resolution),
-        box_head=TwoMLPHead(channels * h.box_resolution**2, h.representation_size),
+        box_head=box_head,
         box_predictor=FastRCNNPredictor(h.representation_size, cfg.num_classes),
     )
 
@@ -165,7 +197,7 @@ def _build_mask_parts(cfg: ModelConfig, channels: int, box_head, res5_channels) 
         head = nn.Identity()  # res5 is the C4 head's conv tower
         predictor = MaskRCNNPredictor(in_channels, m.conv_layers[-1], num_masks)
     else:
-        head = MaskRCNNConvHead(in_channels, tuple(m.conv_layers), m.dilation)
+        head = MaskRCNNConvHead(in_channels, tuple(m.conv_layers), m.dilation, head_norm_layer(m.norm))
         predictor = MaskRCNNPredictor(m.conv_layers[-1], m.conv_layers[-1], num_masks)
     return dict(mask_pooler=pooler, mask_head=head, mask_predictor=predictor)
 

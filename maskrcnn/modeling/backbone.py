@@ -32,6 +32,16 @@ def _norm_layer(norm: str):
     raise ValueError(f"backbone norm must be 'frozen_bn', 'bn' or 'gn', got {norm!r}")
 
 
+HEAD_NORMS = ("none", "bn", "frozen_bn", "gn")
+
+
+def head_norm_layer(norm: str):
+    """The norm after the convs of the FPN and the RoI heads: None for "none" (convs with bias)."""
+    if norm not in HEAD_NORMS:
+        raise ValueError(f"norm must be one of {HEAD_NORMS}, got {norm!r}")
+    return None if norm == "none" else _norm_layer(norm)
+
+
 class SmallResNet(nn.Module):
     """A narrow ResNet of BasicBlocks for CPU training; the attribute names of torchvision's
     ResNet, so the same layer getter and freezing rules apply."""
@@ -64,10 +74,11 @@ class SmallResNet(nn.Module):
 class BackboneWithFPN(nn.Module):
     """Trunk stages res2..res5 -> FPN levels "0".."3" (P2..P5) and "pool" (P6)."""
 
-    def __init__(self, body: nn.Module, in_channels_list: list[int], out_channels: int):
+    def __init__(self, body: nn.Module, in_channels_list: list[int], out_channels: int, norm_layer=None):
         super().__init__()
         self.body = IntermediateLayerGetter(body, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"})
-        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, extra_blocks=LastLevelMaxPool())
+        # norm_layer: after each FPN conv (torchvision's v2: BatchNorm), keys "inner_blocks.i.1.*"
+        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer)
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
@@ -75,11 +86,11 @@ class BackboneWithFPN(nn.Module):
 
 
 def build_resnet_fpn_backbone(name: str, *, norm: str, trainable_layers: int, fpn_channels: int,
-                              small_widths=(16, 32, 64, 128), small_blocks=(1, 1, 1, 1)) -> BackboneWithFPN:
+                              small_widths=(16, 32, 64, 128), small_blocks=(1, 1, 1, 1), fpn_norm: str = "none") -> BackboneWithFPN:
     body, in_channels = build_trunk(
         name, norm=norm, trainable_layers=trainable_layers, small_widths=small_widths, small_blocks=small_blocks
     )
-    return BackboneWithFPN(body, in_channels, fpn_channels)
+    return BackboneWithFPN(body, in_channels, fpn_channels, head_norm_layer(fpn_norm))
 
 
 def build_trunk(name: str, *, norm: str, trainable_layers: int,

@@ -19,12 +19,15 @@ from maskrcnn.modeling.matcher import Matcher, sample_positives_negatives
 
 
 class RPNHead(nn.Module):
-    """A shared 3x3 conv, then 1x1 convs for A objectness logits and 4A box deltas per cell."""
+    """``conv_depth`` shared 3x3 convs (1; torchvision's v2: 2), then 1x1 convs for A objectness
+    logits and 4A box deltas per cell."""
 
-    def __init__(self, in_channels: int, num_anchors: int):
+    def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1):
         super().__init__()
-        # Sequential(Sequential(conv, relu)): the key layout of torchvision's RPNHead ("conv.0.0.weight").
-        self.conv = nn.Sequential(Conv2dNormActivation(in_channels, in_channels, kernel_size=3, norm_layer=None))
+        # Sequential(Sequential(conv, relu), ...): the key layout of torchvision's RPNHead ("conv.0.0.weight").
+        self.conv = nn.Sequential(
+            *(Conv2dNormActivation(in_channels, in_channels, kernel_size=3, norm_layer=None) for _ in range(conv_depth))
+        )
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
         for layer in self.modules():

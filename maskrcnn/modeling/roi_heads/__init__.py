@@ -1,4 +1,4 @@
-from maskrcnn.modeling.roi_heads.box_head import FastRCNNPredictor, TwoMLPHead, fast_rcnn_inference, fast_rcnn_loss
+from maskrcnn.modeling.roi_heads.box_head import ConvFCHead, FastRCNNPredictor, TwoMLPHead, fast_rcnn_inference, fast_rcnn_loss
 from maskrcnn.modeling.roi_heads.keypoint_head import (
     KeypointRCNNConvHead, KeypointRCNNPredictor, heatmaps_to_keypoints, keypoint_rcnn_inference, keypoint_rcnn_loss, keypoints_to_heatmap,
 )
@@ -6,7 +6,7 @@ from maskrcnn.modeling.roi_heads.mask_head import MaskRCNNConvHead, MaskRCNNPred
 from maskrcnn.modeling.roi_heads.roi_heads import RoIHeads
 
 __all__ = [
-    "FastRCNNPredictor", "TwoMLPHead", "fast_rcnn_inference", "fast_rcnn_loss",
+    "ConvFCHead", "FastRCNNPredictor", "TwoMLPHead", "fast_rcnn_inference", "fast_rcnn_loss",
     "MaskRCNNConvHead", "MaskRCNNPredictor", "mask_rcnn_inference", "mask_rcnn_loss", "RoIHeads",
     "KeypointRCNNConvHead", "KeypointRCNNPredictor", "heatmaps_to_keypoints", "keypoint_rcnn_inference",
     "keypoint_rcnn_loss", "keypoints_to_heatmap",

@@ -1,4 +1,5 @@
-"""Box branch: a 2-layer MLP on pooled RoI features, class scores and per-class box deltas.
+"""Box branch: a 2-layer MLP (or convs and one fc) on pooled RoI features, class scores and
+per-class box deltas.
 
 Shapes: R RoIs; C channels; S x S pooled size; K classes including background (index 0).
 The head only produces logits; the loss and inference are the free functions below it.
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import boxes as box_ops
+from torchvision.ops.misc import Conv2dNormActivation
 
 from maskrcnn.modeling.box_regression import BoxCoder
 from maskrcnn.modeling.nms import batched_nms
@@ -24,6 +26,26 @@ class TwoMLPHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(start_dim=1)  # (R, C, S, S) -> (R, C*S*S)
         return F.relu(self.fc7(F.relu(self.fc6(x))))
+
+
+class ConvFCHead(nn.Sequential):
+    """3x3 convs of ``conv_layers`` (with ReLU, and ``norm_layer`` then without bias), flatten,
+    one fc of ``representation_size`` with ReLU: (R, C, S, S) -> (R, representation_size).
+    torchvision's maskrcnn_resnet50_fpn_v2 box head (4 convs of 256 with BatchNorm, fc 1024), in
+    the key layout of its FastRCNNConvFCHead ("0.0.weight", ..., "{n + 1}.weight" for the fc)."""
+
+    def __init__(self, in_channels: int, resolution: int, conv_layers: tuple[int, ...], representation_size: int, norm_layer=None):
+        blocks: list[nn.Module] = []
+        for width in conv_layers:
+            blocks.append(Conv2dNormActivation(in_channels, width, kernel_size=3, norm_layer=norm_layer))
+            in_channels = width
+        blocks += [nn.Flatten(), nn.Linear(in_channels * resolution * resolution, representation_size), nn.ReLU(inplace=True)]
+        super().__init__(*blocks)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
 
 class FastRCNNPredictor(nn.Module):

@@ -15,20 +15,22 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 
 class MaskRCNNConvHead(nn.Sequential):
-    """``len(layers)`` 3x3 convs with ReLU (key layout of torchvision's MaskRCNNHeads: "0.0.weight")."""
+    """``len(layers)`` 3x3 convs with ReLU (key layout of torchvision's MaskRCNNHeads: "0.0.weight"),
+    each with ``norm_layer`` (then without bias; torchvision's v2: BatchNorm, "0.1.*") or none."""
 
-    def __init__(self, in_channels: int, layers: tuple[int, ...], dilation: int = 1):
+    def __init__(self, in_channels: int, layers: tuple[int, ...], dilation: int = 1, norm_layer=None):
         blocks = []
         for width in layers:
             blocks.append(
-                Conv2dNormActivation(in_channels, width, kernel_size=3, dilation=dilation, padding=dilation, norm_layer=None)
+                Conv2dNormActivation(in_channels, width, kernel_size=3, dilation=dilation, padding=dilation, norm_layer=norm_layer)
             )
             in_channels = width
         super().__init__(*blocks)
         for layer in self.modules():
             if isinstance(layer, nn.Conv2d):
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(layer.bias)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
 
 class MaskRCNNPredictor(nn.Module):
