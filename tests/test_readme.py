@@ -214,7 +214,7 @@ def test_quick_reference_matches_the_jobs():
         options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
         unknown = options - _options_of(job)
         assert not unknown, f"README's quick reference gives jobs.{job} options it does not have: {sorted(unknown)}"
-    assert seen == {"label", "train", "evaluate", "export_coco", "demo"}
+    assert seen == {"label", "train", "evaluate", "export_coco", "demo", "selftrain"}
 
 
 def test_every_command_in_the_readme_parses():

@@ -1,0 +1,201 @@
+"""jobs.selftrain, run as users run it: ``python -m jobs.selftrain ...`` subprocesses, each with its
+own local Ray (``RAY_ADDRESS=local``), on the sample data with the ``small`` preset, tiny images
+and a few training steps: the pipeline end to end over two rounds, and a run killed while it
+labels, then resumed. The input checks run in this process and start no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.common import JobError
+from jobs.selftrain import main
+from maskrcnn.data.synthetic import make_sample_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--arch", "small", "--min-size", "128", "--max-size", "192", "--max-steps", "4", "--num-workers", "1",
+        "--loader-workers", "0", "--log-every", "2"]
+
+
+class Job:
+    """A ``python -m jobs.selftrain`` subprocess in its own session (killed with its Ray)."""
+
+    def __init__(self, args: list[str], on_line=None):
+        self.lines: list[str] = []
+        env = dict(os.environ, RAY_ADDRESS="local", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jobs.selftrain", *args], cwd=REPO, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.on_line = on_line
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self.on_line is not None:
+                self.on_line(self)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.process.wait()
+            raise AssertionError(f"jobs.selftrain did not end in {timeout} s:\n" + "\n".join(self.lines[-80:])) from None
+        finally:
+            self.reader.join(10)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> dict:
+    """The sample data: 6 of 16 training images labelled (``labelled.json``), the other 10 in a
+    manifest (``unlabeled.txt``), 8 held-out images."""
+    root = tmp_path_factory.mktemp("selftrain-data")
+    splits = make_sample_dataset(str(root), {"train": 16, "val": 8})
+    annotations, images = splits["train"]
+    data = json.loads(Path(annotations).read_text())
+    labelled = {img["id"] for img in data["images"][:6]}
+    subset = dict(data, images=[i for i in data["images"] if i["id"] in labelled],
+                  annotations=[a for a in data["annotations"] if a["image_id"] in labelled])
+    (root / "labelled.json").write_text(json.dumps(subset))
+    rest = [os.path.join(images, i["file_name"]) for i in data["images"] if i["id"] not in labelled]
+    (root / "unlabeled.txt").write_text("\n".join(rest) + "\n")
+    return {"root": root, "images": images, "val": splits["val"], "labelled": sorted(i["file_name"] for i in subset["images"]),
+            "rest": rest, "args": ["--annotations", str(root / "labelled.json"), "--images", images,
+                                   "--val-annotations", splits["val"][0], "--val-images", splits["val"][1]]}
+
+
+def label_rows(labels: Path) -> list[str]:
+    parts = sorted(labels.glob("part-*.parquet"))
+    return [uri for part in parts for uri in pq.read_table(part, columns=["image_uri"])["image_uri"].to_pylist()]
+
+
+def test_two_rounds_end_to_end_on_the_sample_data(sample, tmp_path):
+    """The teacher trains, labels the training folder (the labelled images are left out of the
+    pseudo-labels), the students train on labelled + pseudo-labelled images, each round's student
+    teaches the next; the report has both APs and each round's figures."""
+    from pycocotools.coco import COCO
+
+    from maskrcnn.data import CocoDataset, missing_images
+
+    out = tmp_path / "run"
+    job = Job([*sample["args"], "--unlabeled", sample["images"], "--output", str(out), *FAST, "--rounds", "2",
+               "--score-threshold", '{"circle": 0.1, "*": 0.08}', "--labelled-repeat", "2", "--negatives", "keep"])
+    assert job.wait(600) == 0, job.output[-4000:]
+    assert job.lines[-1].startswith("selftrain: teacher mask AP "), job.lines[-3:]
+
+    report = json.loads((out / "selftrain.json").read_text())
+    for model in (report["teacher"], report["student"]):
+        assert 0 <= model["bbox_AP"] <= 1 and 0 <= model["segm_AP"] <= 1
+    assert report["student"]["round"] == 2
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert report["rounds"][1]["teacher"] == str(out / "round-1" / "student" / "model.pt")
+    for number, figures in enumerate(report["rounds"], start=1):
+        assert set(figures["seconds"]) == {"label", "select", "train", "evaluate"}, figures
+        assert figures["unlabeled_images"] == 16 and figures["labelled_left_out"] == 6
+        assert figures["pseudo_images"] == 10 and figures["pseudo_annotations"] == sum(figures["per_category"].values())
+
+        pseudo_file = out / f"round-{number}" / "pseudo.json"
+        pseudo = COCO(str(pseudo_file))  # valid COCO: pycocotools indexes it
+        names = [img["file_name"] for img in pseudo.dataset["images"]]
+        assert len(names) == len(set(names)) == 10 and not set(names) & set(sample["labelled"])
+        assert len(pseudo.dataset["annotations"]) == figures["pseudo_annotations"]
+        thresholds = {1: 0.1, 2: 0.08, 3: 0.08}
+        assert all(a["score"] >= thresholds[a["category_id"]] for a in pseudo.dataset["annotations"])
+
+        merged = CocoDataset(str(out / f"round-{number}" / "train.json"), sample["images"])  # file_names resolve
+        assert len(merged) == 2 * 6 + 10 and not missing_images(merged)
+    assert report["rounds"][0]["pseudo_annotations"] > 0  # the low thresholds keep some of an untrained teacher's boxes
+    assert "teacher" in report and set(report["teacher"]["seconds"]) == {"train", "evaluate"}
+
+
+def test_a_run_killed_while_labelling_resumes_without_relabelling_or_retraining(sample, tmp_path):
+    """SIGKILL (the driver and its Ray) once the first shard of labels is committed; the rerun of
+    the same command labels only the rest: every unlabeled image has exactly one row, the
+    teacher is neither retrained nor rescored, and the run completes."""
+    out = tmp_path / "run"
+    labels = out / "round-1" / "labels"
+    args = [*sample["args"], "--unlabeled", str(sample["root"] / "unlabeled.txt"), "--output", str(out), *FAST,
+            "--shard-size", "2", "--label-batch-size", "1", "--score-threshold", "0.08", "--negatives", "drop"]
+
+    def kill_once_a_shard_is_committed(job: Job) -> None:
+        if list(labels.glob("part-*.parquet")):
+            job.kill()
+
+    first = Job(args, on_line=kill_once_a_shard_is_committed)
+    deadline = time.monotonic() + 400
+    while first.process.poll() is None and time.monotonic() < deadline:
+        kill_once_a_shard_is_committed(first)  # also between lines
+        time.sleep(0.1)
+    assert first.wait(60) == -signal.SIGKILL, first.output[-3000:]
+    committed = len(list(labels.glob("part-*.parquet")))
+    assert 1 <= committed < 5, committed
+    teacher = out / "teacher" / "model.pt"
+    mtime, eval_mtime = teacher.stat().st_mtime_ns, (out / "teacher" / "eval.json").stat().st_mtime_ns
+    assert not (out / "round-1" / "pseudo.json").exists()
+
+    second = Job(args)
+    assert second.wait(600) == 0, second.output[-4000:]
+    assert "teacher: train on the 6 labelled images: done before" in second.output
+    assert f"{committed} already done, 5 in all" in second.output, second.output[-3000:]
+    assert teacher.stat().st_mtime_ns == mtime and (out / "teacher" / "eval.json").stat().st_mtime_ns == eval_mtime
+    rows = label_rows(labels)
+    assert sorted(rows) == sorted(sample["rest"]), "each unlabeled image labelled exactly once"
+
+    report = json.loads((out / "selftrain.json").read_text())
+    (figures,) = report["rounds"]
+    assert figures["unlabeled_images"] == 10 and figures["pseudo_images"] + figures["dropped_images"] == 10
+    pseudo = json.loads((out / "round-1" / "pseudo.json").read_text())
+    names = [img["file_name"] for img in pseudo["images"]]
+    assert len(names) == len(set(names)) and all(name in sample["rest"] for name in names)  # a manifest's full URIs
+    assert all(any(a["image_id"] == img["id"] for a in pseudo["annotations"]) for img in pseudo["images"])  # --negatives drop
+
+
+def test_wrong_input_stops_the_job_before_any_work(sample, tmp_path):
+    base = [*sample["args"], "--output", str(tmp_path / "run"), *FAST]
+    unlabeled = ["--unlabeled", sample["images"]]
+    cases = [
+        (["--unlabeled", str(tmp_path / "nowhere")], "--unlabeled"),
+        (["--unlabeled", str(tmp_path / "empty")], "holds no images"),
+        ([*unlabeled, "--score-threshold", "1.5"], "--score-threshold"),
+        ([*unlabeled, "--score-threshold", '{"hexagon": 0.5}'], "not a category"),
+        ([*unlabeled, "--score-threshold", "high"], "--score-threshold"),
+        ([*unlabeled, "--rounds", "0"], "--rounds"),
+        ([*unlabeled, "--batch-size", "0"], "--batch-size"),
+        ([*unlabeled, "--weights", str(tmp_path / "missing.pt"), "--student-init", "teacher"], "--weights"),
+        ([*unlabeled, "--val-annotations", str(tmp_path / "missing.json")], "--val-annotations"),
+    ]
+    (tmp_path / "empty").mkdir()
+    for extra, expected in cases:
+        with pytest.raises(JobError, match=expected):
+            main([*base, *extra])
+    with pytest.raises(JobError, match="inside --unlabeled"):
+        main([*sample["args"], "--unlabeled", str(tmp_path), "--output", str(tmp_path / "run"), *FAST])
+    assert not (tmp_path / "run").exists()
+    # from the command line: one line, no traceback
+    result = subprocess.run([sys.executable, "-m", "jobs.selftrain", *base, *unlabeled, "--score-threshold", "2"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("error: --score-threshold must be a number in [0, 1]")
