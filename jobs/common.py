@@ -34,6 +34,32 @@ def add_storage_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_size_options(group, default: str = "the checkpoint's or the preset's") -> None:
+    """--min-size and --max-size, the model's resize, for every job that runs a model."""
+    group.add_argument(
+        "--min-size", type=int, default=None, metavar="N",
+        help=f"resize the shorter image side to N pixels (default: {default}; 800 for r50_fpn)",
+    )
+    group.add_argument(
+        "--max-size", type=int, default=None, metavar="N",
+        help=f"... unless the longer side would pass N (default: {default}; 1333 for r50_fpn)",
+    )
+
+
+def add_precision_options(group, reference_path: str | None = None) -> None:
+    """--precision, and --reference-path (help ``reference_path``) for the jobs that run the
+    fast path."""
+    group.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        help="autocast precision of the model; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
+    )
+    if reference_path is not None:
+        group.add_argument(
+            "--reference-path", action="store_true",
+            help="run the model exactly as built (no norm folding, no channels_last) instead of the fast path" + reference_path,
+        )
+
+
 def parse_storage_options(text: str | None) -> dict | None:
     if not text:
         return None
@@ -243,7 +269,7 @@ def init_ray(address: str | None = None, **kwargs):
 
 def _start_s3_retry_tally() -> None:
     """Where the job's Ray workers count their S3 retries, for run_main's last line."""
-    from maskrcnn.storage import start_s3_retry_tally
+    from jobs.retries import start_s3_retry_tally
 
     start_s3_retry_tally()
 
@@ -340,7 +366,8 @@ def run_main(main, argv=None) -> None:
     whose S3 requests were retried says how many in its last line (``S3: 41 requests retried``)."""
     import signal
 
-    from maskrcnn.storage import s3_retries, s3_retries_line
+    from jobs.retries import s3_retries_line
+    from maskrcnn.storage import s3_retries
 
     install_sigterm_handler()
     retries_before = s3_retries()

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
+from jobs.common import JobError, add_precision_options, add_size_options, add_storage_options, parse_storage_options, run_main
 
 __all__ = ["main", "build_parser", "class_map_for"]
 
@@ -46,16 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="where to write the metrics as JSON: a .json file, or a folder (then <folder>/evaluation.json); default: print only",
     )
-    parser.add_argument(
-        "--min-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="resize the shorter side to N before the model (default: the checkpoint's, 800 for r50_fpn)",
-    )
-    parser.add_argument(
-        "--max-size", type=int, default=None, metavar="N", help="cap the longer side at N (default: the checkpoint's, 1333 for r50_fpn)"
-    )
+    add_size_options(parser, "the checkpoint's")
     parser.add_argument(
         "--arch",
         default=None,
@@ -76,17 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="DataLoader processes that read and decode images (default 2; 0 reads in this process)",
     )
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        default="auto",
-        help="autocast precision of the model; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
-    )
-    parser.add_argument(
-        "--reference-path",
-        action="store_true",
-        help="run the model exactly as built (no norm folding, no channels_last) instead of jobs.label's fast path",
-    )
+    add_precision_options(parser, reference_path=" that jobs.label runs")
     parser.add_argument(
         "--device", default="auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default auto)"
     )

@@ -8,8 +8,8 @@ Credentials and the endpoint of an S3-compatible store come from the standard AW
 
 S3 requests that fail for a passing reason (``503 SlowDown``, a dropped connection, a 5xx) are
 retried with backoff, a bounded number of times (``S3_RETRIES``, then s3fs's own few tries), and
-counted: ``s3_retries()`` in this process, ``s3_retries_line()`` for a job's last line, with the
-counts of its Ray workers (``start_s3_retry_tally``).
+counted: ``s3_retries()`` in this process and the processes it forked (a job adds its Ray
+workers' counts: jobs/retries.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import posixpath
 import selectors
 import sys
 import threading
-import time
 from typing import IO, Any
 
 import fsspec
@@ -29,7 +28,7 @@ from fsspec.utils import get_protocol
 
 __all__ = [
     "filesystem", "open_uri", "join_uri", "absolute_uri", "is_local", "explain_storage_error",
-    "count_s3_retry", "s3_retries", "report_s3_retries", "start_s3_retry_tally", "s3_retries_line",
+    "count_s3_retry", "s3_retries", "on_s3_retry", "s3_in_use", "in_forked_child",
 ]
 
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -109,25 +108,41 @@ def _options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, 
 # and jobs.labeling.decode.fetch around an image read (``count_s3_retry``).
 #
 # The count of this process lives in shared memory, so DataLoader processes forked from it add to
-# it. A Ray worker hands its count to the job's tally actor as it goes (``report_s3_retries``);
-# the driver adds the tally to its own count (``s3_retries_line``).
+# it. Ray workers hand theirs to their job (jobs/retries.py, through ``on_s3_retry``).
 
 _SHARED = mmap.mmap(-1, 8)  # anonymous and shared: forked children write to the same 8 bytes
 _COUNT = ctypes.c_int64.from_buffer(_SHARED)
 _COUNT_LOCK = threading.Lock()
-_REPORT_LOCK = threading.Lock()
-_REPORTED = 0  # of _COUNT, handed to the tally by this process
-_TALLY: list = [None, 0.0]  # the tally actor's handle (None: not made or found yet), and when a worker last looked for it
-RETRY_TALLY_NAME = "maskrcnn-s3-retries"  # in the job's Ray namespace: one per job
+_LISTENERS: list = []
 _HOOKS_INSTALLED = False
 _IN_FORKED_CHILD = False
 
 
 def count_s3_retry(n: int = 1) -> None:
-    """Counts ``n`` S3 requests sent again after a failure (and, in a Ray worker, reports them)."""
+    """Counts ``n`` S3 requests sent again after a failure, then calls the listeners
+    (``on_s3_retry``)."""
     with _COUNT_LOCK:
         _COUNT.value += n
-    report_s3_retries()
+    for listener in _LISTENERS:
+        listener()
+
+
+def on_s3_retry(listener) -> None:
+    """Calls ``listener()`` after each retry this process counts (jobs.retries hands the count of
+    a Ray worker to its job this way)."""
+    if listener not in _LISTENERS:
+        _LISTENERS.append(listener)
+
+
+def s3_in_use() -> bool:
+    """Whether this process made an S3 filesystem (and so counts its retries)."""
+    return _HOOKS_INSTALLED
+
+
+def in_forked_child() -> bool:
+    """Whether this process was forked from the one that imported this module (a DataLoader
+    worker): its count lands in its parent's, through the shared memory."""
+    return _IN_FORKED_CHILD
 
 
 def s3_retries() -> int:
@@ -182,91 +197,6 @@ def _install_s3_hooks() -> None:
         return
     previous = s3fs.core.CUSTOM_ERROR_HANDLER
     s3fs.core.set_custom_error_handler(lambda exc: bool(previous(exc)) or _retry_in_s3fs(exc))
-
-
-def _ray_worker():
-    """Ray, when this process is a Ray worker (not the driver, not a process it forked)."""
-    ray = sys.modules.get("ray")
-    if ray is None or _IN_FORKED_CHILD:
-        return None
-    try:
-        worker = ray._private.worker.global_worker
-        if not worker.connected or worker.mode != ray._private.worker.WORKER_MODE:
-            return None
-    except AttributeError:
-        return None
-    return ray
-
-
-def report_s3_retries() -> None:
-    """In a Ray worker: hands the retries counted here (and in processes it forked) since the
-    last report to the job's tally, when the job made one. Elsewhere: nothing."""
-    global _REPORTED
-    ray = _ray_worker()
-    if ray is None:
-        return
-    with _REPORT_LOCK:
-        delta = int(_COUNT.value) - _REPORTED
-        if delta <= 0:
-            return
-        if _TALLY[0] is None:
-            if time.monotonic() - _TALLY[1] < 10:  # looked for it a moment ago
-                return
-            _TALLY[1] = time.monotonic()
-            try:
-                _TALLY[0] = ray.get_actor(RETRY_TALLY_NAME)
-            except Exception:  # no tally: this job does not count its workers' retries
-                return
-        try:
-            _TALLY[0].add.remote(delta)
-        except Exception:  # the tally is gone (its job is ending)
-            _TALLY[0] = None
-            return
-        _REPORTED += delta
-
-
-class _RetryTally:
-    """The job's count of its Ray workers' S3 retries (a Ray actor, ``start_s3_retry_tally``)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def add(self, n: int) -> None:
-        self.count += n
-
-    def take(self) -> int:
-        n, self.count = self.count, 0
-        return n
-
-
-def start_s3_retry_tally() -> None:
-    """On the driver, once Ray is up, for a job that reads or writes S3: the actor its workers
-    report their retries to, named in the job's namespace (an existing one is kept: its count is
-    what ``s3_retries_line`` did not take yet)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized() or not _HOOKS_INSTALLED:
-        return
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # lives as long as the driver's node
-    actor = ray.remote(num_cpus=0, max_restarts=0)(_RetryTally)
-    # held here: a (non-detached) actor lives as long as its creator holds a handle
-    _TALLY[0] = actor.options(name=RETRY_TALLY_NAME, get_if_exists=True, scheduling_strategy=here).remote()
-
-
-def s3_retries_line(since: int = 0) -> str | None:
-    """``"S3: 41 requests retried"``: the retries of this process since ``s3_retries()`` was
-    ``since``, and those its Ray workers reported to the tally; None when there were none."""
-    count = s3_retries() - since
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized() and _ray_worker() is None and _TALLY[0] is not None:
-        try:
-            count += ray.get(_TALLY[0].take.remote(), timeout=30)
-        except Exception:  # the tally is gone: the driver's own count
-            pass
-    if count <= 0:
-        return None
-    return f"S3: {count} request{'s' if count != 1 else ''} retried"
 
 
 # ---------------------------------------------------------------- fork: leave the parent's connections alone

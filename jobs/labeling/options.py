@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import HelpFormatter, JobError, add_ray_options, add_storage_options, add_wait_for_gpus
+from jobs.common import (
+    HelpFormatter, JobError, add_precision_options, add_ray_options, add_size_options, add_storage_options, add_wait_for_gpus,
+)
 from jobs.labeling.plan import DEFAULT_SHARD_SIZE
 
 
@@ -86,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_options(io_group)
 
     model_group = parser.add_argument_group("model (defaults: the checkpoint's own; torchvision's 800, 1333, 0.05, 100 for r50_fpn)")
-    model_group.add_argument("--min-size", type=int, default=None, metavar="N", help="resize so the short side is N pixels ...")
-    model_group.add_argument("--max-size", type=int, default=None, metavar="N", help="... unless the long side would pass N")
+    add_size_options(model_group, "the checkpoint's")
     model_group.add_argument("--score-threshold", type=float, default=None, metavar="F", help="keep detections scoring at least F")
     model_group.add_argument(
         "--max-detections", type=int, default=None, metavar="N", help="keep at most N detections per image, best first"
@@ -127,18 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with --num-actors), while the actor's torch threads use all the CPUs of its node: decoding, a few ms an image, "
         "fits in the gaps of the model's ~0.5 s",
     )
-    run_group.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        default="auto",
-        help="autocast precision of the model; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
-    )
-    run_group.add_argument(
-        "--reference-path",
-        action="store_true",
-        help="run the model exactly as built (no norm folding, no channels_last) instead of the fast path; "
-        "with --precision fp32, the outputs of the model in a plain loop",
-    )
+    add_precision_options(run_group, reference_path="; with --precision fp32, the outputs of the model in a plain loop")
     run_group.add_argument(
         "--batches-in-flight",
         type=int,

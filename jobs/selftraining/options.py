@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import HelpFormatter, JobError, add_ray_options, add_storage_options
+from jobs.common import HelpFormatter, JobError, add_ray_options, add_size_options, add_storage_options
 
 DEFAULT_THRESHOLD = 0.7
 # Options passed on to every jobs.train run as they are (dest names); None or False: not passed.
@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--student-init", choices=("fresh", "teacher"), default="fresh",
         help="each student starts from --arch's initialisation (fresh) or from its teacher's weights",
     )
-    model.add_argument("--min-size", type=int, default=None, metavar="N", help="shorter image side for every stage (default: the preset's)")
-    model.add_argument("--max-size", type=int, default=None, metavar="N", help="cap of the longer image side (default: the preset's)")
+    add_size_options(model, "the preset's, for every stage")
 
     selftrain = parser.add_argument_group("self-training")
     selftrain.add_argument("--rounds", type=int, default=1, metavar="N", help="label-select-train rounds; a student teaches the next round")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import HelpFormatter, JobError, add_ray_options, add_storage_options, add_wait_for_gpus
+from jobs.common import (
+    HelpFormatter, JobError, add_precision_options, add_ray_options, add_size_options, add_storage_options, add_wait_for_gpus,
+)
 from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM
 
 
@@ -33,14 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, metavar="URI",
         help="run folder: Ray Train checkpoints, metrics.jsonl, metrics.png and the final model.pt",
     )
-    data.add_argument(
-        "--min-size", type=int, default=None, metavar="N",
-        help="resize the shorter image side to N (default: the preset's or the --weights checkpoint's; 800 for r50_fpn)",
-    )
-    data.add_argument(
-        "--max-size", type=int, default=None, metavar="N",
-        help="cap the longer image side at N (default: the preset's or checkpoint's; 1333 for r50_fpn)",
-    )
+    add_size_options(data, "the preset's or the --weights checkpoint's")
     data.add_argument("--flip-prob", type=float, default=0.5, metavar="P", help="probability of a horizontal flip of a training image")
     data.add_argument(
         "--loader-workers", type=int, default=4, metavar="N",
@@ -108,10 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_wait_for_gpus(cluster)
     add_ray_options(cluster)
-    cluster.add_argument(
-        "--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-        help="autocast precision of the forward pass; auto: bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPUs",
-    )
+    add_precision_options(cluster)
 
     run = parser.add_argument_group("checkpoints and metrics")
     run.add_argument(

@@ -38,7 +38,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train's loop on each worker. ``config``: ``plan``, a ``TrainPlan`` as a dict, and
     ``storage_options``, a ``Hidden`` dict or None. Trains from the latest checkpoint (or the
     start) to ``plan.total_steps``; rank 0 then writes ``model.pt``."""
-    from maskrcnn.storage import report_s3_retries
+    from jobs.retries import report_s3_retries
 
     try:
         _train(config)

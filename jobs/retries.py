@@ -1,0 +1,109 @@
+"""A job's count of the S3 requests its Ray workers retried, for its last line ("S3: 41 requests
+retried").
+
+``maskrcnn.storage`` counts the retries of one process (and of the processes it forks). Here a
+Ray worker hands its count, as it goes, to the job's tally: a named actor in the job's namespace
+that the driver makes (``start_s3_retry_tally``) and empties at the end (``s3_retries_line``).
+Importing ``jobs`` registers the hand-over, so every worker that runs the project's code does it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from maskrcnn import storage
+
+RETRY_TALLY_NAME = "maskrcnn-s3-retries"  # in the job's Ray namespace: one per job
+_REPORT_LOCK = threading.Lock()
+_REPORTED = 0  # of this process's count, handed to the tally
+_TALLY: list = [None, 0.0]  # the tally actor's handle (None: not made or found yet), and when a worker last looked for it
+
+
+def _ray_worker():
+    """Ray, when this process is a Ray worker (not the driver, not a process it forked)."""
+    ray = sys.modules.get("ray")
+    if ray is None or storage.in_forked_child():
+        return None
+    try:
+        worker = ray._private.worker.global_worker
+        if not worker.connected or worker.mode != ray._private.worker.WORKER_MODE:
+            return None
+    except AttributeError:
+        return None
+    return ray
+
+
+def report_s3_retries() -> None:
+    """In a Ray worker: hands the retries counted here (and in processes it forked) since the
+    last report to the job's tally, when the job made one. Elsewhere: nothing."""
+    global _REPORTED
+    ray = _ray_worker()
+    if ray is None:
+        return
+    with _REPORT_LOCK:
+        delta = storage.s3_retries() - _REPORTED
+        if delta <= 0:
+            return
+        if _TALLY[0] is None:
+            if time.monotonic() - _TALLY[1] < 10:  # looked for it a moment ago
+                return
+            _TALLY[1] = time.monotonic()
+            try:
+                _TALLY[0] = ray.get_actor(RETRY_TALLY_NAME)
+            except Exception:  # no tally: this job does not count its workers' retries
+                return
+        try:
+            _TALLY[0].add.remote(delta)
+        except Exception:  # the tally is gone (its job is ending)
+            _TALLY[0] = None
+            return
+        _REPORTED += delta
+
+
+class _RetryTally:
+    """The job's count of its Ray workers' S3 retries (a Ray actor, ``start_s3_retry_tally``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
+
+
+def start_s3_retry_tally() -> None:
+    """On the driver, once Ray is up, for a job that reads or writes S3: the actor its workers
+    report their retries to, named in the job's namespace (an existing one is kept: its count is
+    what ``s3_retries_line`` did not take yet)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or not storage.s3_in_use():
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # lives as long as the driver's node
+    actor = ray.remote(num_cpus=0, max_restarts=0)(_RetryTally)
+    # held here: a (non-detached) actor lives as long as its creator holds a handle
+    _TALLY[0] = actor.options(name=RETRY_TALLY_NAME, get_if_exists=True, scheduling_strategy=here).remote()
+
+
+def s3_retries_line(since: int = 0) -> str | None:
+    """``"S3: 41 requests retried"``: the retries of this process since ``storage.s3_retries()``
+    was ``since``, and those its Ray workers reported to the tally; None when there were none."""
+    count = storage.s3_retries() - since
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and _ray_worker() is None and _TALLY[0] is not None:
+        try:
+            count += ray.get(_TALLY[0].take.remote(), timeout=30)
+        except Exception:  # the tally is gone: the driver's own count
+            pass
+    if count <= 0:
+        return None
+    return f"S3: {count} request{'s' if count != 1 else ''} retried"
+
+
+storage.on_s3_retry(report_s3_retries)
