@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from jobs.train import build_parser, main
 from jobs.training.spec import resolve_lr_steps, steps_per_epoch
 from jobs.training.worker import shard_indices
 from maskrcnn.data.synthetic import make_sample_dataset
+from tests.job_process import Job, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 # Small images keep a 2-worker step near half a second on a 2-core CPU.
@@ -34,57 +34,6 @@ SMALL = ["--arch", "small", "--min-size", "160", "--max-size", "240", "--loader-
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-class Job:
-    """A ``python -m jobs.X`` subprocess in its own session (so that it, its local Ray and its
-    workers can be killed together), its output collected line by line."""
-
-    def __init__(self, module: str, args: list[str], on_line=None, env: dict | None = None):
-        self.lines: list[str] = []
-        self.on_line = on_line
-        environment = dict(os.environ, RAY_ADDRESS="local", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1", **(env or {}))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=REPO, env=environment, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if self.on_line is not None:
-                self.on_line(self, line)
-
-    def kill(self) -> None:
-        """SIGKILL the job's whole process group: the driver and the local Ray it started."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def wait(self, timeout: float) -> int:
-        try:
-            code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            self.process.wait()
-            raise AssertionError(f"job did not finish in {timeout} s; its output:\n" + self.output) from None
-        finally:
-            self.reader.join(10)
-        return code
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-
-def run_job(module: str, args: list[str], timeout: float = 240, **kwargs) -> Job:
-    job = Job(module, args, **kwargs)
-    code = job.wait(timeout)
-    assert code == 0, f"python -m {module} exited {code}:\n{job.output[-6000:]}"
-    return job
 
 
 def read_metrics(uri: str) -> list[dict]:

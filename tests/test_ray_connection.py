@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 from jobs.common import JobError, run_main
 from jobs.label import main as label_main
 from jobs.labeling.inputs import iter_input_uris
+from tests.job_process import Job
 from tests.labeling_helpers import local_parts, process_table, read_output, rgb_noise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,44 +58,6 @@ def _env(ray_tmpdir: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmpdir, PYTHONUNBUFFERED="1", **extra)
     return env
-
-
-class Job:
-    """`python -m jobs.label ...` in a subprocess; its output collected line by line."""
-
-    def __init__(self, args: list[str], env: dict):
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "jobs.label", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return predicate()
-
-    def wait(self, timeout: float) -> int:
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            pytest.fail(f"the job did not end within {timeout} s; its output:\n" + self.output[-3000:])
-        self._reader.join(timeout=10)
-        return code
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
 
 
 def _label_args(images: Path, output: Path, checkpoint: str, *extra: str) -> list[str]:
@@ -138,13 +100,13 @@ def test_value_and_job_errors_are_one_line_exit_2(capsys):
 def test_a_ray_address_that_does_not_answer_is_one_line_quickly(tmp_path, checkpoint, few_images, ray_tmpdir):
     dead = f"127.0.0.1:{_free_port()}"
     started = time.monotonic()
-    job = Job(_label_args(few_images, tmp_path / "out", checkpoint), _env(ray_tmpdir, RAY_ADDRESS=dead))
+    job = Job("jobs.label", _label_args(few_images, tmp_path / "out", checkpoint), environ=_env(ray_tmpdir, RAY_ADDRESS=dead))
     assert job.wait(120) == 2, job.output[-3000:]
     assert time.monotonic() - started < 60
     assert f"error: cannot reach the Ray cluster at {dead} (from RAY_ADDRESS)" in job.lines[-1], job.output[-3000:]
     assert "Traceback" not in job.output
     # --address says the same, naming the option
-    job = Job(_label_args(few_images, tmp_path / "out", checkpoint, "--address", dead), _env(ray_tmpdir))
+    job = Job("jobs.label", _label_args(few_images, tmp_path / "out", checkpoint, "--address", dead), environ=_env(ray_tmpdir))
     assert job.wait(120) == 2, job.output[-3000:]
     assert f"error: cannot reach the Ray cluster at {dead} (from --address)" in job.lines[-1], job.output[-3000:]
 
@@ -172,7 +134,7 @@ def test_another_programs_private_ray_is_never_joined(tmp_path, checkpoint, few_
         assert not os.path.exists(os.path.join(ray_tmpdir, "ray", "ray_current_cluster")), "a private ray.init() wrote the record"
 
         output = tmp_path / "out"
-        job = Job(_label_args(few_images, output, checkpoint, "--shard-size", "2"), _env(ray_tmpdir))
+        job = Job("jobs.label", _label_args(few_images, output, checkpoint, "--shard-size", "2"), environ=_env(ray_tmpdir))
         assert job.wait_for(lambda: any(s.startswith("ray: ") for s in job.lines), 180), job.output[-3000:]
         os.killpg(other.pid, signal.SIGKILL)  # the other program goes away mid-run
         other.wait(timeout=30)
@@ -197,7 +159,7 @@ def test_a_stale_ray_start_record_is_warned_about_and_skipped(tmp_path, checkpoi
     with open(os.path.join(ray_tmpdir, "ray", "ray_current_cluster"), "w") as f:
         f.write(dead)
     output = tmp_path / "out"
-    job = Job(_label_args(few_images, output, checkpoint), _env(ray_tmpdir))
+    job = Job("jobs.label", _label_args(few_images, output, checkpoint), environ=_env(ray_tmpdir))
     assert job.wait(240) == 0, job.output[-3000:]
     assert any(
         s.startswith("warning: the `ray start` head recorded in") and dead in s and "does not answer" in s for s in job.lines
@@ -214,7 +176,7 @@ def test_a_stale_ray_start_record_is_warned_about_and_skipped(tmp_path, checkpoi
 def test_an_interrupted_job_says_how_far_it_got_and_resumes(tmp_path, checkpoint, many_images, ray_tmpdir, ray_local, capsys, sig, code):
     output = tmp_path / "out"
     args = _label_args(many_images, output, checkpoint, "--shard-size", "2", "--batch-size", "1")
-    job = Job(args, _env(ray_tmpdir))
+    job = Job("jobs.label", args, environ=_env(ray_tmpdir))
     assert job.wait_for(lambda: local_parts(str(output)), 240), job.output[-3000:]
     job.process.send_signal(sig)
     sent = time.monotonic()

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,51 +20,11 @@ import pytest
 from jobs.common import JobError
 from jobs.selftrain import main
 from maskrcnn.data.synthetic import make_sample_dataset
+from tests.job_process import Job
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--arch", "small", "--min-size", "128", "--max-size", "192", "--max-steps", "4", "--num-workers", "1",
         "--loader-workers", "0", "--log-every", "2"]
-
-
-class Job:
-    """A ``python -m jobs.selftrain`` subprocess in its own session (killed with its Ray)."""
-
-    def __init__(self, args: list[str], on_line=None):
-        self.lines: list[str] = []
-        env = dict(os.environ, RAY_ADDRESS="local", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "jobs.selftrain", *args], cwd=REPO, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.on_line = on_line
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if self.on_line is not None:
-                self.on_line(self)
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            self.process.wait()
-            raise AssertionError(f"jobs.selftrain did not end in {timeout} s:\n" + "\n".join(self.lines[-80:])) from None
-        finally:
-            self.reader.join(10)
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +60,7 @@ def test_two_rounds_end_to_end_on_the_sample_data(sample, tmp_path):
     from maskrcnn.data import CocoDataset, missing_images
 
     out = tmp_path / "run"
-    job = Job([*sample["args"], "--unlabeled", sample["images"], "--output", str(out), *FAST, "--rounds", "2",
+    job = Job("jobs.selftrain", [*sample["args"], "--unlabeled", sample["images"], "--output", str(out), *FAST, "--rounds", "2",
                "--score-threshold", '{"circle": 0.1, "*": 0.08}', "--labelled-repeat", "2", "--negatives", "keep"])
     assert job.wait(600) == 0, job.output[-4000:]
     assert job.lines[-1].startswith("selftrain: teacher mask AP "), job.lines[-3:]
@@ -140,11 +99,11 @@ def test_a_run_killed_while_labelling_resumes_without_relabelling_or_retraining(
     args = [*sample["args"], "--unlabeled", str(sample["root"] / "unlabeled.txt"), "--output", str(out), *FAST,
             "--shard-size", "2", "--label-batch-size", "1", "--score-threshold", "0.08", "--negatives", "drop"]
 
-    def kill_once_a_shard_is_committed(job: Job) -> None:
+    def kill_once_a_shard_is_committed(job: Job, line: str = "") -> None:
         if list(labels.glob("part-*.parquet")):
             job.kill()
 
-    first = Job(args, on_line=kill_once_a_shard_is_committed)
+    first = Job("jobs.selftrain", args, on_line=kill_once_a_shard_is_committed)
     deadline = time.monotonic() + 400
     while first.process.poll() is None and time.monotonic() < deadline:
         kill_once_a_shard_is_committed(first)  # also between lines
@@ -156,7 +115,7 @@ def test_a_run_killed_while_labelling_resumes_without_relabelling_or_retraining(
     mtime, eval_mtime = teacher.stat().st_mtime_ns, (out / "teacher" / "eval.json").stat().st_mtime_ns
     assert not (out / "round-1" / "pseudo.json").exists()
 
-    second = Job(args)
+    second = Job("jobs.selftrain", args)
     assert second.wait(600) == 0, second.output[-4000:]
     assert "teacher: train on the 6 labelled images: done before" in second.output
     assert f"{committed} already done, 5 in all" in second.output, second.output[-3000:]
