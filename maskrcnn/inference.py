@@ -19,9 +19,12 @@ D: detections of one image; H x W: the image as decoded; h x w: the model's inpu
   top-k NMS), ``fast=False`` runs the model exactly as built. A batch runs as one forward per
   padded size (``meta_arch.predict_by_size``), so an image's detections do not depend on its
   batch. Each calling thread gets its own CUDA stream, so several batches can be in flight.
-- ``Detections``: numpy arrays on the host; masks as bit-packed crops: our model pastes each
-  mask over its box only (``paste_masks(box_local=True)``), another model's full masks are cut
-  to their extent on the device; ``mask_rles`` turns them into COCO RLE without a full-size mask.
+- ``Detections``: numpy arrays on the host. Our model pastes each mask over its box only
+  (``paste_masks(box_local=True)``); another model's full masks are cut to their extent on the
+  device. On a GPU (``runs_on_device``) the masks come to the host as COCO run lengths, counted
+  on the device for the whole batch and copied in one piece (``maskrcnn.masks.crop_runs``); on a
+  CPU, where that is slower than the crops, as the crops bit-packed. ``mask_rles`` turns either
+  into COCO RLE without a full-size mask.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch import Tensor
 
 from maskrcnn.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, as_float, decode_compact
 from maskrcnn.engine import autocast_context, autocast_dtype
-from maskrcnn.masks import RLE, encode_crops
+from maskrcnn.masks import RLE, compress_runs, crop_runs, encode_crops
 from maskrcnn.modeling.meta_arch import MaskRCNN, predict_by_size
 from maskrcnn.modeling.preprocessing import resize_image, resized_size
 
@@ -103,6 +106,10 @@ class Detections:
     labels: np.ndarray  # (D,) int64 class indices (0, the background, never appears)
     mask_extents: np.ndarray | None = None  # (D, 4) int32 y0, x0, y1, x1 holding the mask; None: no mask head
     mask_bits: np.ndarray | None = None  # the crops inside the extents, bit-packed end to end (``crop_masks``)
+    # or, made on the device (``maskrcnn.masks.crop_runs``), in place of the bits: each mask's COCO
+    # run lengths in the image laid end to end, and (D,) how many runs each mask has
+    mask_runs: np.ndarray | None = None
+    mask_run_lengths: np.ndarray | None = None
     keypoints: np.ndarray | None = None  # (D, K, 3) float32 x, y, score; None: no keypoint head
     image_size: tuple[int, int] = (0, 0)  # (H, W) of the image, which the masks' RLEs cover
 
@@ -110,10 +117,26 @@ class Detections:
         return len(self.scores)
 
     @classmethod
-    def from_output(cls, output: dict[str, Tensor], image_size: tuple[int, int] | None = None) -> Detections:
+    def from_outputs(cls, outputs: Sequence[dict[str, Tensor]], image_sizes: Sequence[tuple[int, int]], *,
+                     runs_on_device: bool = False) -> list[Detections]:
+        """``from_output`` of each image of a batch. ``runs_on_device``: box-local masks become
+        run lengths on their device, for the whole batch at once, with one copy to the host
+        (``maskrcnn.masks.crop_runs``), in place of crops copied to the host."""
+        if not (runs_on_device and outputs and all("mask_crops" in out for out in outputs)):
+            return [cls.from_output(out, size) for out, size in zip(outputs, image_sizes)]
+        runs, lengths = crop_runs([out["mask_crops"] for out in outputs], [out["mask_extents"] for out in outputs], image_sizes)
+        masks_per_image = np.cumsum([len(out["mask_crops"]) for out in outputs])
+        runs_per_image = np.concatenate([[0], np.cumsum(lengths)])[masks_per_image]
+        return [cls.from_output(out, size, mask_runs=(image_runs, image_lengths)) for out, size, image_runs, image_lengths
+                in zip(outputs, image_sizes, np.split(runs, runs_per_image[:-1]), np.split(lengths, masks_per_image[:-1]))]
+
+    @classmethod
+    def from_output(cls, output: dict[str, Tensor], image_size: tuple[int, int] | None = None,
+                    mask_runs: tuple[np.ndarray, np.ndarray] | None = None) -> Detections:
         """From the model's output dict for one image of ``image_size`` (H, W; default: the masks'):
-        ``boxes``, ``scores``, ``labels`` and optionally ``masks`` (D, H, W) bool and
-        ``keypoints``/``keypoints_scores``."""
+        ``boxes``, ``scores``, ``labels`` and optionally ``masks`` (D, H, W) bool, or box-local
+        ``mask_extents`` and ``mask_crops``, and ``keypoints``/``keypoints_scores``. ``mask_runs``:
+        the box-local masks' runs and run lengths (``crop_runs``), kept in place of the crops."""
         if image_size is None:
             image_size = tuple(output["masks"].shape[-2:]) if "masks" in output else (0, 0)
         det = cls(
@@ -122,8 +145,12 @@ class Detections:
             labels=output["labels"].detach().to("cpu", torch.int64).numpy(),
             image_size=(int(image_size[0]), int(image_size[1])),
         )
-        if "mask_crops" in output:  # box-local: crop d valid in its top-left (y1 - y0, x1 - x0)
+        if "mask_crops" in output and mask_runs is not None:
+            det.mask_extents = output["mask_extents"].to("cpu", torch.int32).numpy()
+            det.mask_runs, det.mask_run_lengths = mask_runs
+        elif "mask_crops" in output:  # box-local: crop d valid in its top-left (y1 - y0, x1 - x0)
             extents = output["mask_extents"].to("cpu", torch.int32)
+            # slices of the crops, one per mask: on a CPU far faster than a mask over all crops
             crops = [output["mask_crops"][d, : y1 - y0, : x1 - x0].reshape(-1) for d, (y0, x0, y1, x1) in enumerate(extents.tolist())]
             flat = torch.cat(crops).to("cpu").numpy() if crops else np.zeros(0, dtype=bool)
             det.mask_extents, det.mask_bits = extents.numpy(), np.packbits(flat)
@@ -138,19 +165,35 @@ class Detections:
 
     def mask_crops(self) -> list[np.ndarray]:
         """Each mask's crop, flat (row-major inside its extent), as bits 0/1."""
+        if self.mask_runs is not None:  # cut from the full mask the runs paint (to look at, not on a hot path)
+            height, width = self.image_size
+            crops = []
+            for (y0, x0, y1, x1), runs in zip(self.mask_extents.tolist(), self._runs_per_mask()):
+                full = np.repeat(np.arange(len(runs), dtype=np.uint8) % 2, runs).reshape(width, height).T
+                crops.append(full[y0:y1, x0:x1].reshape(-1))
+            return crops
         sizes = [(y1 - y0) * (x1 - x0) for y0, x0, y1, x1 in self.mask_extents.tolist()]
         bits = np.unpackbits(self.mask_bits)
         return np.split(bits[: sum(sizes)], np.cumsum(sizes)[:-1]) if sizes else []
 
     def mask_rles(self) -> tuple[list[RLE], np.ndarray]:
         """The masks as COCO compressed RLEs in the image, and their areas in pixels, straight
-        from the crops (``maskrcnn.masks.encode_crops``)."""
+        from the runs (``maskrcnn.masks.compress_runs``) or the crops (``encode_crops``)."""
+        if self.mask_runs is not None:
+            return compress_runs(*self.image_size, self.mask_runs, self.mask_run_lengths)
         return encode_crops(*self.image_size, self.mask_extents, self.mask_crops())
+
+    def _runs_per_mask(self) -> list[np.ndarray]:
+        return np.split(self.mask_runs, np.cumsum(self.mask_run_lengths)[:-1]) if len(self.mask_run_lengths) else []
 
     def select(self, keep: np.ndarray) -> Detections:
         """The detections where the boolean ``keep`` (D,) is True."""
         kept = Detections(self.boxes[keep], self.scores[keep], self.labels[keep], image_size=self.image_size)
-        if self.mask_extents is not None:
+        if self.mask_runs is not None:
+            kept.mask_extents, kept.mask_run_lengths = self.mask_extents[keep], self.mask_run_lengths[keep]
+            chosen = [r for r, k in zip(self._runs_per_mask(), keep.tolist()) if k]
+            kept.mask_runs = np.concatenate(chosen) if chosen else np.zeros(0, np.int32)
+        elif self.mask_extents is not None:
             crops = self.mask_crops()
             kept.mask_extents = self.mask_extents[keep]
             chosen = [c for c, k in zip(crops, keep.tolist()) if k]
@@ -164,10 +207,12 @@ class Predictor:
     """A model ready to predict: eval mode on ``device``, the fast path unless ``fast=False``,
     autocast to ``precision`` (auto: bf16 on GPUs, fp32 on CPUs; fp32, bf16, fp16), at most
     ``max_batch`` images per forward (None: a whole size group). ``fast=True`` changes ``model``
-    in place (its norms are folded): give it a model you do not train or save afterwards."""
+    in place (its norms are folded): give it a model you do not train or save afterwards.
+    ``runs_on_device``: masks counted into COCO runs on the device (``Detections.from_outputs``);
+    None: on a GPU, not on a CPU (where copying the crops and counting them on the host is faster)."""
 
     def __init__(self, model: torch.nn.Module, *, device: str | torch.device | None = None, fast: bool = True,
-                 precision: str = "auto", max_batch: int | None = None):
+                 precision: str = "auto", max_batch: int | None = None, runs_on_device: bool | None = None):
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         if fast:
@@ -177,6 +222,7 @@ class Predictor:
         self.fast = fast
         self.autocast_dtype = autocast_dtype(precision, self.device)
         self.max_batch = max_batch
+        self.runs_on_device = self.device.type != "cpu" if runs_on_device is None else runs_on_device
         self.label_map: dict[int, dict] = {}  # class index -> {"id", "name"}: set by from_checkpoint
         self.model_hash = ""
         self._local = threading.local()
@@ -217,7 +263,7 @@ class Predictor:
             with autocast_context(self.device, self.autocast_dtype):
                 outputs = predict_by_size(self.model, tensors, max_batch=self.max_batch, **options)
             # on this thread's stream: the copies to the host wait for its own work only
-            return [Detections.from_output(out, p.original_size) for out, p in zip(outputs, prepared)]
+            return Detections.from_outputs(outputs, [p.original_size for p in prepared], runs_on_device=self.runs_on_device)
 
     def _stream(self):
         """One CUDA stream per calling thread: a host sync in one batch waits for its own work only."""

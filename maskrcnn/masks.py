@@ -21,6 +21,8 @@ from torchvision.ops import box_convert
 __all__ = [
     "encode_masks",
     "encode_crops",
+    "compress_runs",
+    "crop_runs",
     "decode_masks",
     "validate_segmentation",
     "annotation_to_rle",
@@ -61,14 +63,13 @@ def encode_crops(height: int, width: int, extents: np.ndarray, crops: Sequence[n
     image's column-major order), so the work grows with the crop and its runs, not with the
     image: no full-size mask is ever made. Equal to ``encode_masks`` of the full masks.
     """
-    uncompressed, areas = [], np.zeros(len(crops), dtype=np.int64)
-    for i, ((y0, x0, y1, x1), crop) in enumerate(zip(np.asarray(extents).tolist(), crops)):
+    runs = []
+    for (y0, x0, y1, x1), crop in zip(np.asarray(extents).tolist(), crops):
         h, w = y1 - y0, x1 - x0
         crop = np.asarray(crop).reshape(h, w) != 0
         if h <= 0 or w <= 0 or not crop.any():
-            uncompressed.append({"size": [height, width], "counts": [height * width]})
+            runs.append(np.array([height * width]))
             continue
-        areas[i] = int(crop.sum())
         padded = np.zeros((h + 2, w), dtype=np.int8)
         padded[1:-1] = crop
         flat = padded.ravel(order="F")
@@ -79,11 +80,115 @@ def encode_crops(height: int, width: int, extents: np.ndarray, crops: Sequence[n
         if h == height:  # full-height crop: a column ending on and the next starting on touch
             same = np.flatnonzero(position[1:] == position[:-1])
             position = np.delete(position, np.concatenate([same, same + 1]))
-        counts = np.diff(np.concatenate([[0], position, [height * width]]))
-        uncompressed.append({"size": [height, width], "counts": counts.tolist()})
-    if not uncompressed:
-        return [], areas
+        runs.append(np.diff(np.concatenate([[0], position, [height * width]])))
+    lengths = np.array([len(r) for r in runs], dtype=np.int64)
+    return compress_runs(height, width, np.concatenate(runs) if runs else np.zeros(0, np.int64), lengths)
+
+
+def compress_runs(height: int, width: int, runs: np.ndarray, lengths: np.ndarray) -> tuple[list[RLE], np.ndarray]:
+    """Masks of a (height, width) image as uncompressed RLEs -> their compressed RLEs (str counts,
+    as ``pycocotools.mask.encode`` writes them) and areas (int64 pixels).
+
+    ``runs``: each mask's run lengths in column-major order, zeros first (COCO's uncompressed
+    counts), laid end to end; ``lengths`` (N,): how many runs each mask has (at least 1).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        return [], np.zeros(0, np.int64)
+    runs = np.asarray(runs, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    ones = (np.arange(len(runs)) - np.repeat(starts, lengths)) % 2 == 1  # runs 1, 3, 5... are the mask's pixels
+    areas = np.add.reduceat(np.where(ones, runs, 0), starts)
+    uncompressed = [{"size": [height, width], "counts": counts} for counts in np.split(runs, starts[1:])]
     return [_plain_rle(rle) for rle in mask_utils.frPyObjects(uncompressed, height, width)], areas
+
+
+def crop_runs(crops: Sequence[torch.Tensor], extents: Sequence[torch.Tensor],
+              image_sizes: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Box-local masks of a batch of images -> each mask's COCO run lengths in its whole image,
+    computed on the crops' device (CPU or CUDA) for all masks at once and copied to the host in
+    one piece: no full-size mask, no loop over masks.
+
+    Per image (a list entry each), D masks of a shared crop size Hc x Wc: ``crops`` (D, Hc, Wc)
+    bool, mask d in its top-left (y1 - y0, x1 - x0), anything beyond ignored; ``extents`` (D, 4)
+    y0, x0, y1, x1 (exclusive) of each crop in the image; ``image_sizes`` the image's (H, W).
+    Returns host int32 arrays over all masks, image after image: ``runs``, each mask's run lengths
+    in the image's column-major order (zeros first, as pycocotools counts them) laid end to end,
+    and ``lengths``, how many runs each mask has. ``compress_runs`` writes them as COCO strings:
+    the same as ``encode_masks`` of the full masks, byte for byte.
+    """
+    counts = [int(c.shape[0]) for c in crops]
+    total = sum(counts)
+    if total == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    device = crops[0].device
+    # image i's changes: a (D, Wc, Hc + 1) block of one flat buffer, so that one nonzero finds all
+    blocks = [int(c.shape[0] * c.shape[2] * (c.shape[1] + 1)) for c in crops]
+    changes = torch.zeros(sum(blocks), dtype=torch.bool, device=device)
+    bases = np.cumsum([0, *blocks[:-1]])
+    for image_crops, image_extents, (height, width), start, block in zip(crops, extents, image_sizes, bases.tolist(), blocks):
+        if block:
+            count, crop_h, crop_w = image_crops.shape
+            _mark_changes(image_crops, image_extents.to(device, torch.int64), int(height), int(width),
+                          changes[start: start + block].view(count, crop_w, crop_h + 1))
+    # per image: where its block starts, a mask's and a column's length in it, its first mask, H;
+    # per mask: H * W (one copy to the device)
+    meta = np.concatenate([bases, [c.shape[2] * (c.shape[1] + 1) for c in crops], [c.shape[1] + 1 for c in crops],
+                           np.cumsum([0, *counts[:-1]]), [int(size[0]) for size in image_sizes],
+                           np.repeat([int(h) * int(w) for h, w in image_sizes], counts)]).astype(np.int64)
+    meta = torch.from_numpy(meta).to(device)
+    images = len(crops)
+    base, mask_stride, column_stride, first_mask, image_height = meta[: 5 * images].view(5, images)
+    pixels = meta[5 * images:]
+    flat_index = changes.nonzero()[:, 0]  # in image, mask, column, row order: each mask's changes in order
+    image = torch.searchsorted(base, flat_index, right=True) - 1
+    local = flat_index - base[image]
+    mask_index = first_mask[image] + local // mask_stride[image]
+    local = local % mask_stride[image]
+    column, row = local // column_stride[image], local % column_stride[image]
+    all_extents = torch.cat([e.to(device, torch.int64) for e in extents])
+    position = (all_extents[mask_index, 1] + column) * image_height[image] + all_extents[mask_index, 0] + row
+    # mask d's runs: the differences of its change positions, from 0 and up to H * W
+    ends = torch.searchsorted(mask_index, torch.arange(1, total + 1, device=device))  # (D,) one past its last change
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    first = torch.arange(len(position), device=device) == starts[mask_index]
+    before = torch.where(first, torch.zeros_like(position), position.roll(1))
+    runs = torch.empty(len(position) + total, dtype=torch.int64, device=device)
+    runs[torch.arange(len(position), device=device) + mask_index] = position - before
+    last = position[(ends - 1).clamp(min=0)] if len(position) else torch.zeros_like(ends)
+    runs[ends + torch.arange(total, device=device)] = pixels - torch.where(ends > starts, last, torch.zeros_like(last))
+    # the one copy to the host, as int32 (pycocotools counts in 32 bits; an image has fewer pixels)
+    host = torch.cat([ends - starts + 1, runs]).to(torch.int32).cpu().numpy()
+    return host[total:], host[:total]
+
+
+def _mark_changes(crops: torch.Tensor, extents: torch.Tensor, height: int, width: int, out: torch.Tensor) -> None:
+    """``out`` (D, Wc, Hc + 1) bool <- where a run of ``crop_runs`` starts: element (j, i) is the
+    crop's pixel (i, j), in the image's column-major order, and i = h the pixel under the crop."""
+    count, crop_h, crop_w = crops.shape
+    device = crops.device
+    y0, x0, y1, x1 = extents.unbind(1)
+    h, w = (y1 - y0).clamp(0, crop_h), (x1 - x0).clamp(0, crop_w)
+    # (D, Hc, Wc) -> (D, Wc, Hc + 1): the crop's columns one after another, a zero row under each
+    inside = torch.zeros((count, crop_w, crop_h + 1), dtype=torch.bool, device=device)
+    rows, cols = torch.arange(crop_h, device=device), torch.arange(crop_w, device=device)
+    torch.logical_and(crops.transpose(1, 2), rows < h[:, None, None], out=inside[:, :, :crop_h])
+    inside &= (cols < w[:, None])[:, :, None]
+    # a change where a pixel differs from the one before it; a column's first follows the zero row
+    flat, changes = inside.view(count, -1), out.view(count, -1)
+    torch.ne(flat[:, 1:], flat[:, :-1], out=changes[:, 1:])
+    changes[:, 0] = flat[:, 0]
+    # A full-height crop's columns follow each other in the image: a run through column j's last
+    # row and column j + 1's first goes on, neither ends nor starts there.
+    last_row = (h - 1).clamp(min=0)[:, None, None].expand(count, crop_w, 1)
+    ends_on_last_row = inside.gather(2, last_row)[..., 0]  # (D, Wc)
+    goes_on = (h == height)[:, None] & ends_on_last_row[:, :-1] & inside[:, 1:, 0]  # (D, Wc - 1)
+    out[:, 1:, 0] &= ~goes_on
+    # nor ends a run in the row under the crop there, nor after the image's last pixel
+    under = h[:, None, None].expand(count, crop_w, 1)
+    past_end = ((y1 == height) & (x1 == width))[:, None] & (cols == w[:, None] - 1)  # (D, Wc)
+    no_change = torch.cat([goes_on, goes_on.new_zeros(count, 1)], 1) | past_end
+    out.scatter_(2, under, out.gather(2, under) & ~no_change[:, :, None])
 
 
 def _plain_rle(rle: dict) -> RLE:

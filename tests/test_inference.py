@@ -21,13 +21,16 @@ def model():
     return build_model(config).eval()
 
 
-def test_box_local_masks_give_the_full_size_masks_rles(model):
+@pytest.mark.parametrize("runs_on_device", [False, True], ids=["crops", "runs on the device"])
+def test_box_local_masks_give_the_full_size_masks_rles(model, runs_on_device):
     """Pasted over its box only, each mask has exactly the pixels of the full-size paste: the
-    RLEs equal pycocotools' of the model's own (D, H, W) masks, also for boxes at the borders."""
+    RLEs equal pycocotools' of the model's own (D, H, W) masks, also for boxes at the borders,
+    whether the crops come to the host or their runs, counted on the device for the batch."""
     generator = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 70, 90, generator=generator), torch.rand(3, 120, 60, generator=generator)]
-    predictor = Predictor(model, device="cpu", fast=False, precision="fp32")
+    predictor = Predictor(model, device="cpu", fast=False, precision="fp32", runs_on_device=runs_on_device)
     found = predictor.predict(images)
+    assert all((det.mask_runs is not None, det.mask_bits is None) == (runs_on_device, runs_on_device) for det in found)
     with torch.inference_mode():  # each image alone: the predictor batches an image only with its own size
         full = [model([image])[0] for image in images]
     touching = 0
@@ -46,12 +49,44 @@ def test_box_local_masks_give_the_full_size_masks_rles(model):
     assert touching > 0  # the border case was exercised
 
 
-def test_select_keeps_the_chosen_detections_and_their_masks(model):
-    (det,) = Predictor(model, device="cpu", fast=False).predict([torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(2))])
+@pytest.mark.parametrize("runs_on_device", [False, True], ids=["crops", "runs on the device"])
+def test_select_keeps_the_chosen_detections_and_their_masks(model, runs_on_device):
+    image = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(2))
+    (det,) = Predictor(model, device="cpu", fast=False, runs_on_device=runs_on_device).predict([image])
     keep = np.arange(len(det)) % 3 == 0
     kept = det.select(keep)
     assert len(kept) == int(keep.sum())
     assert kept.mask_rles()[0] == [r for r, k in zip(det.mask_rles()[0], keep) if k]
+
+
+def test_runs_and_crops_are_the_same_masks_through_the_label_rows(model):
+    """Both forms of the masks (crops on a CPU, runs counted on the device on a GPU) give the same
+    crops and, through jobs.label's actor columns and row stage, the same rows."""
+    from jobs.labeling.predict import detection_table
+    from jobs.labeling.rows import rows_table
+
+    generator = torch.Generator().manual_seed(4)
+    images = [torch.rand(3, 70, 90, generator=generator), torch.rand(3, 50, 40, generator=generator)]
+    batch = {
+        "shard": np.zeros(3, np.int32),
+        "index": np.arange(3, dtype=np.int32),
+        "image_uri": np.array(["a.png", "bad.png", "b.png"], dtype=object),
+        "height": np.array([70, -1, 50]),
+        "width": np.array([90, -1, 40]),
+    }
+    errors = [None, "not an image", None]
+    rows, crops = [], []
+    for runs_on_device in (False, True):
+        found = Predictor(model, device="cpu", fast=False, runs_on_device=runs_on_device).predict(images)
+        crops.append([np.concatenate(det.mask_crops()) for det in found])
+        table = detection_table(batch, errors, [found[0], None, found[1]])
+        assert table.column("mask_bits").null_count == (3 if runs_on_device else 0)
+        assert table.column("mask_runs").null_count == (0 if runs_on_device else 3)
+        rows.append(rows_table(table, label_map={}, model_hash="sha256:x"))
+    assert all((a == b).all() for a, b in zip(*crops))
+    assert rows[0].equals(rows[1])
+    instances = rows[0].column("instances").to_pylist()
+    assert len(instances[0]) > 0 and instances[1] == [] and all(i["mask"]["size"] == [70, 90] for i in instances[0])
 
 
 def test_prepare_keeps_small_images_as_decoded_and_resizes_large_ones_once():

@@ -3,8 +3,8 @@
 1. ``plan.read_shard_uris``: a shard id -> its image rows (shard, index, image_uri), from the plan.
 2. ``decode.decode_batch`` (CPU tasks): fetch, decode and size each image for the model.
 3. ``predict.LabelActor`` (actor pool, ``num_gpus`` per actor): one model per actor, batched
-   forwards; each mask leaves the device as a crop of its extent.
-4. ``rows.rows_table`` (CPU tasks): crops -> COCO RLE, boxes -> xywh, class -> category: the
+   forwards; each mask leaves the device as a crop of its extent (CPU) or as COCO run lengths (GPU).
+4. ``rows.rows_table`` (CPU tasks): crops or runs -> COCO RLE, boxes -> xywh, class -> category: the
    output schema.
 5. ``shards.ShardSink``: pieces per shard, each shard committed once, atomically, when whole.
 

@@ -1,12 +1,15 @@
-"""Stage 2, the model actors: prepared images -> each image's detections, with box-local mask
-crops, as typed columns. One ``maskrcnn.inference.Predictor`` per actor, loaded once.
+"""Stage 2, the model actors: prepared images -> each image's detections, with their masks as
+box-local crops (on a CPU) or COCO run lengths (on a GPU), as typed columns. One
+``maskrcnn.inference.Predictor`` per actor, loaded once.
 
 Columns out (R rows; D detections of a row, K keypoints): ``shard``, ``index``, ``image_uri``,
 ``height``, ``width`` as they came; ``error`` (string, null when none); ``boxes`` (list of 4D
 float32: x1, y1, x2, y2 in the image), ``scores`` (D float32), ``labels`` (D int32 class
-indices); ``mask_extents`` (4D int32: y0, x0, y1, x1) and ``mask_bits`` (binary, the crops
-bit-packed end to end), null without a mask head; ``keypoints`` (3KD float32: x, y, score), null
-without a keypoint head.
+indices); ``mask_extents`` (4D int32: y0, x0, y1, x1), null without a mask head; the masks in
+one of two forms, the other null: ``mask_bits`` (binary, the crops bit-packed end to end), or
+``mask_runs`` (int32, each mask's run lengths in the image, ``maskrcnn.masks.crop_runs``) with
+``mask_run_lengths`` (D int32, how many runs each mask has); ``keypoints`` (3KD float32: x, y,
+score), null without a keypoint head.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ DETECTION_SCHEMA = pa.schema(
         ("labels", pa.list_(pa.int32())),
         ("mask_extents", pa.list_(pa.int32())),
         ("mask_bits", pa.binary()),
+        ("mask_runs", pa.list_(pa.int32())),
+        ("mask_run_lengths", pa.list_(pa.int32())),
         ("keypoints", pa.list_(pa.float32())),
     ]
 )
@@ -89,13 +94,18 @@ class LabelActor:
 
 
 def detection_table(batch: dict[str, np.ndarray], errors: list[str | None], detections: list[Detections | None]) -> pa.Table:
-    """Rows of ``DETECTION_SCHEMA`` (a row without detections: empty lists, null masks)."""
+    """Rows of ``DETECTION_SCHEMA`` (a row without detections: empty lists and masks)."""
     def lists(values: list[np.ndarray | None], dtype) -> pa.Array:
         return pa.array([None if v is None else np.asarray(v, dtype).reshape(-1) for v in values], pa.list_(pa.from_numpy_dtype(dtype)))
 
     empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
     dets = [d if d is not None else empty for d in detections]
     has_masks = any(d.mask_extents is not None for d in detections if d is not None)
+    has_runs = any(d.mask_runs is not None for d in detections if d is not None)
+    has_bits = has_masks and not has_runs
+
+    def masks(values: list[np.ndarray | None], has: bool, dtype) -> pa.Array:  # null without a mask head
+        return lists([(v if v is not None else np.zeros(0, dtype)) if has else None for v in values], dtype)
     columns = {
         "shard": pa.array(np.asarray(batch["shard"], np.int32)),
         "index": pa.array(np.asarray(batch["index"], np.int32)),
@@ -106,10 +116,11 @@ def detection_table(batch: dict[str, np.ndarray], errors: list[str | None], dete
         "boxes": lists([d.boxes for d in dets], np.float32),
         "scores": lists([d.scores for d in dets], np.float32),
         "labels": lists([d.labels for d in dets], np.int32),
-        "mask_extents": lists([d.mask_extents if has_masks and d.mask_extents is not None else
-                               (np.zeros(0, np.int32) if has_masks else None) for d in dets], np.int32),
-        "mask_bits": pa.array([(d.mask_bits.tobytes() if d.mask_bits is not None else b"") if has_masks else None for d in dets],
+        "mask_extents": masks([d.mask_extents for d in dets], has_masks, np.int32),
+        "mask_bits": pa.array([(d.mask_bits.tobytes() if d.mask_bits is not None else b"") if has_bits else None for d in dets],
                               pa.binary()),
+        "mask_runs": masks([d.mask_runs for d in dets], has_runs, np.int32),
+        "mask_run_lengths": masks([d.mask_run_lengths for d in dets], has_runs, np.int32),
         "keypoints": lists([d.keypoints for d in dets], np.float32),
     }
     return pa.Table.from_pydict(columns, schema=DETECTION_SCHEMA)

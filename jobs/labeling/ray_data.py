@@ -11,7 +11,7 @@ Each input row's ``image`` is an H x W x 3 uint8 array (``read_images(mode="RGB"
 column passes through. Each output row has those columns (not the image) and ``width``,
 ``height``, ``instances``, ``error`` and ``model`` exactly as in jobs.label's Parquet output
 (jobs/labeling/rows.py). It is jobs.label's own model stage (``predict.LabelActor``: fast
-path, batched forward, masks cropped on the device) and row stage (``rows.rows_table``).
+path, batched forward, masks cropped, or counted into runs on a GPU, on the device) and row stage (``rows.rows_table``).
 """
 
 from __future__ import annotations

@@ -104,23 +104,32 @@ def instances_array(
 def rows_table(table: pa.Table, *, label_map: dict[int, dict], model_hash: str) -> pa.Table:
     """Detections (``predict.DETECTION_SCHEMA``) -> rows of ``PIECE_SCHEMA``: boxes as COCO xywh,
     class indices as categories (``label_map``: class index -> {"id", "name"}; an index it lacks
-    is "class K", id K), mask crops as COCO RLE in the image (``Detections.mask_rles``)."""
+    is "class K", id K), masks (crops or runs) as COCO RLE in the image (``Detections.mask_rles``)."""
     per_row = list_lengths(table.column("scores"))
     total = int(per_row.sum())
     boxes = flat(table.column("boxes"), np.float32).reshape(total, 4)
     xywh = box_convert(torch.from_numpy(boxes), "xyxy", "xywh").numpy()
     labels = flat(table.column("labels"), np.int64)
     categories = {int(k): label_map.get(int(k)) or {"id": int(k), "name": f"class {int(k)}"} for k in np.unique(labels)}
-    has_masks = table.column("mask_bits").null_count < table.num_rows or total == 0
+    has_masks = table.column("mask_extents").null_count < table.num_rows or total == 0
     areas, counts = np.zeros(0, np.int64), []
     if has_masks and total:
         heights, widths = table.column("height").to_pylist(), table.column("width").to_pylist()
-        extents, bits = table.column("mask_extents").to_pylist(), table.column("mask_bits").to_pylist()
+        extents = flat(table.column("mask_extents"), np.int32).reshape(total, 4)
         scores, starts, area_parts = flat(table.column("scores"), np.float32), np.cumsum(per_row) - per_row, []
+        has_runs = table.column("mask_runs").null_count < table.num_rows
+        if has_runs:
+            runs, run_lengths = flat(table.column("mask_runs"), np.int64), flat(table.column("mask_run_lengths"), np.int64)
+            run_ends = np.cumsum(list_lengths(table.column("mask_runs")))
+        else:
+            bits = table.column("mask_bits").to_pylist()
         for r in np.flatnonzero(per_row).tolist():
             rows = slice(starts[r], starts[r] + per_row[r])
-            det = Detections(boxes[rows], scores[rows], labels[rows], np.asarray(extents[r], np.int32).reshape(-1, 4),
-                             np.frombuffer(bits[r], np.uint8), image_size=(heights[r], widths[r]))
+            det = Detections(boxes[rows], scores[rows], labels[rows], extents[rows], image_size=(heights[r], widths[r]))
+            if has_runs:
+                det.mask_runs, det.mask_run_lengths = runs[run_ends[r - 1] if r else 0: run_ends[r]], run_lengths[rows]
+            else:
+                det.mask_bits = np.frombuffer(bits[r], np.uint8)
             rles, row_areas = det.mask_rles()
             counts.extend(rle["counts"] for rle in rles)
             area_parts.append(row_areas)
