@@ -39,7 +39,7 @@ step() {  # name, seconds, command...
 for s in $steps; do
     case $s in
         infer) step infer 200 $PY -m benchmarks.model_inference --device cuda --batch 1 8 --images 16 --repeats 3 --precision bf16 --profile 30 ;;
-        train) step train 150 bash -c "$PY -m benchmarks.train_step --precision bf16 --steps 20 && $PY -m benchmarks.train_step --precision fp32 --steps 10" ;;
+        train) step train 400 $PY -m benchmarks.train_step --precisions bf16 fp32 --batch-sizes 2 8 16 --steps 20 ;;
         label) step label 300 $PY -m benchmarks.label_pipeline --arch r50_fpn --image-size 480x640 --score-threshold 0 --images 2000 --distinct 64 --loop-images 64 --batch-size 8 --shard-size 64 --batches-in-flight 1 2 ;;
         infer32) step infer32 150 $PY -m benchmarks.model_inference --device cuda --batch 1 8 --images 16 --repeats 2 --precision fp32 ;;
         tests) step tests 420 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_overfit.py tests/test_job_train.py ;;

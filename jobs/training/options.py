@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--loader-workers", type=int, default=4, metavar="N",
         help="DataLoader processes per training worker that read and decode images (0: in the worker itself)",
     )
+    data.add_argument(
+        "--no-aspect-grouping", action="store_true",
+        help="batch the shuffled images as they come; by default a batch holds only landscape (wider than high) or only "
+        "portrait and square images, so that neither is padded to the other's shape (at most the epoch's last batch mixes them); "
+        "keep the choice when resuming a run, or the resumed epoch repeats and skips images",
+    )
     add_storage_options(data)
 
     model = parser.add_argument_group("model")

@@ -67,6 +67,8 @@ class TrainPlan:
     # "project" or "torchvision"; with reinit_class_layers the class-specific layers stay fresh
     weights_kind: str | None = None
     reinit_class_layers: bool = False
+    # landscape and portrait images in separate batches (jobs.training.worker.shard_batches)
+    aspect_grouping: bool = True
 
 
 def resolve_lr_steps(text: str, total_steps: int) -> list[int]:
@@ -116,6 +118,7 @@ def plan_run(args: argparse.Namespace, storage_options: dict | None) -> TrainPla
         loader_workers=args.loader_workers, precision=args.precision, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         val_annotations=args.val_annotations, val_images=val_images if args.val_annotations else None,
         eval_batch_size=args.eval_batch_size, weights=args.weights, weights_kind=weights_kind, reinit_class_layers=reinit,
+        aspect_grouping=not args.no_aspect_grouping,
     )
     start = "from scratch"
     if args.weights:

@@ -25,6 +25,21 @@ def shard_indices(num_items: int, world_size: int, rank: int, epoch: int, seed: 
     return list(sampler)
 
 
+def shard_batches(num_items: int, world_size: int, rank: int, epoch: int, seed: int, batch_size: int,
+                  landscape: list[bool] | None = None) -> list[list[int]]:
+    """This rank's batches of dataset indices for ``epoch``: its shard (``shard_indices``) cut
+    into ``batch_size``-image batches in order, or, given ``landscape`` (per dataset index,
+    ``maskrcnn.data.landscape_images``), with landscape and other images in separate batches
+    (``maskrcnn.data.group_by_orientation``). Either way ``ceil(shard / batch_size)`` batches,
+    a function of these arguments alone: a resumed run recomputes them and skips those done."""
+    from maskrcnn.data import group_by_orientation
+
+    indices = shard_indices(num_items, world_size, rank, epoch, seed)
+    if landscape is not None:
+        return group_by_orientation(indices, landscape, batch_size)
+    return [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+
+
 def targets_to(targets: list[dict], device) -> list[dict]:
     """``targets`` (one dict per image) with their tensors moved to ``device``, without waiting."""
     return [{k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in t.items()} for t in targets]
@@ -88,17 +103,19 @@ def _train(config: dict) -> None:
 
 
 def epoch_batches(run: WorkerRun):
-    """A DataLoader over this rank's shard of the epoch ``run.step`` is in, from the batch after
-    the last one trained (a resume mid-epoch skips the batches done)."""
+    """A DataLoader over this rank's shard of the epoch ``run.step`` is in (``shard_batches``;
+    grouped by orientation unless --no-aspect-grouping), from the batch after the last one
+    trained (a resume mid-epoch skips the batches done)."""
     import torch
 
-    from maskrcnn.data import collate_fn
+    from maskrcnn.data import collate_fn, landscape_images
 
     plan = run.plan
     epoch, skip_batches = divmod(run.step, plan.steps_per_epoch)
-    indices = shard_indices(len(run.dataset), run.world_size, run.rank, epoch, plan.seed)[skip_batches * plan.batch_size :]
+    landscape = landscape_images(run.dataset) if plan.aspect_grouping else None
+    batches = shard_batches(len(run.dataset), run.world_size, run.rank, epoch, plan.seed, plan.batch_size, landscape)
     return torch.utils.data.DataLoader(
-        run.dataset, batch_size=plan.batch_size, sampler=indices, num_workers=plan.loader_workers,
+        run.dataset, batch_sampler=batches[skip_batches:], num_workers=plan.loader_workers,
         collate_fn=collate_fn, pin_memory=run.device.type == "cuda",
     )
 

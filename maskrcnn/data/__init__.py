@@ -9,6 +9,7 @@ from maskrcnn.data.coco import (
     read_image,
 )
 from maskrcnn.data.coco_checks import AnnotationError
+from maskrcnn.data.grouping import group_by_orientation, landscape_images
 from maskrcnn.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from maskrcnn.data.transforms import Compose, RandomHorizontalFlip
 
@@ -21,6 +22,8 @@ __all__ = [
     "ImageDecodeError",
     "decode_image",
     "missing_images",
+    "group_by_orientation",
+    "landscape_images",
     "read_image",
     "make_sample_dataset",
     "Compose",
