@@ -657,3 +657,109 @@ def test_leading_batched_nms_across_blocks_and_empty():
         assert torch.equal(nms.leading_batched_nms(boxes, scores, idxs, 0.5, max_keep), full[:max_keep])
     assert nms.leading_batched_nms(boxes[:0], scores[:0], idxs[:0], 0.5, 10).shape == (0,)
     assert nms.leading_batched_nms(boxes, scores, idxs, 0.5, 0).shape == (0,)
+
+
+def _valid_subsets(count: int, images: int, seed: int) -> torch.Tensor:
+    """(images, count) valid flags, about 80% True, different per image."""
+    return torch.rand(images, count, generator=torch.Generator().manual_seed(seed)) > 0.2
+
+
+@pytest.mark.parametrize("count,classes,top_m", [(3000, 90, 512), (3000, 90, 64), (900, 5, 4096), (6000, 3, 256), (1, 1, 8), (40, 40, 8)])
+@pytest.mark.parametrize("max_keep", [1, 100])
+def test_top_m_batched_nms_is_torchvisions_nms_cut_to_max_keep(count, classes, top_m, max_keep):
+    """The box head's fixed-shape NMS over two images' valid boxes: per image torchvision's kept
+    boxes, first max_keep, equal scores (every fifth) in index order; with few candidates
+    compared (top_m 64 < max_keep 100), the full NMS runs, and is counted."""
+    from torchvision.ops import boxes as box_ops
+
+    from maskrcnn.modeling import nms
+
+    boxes, scores, idxs = _nms_inputs(count, classes, seed=count + classes)
+    valid = _valid_subsets(count, 2, seed=count)
+    nms.stats.clear()
+    got = nms.top_m_batched_nms(boxes.expand(2, -1, -1), scores.expand(2, -1), idxs.expand(2, -1), valid, 0.5, max_keep, top_m=top_m)
+    for image, keep in enumerate(got):
+        subset = torch.where(valid[image])[0]
+        full = subset[box_ops.batched_nms(boxes[subset], scores[subset], idxs[subset], 0.5)]
+        assert torch.equal(keep, _in_score_then_index_order(full, scores)[:max_keep])
+        assert torch.equal(keep, subset[nms.leading_batched_nms(boxes[subset], scores[subset], idxs[subset], 0.5, max_keep)])
+    assert nms.stats["images"] == 2
+    if top_m < max_keep < count:
+        assert nms.stats["full_nms"] == 2
+    if top_m >= count:
+        assert nms.stats["full_nms"] == 0
+
+
+def test_top_m_batched_nms_with_equal_scores_on_overlapping_boxes():
+    """Boxes three times over with the same score and class: the first of each kept, as by
+    torchvision's NMS; padding marked invalid (here with the highest scores) changes nothing."""
+    from torchvision.ops import boxes as box_ops
+
+    from maskrcnn.modeling import nms
+
+    boxes, scores, idxs = _nms_inputs(600, 20, seed=4)
+    triple = torch.arange(1800) // 3
+    boxes, scores, idxs = boxes[triple], scores[triple], idxs[triple]
+    full = box_ops.batched_nms(boxes, scores, idxs, 0.5)
+    assert len(full) >= 100 and bool((full % 3 == 0).all())
+    padded = [torch.cat([t, torch.full((50, *t.shape[1:]), fill, dtype=t.dtype)])[None] for t, fill in
+              ((boxes, 0.0), (scores, 2.0), (idxs, 0), (torch.ones(1800, dtype=torch.bool), False))]
+    for max_keep in (7, 100):
+        (got,) = nms.top_m_batched_nms(*padded, 0.5, max_keep, top_m=256)
+        assert torch.equal(got, _in_score_then_index_order(full, scores)[:max_keep])
+
+
+def _chain(length: int = 30):
+    """Boxes each overlapping the next (IoU 0.54), by decreasing score: greedy NMS keeps every
+    other one, and the fixed point needs as many rounds as the chain is long."""
+    steps = torch.arange(length, dtype=torch.float32)[:, None] * 3.0
+    boxes = torch.cat([steps, torch.zeros(length, 1), steps + 10, torch.full((length, 1), 10.0)], dim=1)
+    return boxes, torch.linspace(1, 0.1, length)
+
+
+@pytest.mark.parametrize("rounds", [1, 4, 40])
+def test_fixed_shape_nms_with_too_few_rounds_stays_exact(rounds):
+    """Boxes whose two last rounds agree are certain; the first max_keep kept before any
+    uncertain box are the answer, else the exact NMS runs (counted as unsettled)."""
+    from maskrcnn.modeling import nms
+
+    boxes, scores = _chain()
+    same, valid = torch.zeros(30, dtype=torch.int64), torch.ones(30, dtype=torch.bool)
+    for max_keep in (1, 2, 15, 20):
+        nms.stats.clear()
+        expected = nms.leading_batched_nms(boxes, scores, same, 0.5, max_keep)
+        got = nms.top_m_batched_nms(boxes[None], scores[None], same[None], valid[None], 0.5, max_keep, rounds=rounds)
+        assert torch.equal(got[0], expected)
+        # two groups of 10 and 20 (the chain cut in two): each settled on its own
+        grouped = nms.grouped_batched_nms(boxes[None], scores[None], valid[None], [10, 20], 0.5, max_keep, rounds=rounds)
+        cut = torch.cat([nms.leading_batched_nms(boxes[:10], scores[:10], same[:10], 0.5, 30),
+                         10 + nms.leading_batched_nms(boxes[10:], scores[10:], same[10:], 0.5, 30)])
+        assert torch.equal(grouped[0], _in_score_then_index_order(cut, scores)[:max_keep])
+        if rounds == 40 or max_keep == 1:  # enough rounds; the first box is certain after one
+            assert nms.stats["unsettled"] == 0
+        if rounds == 1 and max_keep == 20:
+            assert nms.stats["unsettled"] == 2  # one image each
+
+
+def test_grouped_batched_nms_is_the_per_level_nms_top_k():
+    """The RPN's fixed-shape NMS: levels of known sizes (each sorted inside the function), three
+    images with different valid boxes, equal scores (every seventh) in index order."""
+    from maskrcnn.modeling import nms
+
+    g = torch.Generator().manual_seed(0)
+    sizes, images = [300, 300, 200, 50], 3
+    count = sum(sizes)
+    xy = torch.rand(images, count, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + torch.rand(images, count, 2, generator=g) * 60 + 1], dim=2)
+    scores = torch.rand(images, count, generator=g)
+    scores[:, ::7] = 0.5
+    valid = torch.rand(images, count, generator=g) > 0.1
+    levels = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    for max_keep in (10, 1000):
+        got = nms.grouped_batched_nms(boxes, scores, valid, sizes, 0.7, max_keep)
+        for image in range(images):
+            subset = torch.where(valid[image])[0]
+            expected = subset[nms.leading_batched_nms(boxes[image, subset], scores[image, subset], levels[subset], 0.7, max_keep)]
+            assert torch.equal(got[image], expected)
+    assert [k.shape for k in nms.grouped_batched_nms(boxes[:0], scores[:0], valid[:0], sizes, 0.7, 10)] == []
+    assert all(len(k) == 0 for k in nms.top_m_batched_nms(boxes[:, :0], scores[:, :0], scores[:, :0].long(), valid[:, :0], 0.7, 10))

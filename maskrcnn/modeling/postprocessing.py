@@ -74,8 +74,8 @@ def paste_masks(
         bottom = torch.maximum((y0 + h).clamp(max=height), top)
         right = torch.maximum((x0 + w).clamp(max=width), left)
         extents = torch.stack([top, left, bottom, right], dim=1)
-        out_h = int((extents[:, 2] - top).max()) if num else 0
-        out_w = int((extents[:, 3] - left).max()) if num else 0
+        # the crops' size: one host sync (both sides in one read)
+        out_h, out_w = (extents[:, 2:] - extents[:, :2]).amax(dim=0).tolist() if num else (0, 0)
         y0, x0 = y0 - top, x0 - left
     else:
         out_h, out_w = height, width

@@ -14,7 +14,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from maskrcnn.modeling.anchor_generator import AnchorGenerator
 from maskrcnn.modeling.box_regression import BoxCoder
-from maskrcnn.modeling.nms import batched_nms
+from maskrcnn.modeling.nms import batched_nms, fixed_shape, grouped_batched_nms
 from maskrcnn.modeling.matcher import Matcher, sample_positives_negatives
 
 
@@ -162,17 +162,20 @@ class RegionProposalNetwork(nn.Module):
     def filter_proposals(
         self, proposals: Tensor, logits: Tensor, image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]
     ) -> list[Tensor]:
-        """Top-k per level, clip, drop tiny and low-scoring boxes, NMS per level, keep the best."""
+        """Top-k per level, clip, drop tiny and low-scoring boxes, NMS per level, keep the best.
+        Where NMS may stop at the top-k (training, the fast path) on an accelerator, all images
+        at once with fixed shapes and one host sync (``nms.grouped_batched_nms``): the same boxes."""
         num_images = proposals.shape[0]
         levels = torch.cat(
             [torch.full((n,), i, dtype=torch.int64, device=proposals.device) for i, n in enumerate(num_anchors_per_level)]
         )
-        top_idx = []
+        top_idx, top_per_level = [], []
         offset = 0
         for per_level in logits.split(num_anchors_per_level, dim=1):
             k = min(self.pre_nms_top_n(), per_level.shape[1])
             _, idx = per_level.topk(k, dim=1)
             top_idx.append(idx + offset)
+            top_per_level.append(k)
             offset += per_level.shape[1]
         top_idx = torch.cat(top_idx, dim=1)  # (N, k_total)
         batch_idx = torch.arange(num_images, device=proposals.device)[:, None]
@@ -180,6 +183,15 @@ class RegionProposalNetwork(nn.Module):
         proposals = proposals[batch_idx, top_idx]
         levels = levels[top_idx]
         scores = torch.sigmoid(logits)
+        top_n = self.post_nms_top_n()
+        leading = self.training or not self.exact_inference
+        if leading and fixed_shape(proposals.device):
+            # the same proposals with fixed shapes: filtered boxes marked invalid, not removed
+            boxes = torch.stack([box_ops.clip_boxes_to_image(b, size) for b, size in zip(proposals, image_sizes)])
+            widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+            valid = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
+            keep = grouped_batched_nms(boxes, scores, valid, top_per_level, self.nms_thresh, top_n)
+            return [b[k] for b, k in zip(boxes, keep)]
 
         results = []
         for boxes, score, lvl, size in zip(proposals, scores, levels, image_sizes):
@@ -188,9 +200,7 @@ class RegionProposalNetwork(nn.Module):
             boxes, score, lvl = boxes[keep], score[keep], lvl[keep]
             keep = torch.where(score >= self.score_thresh)[0]
             boxes, score, lvl = boxes[keep], score[keep], lvl[keep]
-            top_n = self.post_nms_top_n()
-            leading = top_n if self.training or not self.exact_inference else None
-            keep = batched_nms(boxes, score, lvl, self.nms_thresh, max_keep=leading)[:top_n]
+            keep = batched_nms(boxes, score, lvl, self.nms_thresh, max_keep=top_n if leading else None)[:top_n]
             results.append(boxes[keep])
         return results
 

@@ -14,7 +14,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops.misc import Conv2dNormActivation
 
 from maskrcnn.modeling.box_regression import BoxCoder
-from maskrcnn.modeling.nms import batched_nms
+from maskrcnn.modeling.nms import batched_nms, fixed_shape, top_m_batched_nms
 
 
 class TwoMLPHead(nn.Module):
@@ -91,13 +91,16 @@ def fast_rcnn_inference(
 
     Each RoI yields one candidate per foreground class whose score passes ``score_thresh``.
     ``leading_nms``: NMS stops once it has ``detections_per_img`` boxes (``nms.batched_nms``'s
-    ``max_keep``; equal scores then come in index order).
+    ``max_keep``; equal scores then come in index order); on an accelerator all images at once
+    with fixed shapes (``nms.top_m_batched_nms``), the same detections.
     """
     num_classes = pred_class_logits.shape[-1]
     boxes_per_image = [p.shape[0] for p in proposals]
     # (R, K*4) on (R, 4) -> (R, K, 4)
     pred_boxes = box_coder.decode(pred_box_deltas, torch.cat(proposals, dim=0))
     pred_scores = F.softmax(pred_class_logits, -1)
+    if leading_nms and fixed_shape(pred_boxes.device):
+        return _fixed_shape_inference(pred_boxes, pred_scores, boxes_per_image, image_sizes, score_thresh, nms_thresh, detections_per_img)
     results = []
     for boxes, scores, size in zip(pred_boxes.split(boxes_per_image), pred_scores.split(boxes_per_image), image_sizes):
         boxes = box_ops.clip_boxes_to_image(boxes, size)
@@ -114,3 +117,30 @@ def fast_rcnn_inference(
         keep = keep[:detections_per_img]
         results.append((boxes[keep], scores[keep], labels[keep]))
     return results
+
+
+def _fixed_shape_inference(
+    pred_boxes: Tensor, pred_scores: Tensor, boxes_per_image: list[int], image_sizes: list[tuple[int, int]],
+    score_thresh: float, nms_thresh: float, detections_per_img: int,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``fast_rcnn_inference`` with ``leading_nms`` for all images at once: candidates that fail the
+    score or size filter are marked invalid rather than removed, each image's candidates padded
+    to the batch's most, and one host sync in all (``nms.top_m_batched_nms``)."""
+    num_classes = pred_scores.shape[-1]
+    most = max(boxes_per_image) * (num_classes - 1)
+    padded_boxes, padded_scores, padded_valid = [], [], []
+    for boxes, scores, size in zip(pred_boxes.split(boxes_per_image), pred_scores.split(boxes_per_image), image_sizes):
+        # drop background, then (R, K-1, ...) -> (R*(K-1), ...), padded to the batch's most
+        boxes = box_ops.clip_boxes_to_image(boxes, size)[:, 1:].reshape(-1, 4)
+        scores = scores[:, 1:].reshape(-1)
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        valid = (scores > score_thresh) & (widths >= 1e-2) & (heights >= 1e-2)  # remove_small_boxes's test
+        pad = most - scores.shape[0]
+        padded_boxes.append(F.pad(boxes, (0, 0, 0, pad)))
+        padded_scores.append(F.pad(scores, (0, pad)))
+        padded_valid.append(F.pad(valid, (0, pad), value=False))
+    boxes, scores = torch.stack(padded_boxes), torch.stack(padded_scores)
+    # (R*(K-1),) flat candidate index -> class: RoI-major, classes 1..K-1 within
+    labels = (torch.arange(most, device=boxes.device) % (num_classes - 1) + 1).expand(len(boxes_per_image), most)
+    keep = top_m_batched_nms(boxes, scores, labels, torch.stack(padded_valid), nms_thresh, detections_per_img)
+    return [(b[k], s[k], lb[k]) for b, s, lb, k in zip(boxes, scores, labels, keep)]

@@ -1,0 +1,223 @@
+"""jobs.train's training step and what feeds it: the batches (aspect-ratio grouping, the order a
+resumed run recomputes), the optimizer (fused SGD on a GPU), and the host syncs of one step.
+
+The fast tests here need no Ray: ``jobs.training.worker``'s batching is called with a stand-in
+for the worker's run, on a real ``CocoDataset`` of the synthetic shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from jobs.training.spec import steps_per_epoch
+from jobs.training.worker import epoch_batches, shard_batches
+from maskrcnn.config import get_preset
+from maskrcnn.data import CocoDataset, group_by_orientation, landscape_images, make_sample_dataset
+from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, make_optimizer, sgd_kernel, train_step
+from maskrcnn.modeling import build_model
+from tests.test_keypoints import one_thread  # noqa: F401  (a fixture, used by name)
+from tests.test_syncs import as_on_a_gpu, recorded_syncs  # noqa: F401  (as_on_a_gpu: a fixture, used by name)
+from tests.tv_reference import synthetic_batch
+
+# --------------------------------------------------------------------------------------------
+# Batches: landscape and portrait apart, every image once, the same order on a resume
+
+
+def _check_grouped(batches: list[list[int]], indices: list[int], landscape: list[bool], batch_size: int) -> None:
+    assert len(batches) == math.ceil(len(indices) / batch_size)  # the steps of an ungrouped epoch
+    assert sorted(i for batch in batches for i in batch) == sorted(indices)  # each index as often as given
+    mixed = [k for k, batch in enumerate(batches) if len({landscape[i] for i in batch}) > 1]
+    assert mixed in ([], [len(batches) - 1])  # only the last batch may mix, the two leftovers together
+    short = [k for k, batch in enumerate(batches) if len(batch) < batch_size]
+    assert all(k >= len(batches) - 2 for k in short)  # the leftovers: one or two batches at the end
+    if mixed:
+        assert len(batches[-1]) <= batch_size and len(short) <= 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8])
+def test_batches_keep_landscape_and_portrait_images_apart(batch_size):
+    rng = random.Random(batch_size)
+    for count in (0, 1, 5, 17, 64):
+        landscape = [rng.random() < 0.6 for _ in range(count)]
+        indices = rng.sample(range(count), count)
+        _check_grouped(group_by_orientation(indices, landscape, batch_size), indices, landscape, batch_size)
+    # a full batch is cut as soon as its orientation has batch_size images: the shuffle's order kept
+    assert group_by_orientation([0, 1, 2, 3, 4, 5], [True, False, True, False, False, True], 2) == [[0, 2], [1, 3], [5, 4]]
+    # leftovers that fit one batch make the one mixed batch; more than that stay apart
+    assert group_by_orientation([0, 1, 2], [True, True, False], 2) == [[0, 1], [2]]
+    assert group_by_orientation([0, 1, 2, 3], [True, False, False, False], 3) == [[1, 2, 3], [0]]
+    assert group_by_orientation([0, 1, 2, 3, 4], [True, True, False, False, True], 3) == [[0, 1, 4], [2, 3]]
+    assert group_by_orientation([0, 1, 2], [True, False, True], 4) == [[0, 2, 1]]
+    assert group_by_orientation([0, 1, 2, 3, 4, 5], [True, False, True, False, True, False], 4) == [[0, 2, 4], [1, 3, 5]]
+
+
+@pytest.mark.parametrize("num_items,world_size,batch_size", [(24, 2, 2), (25, 2, 4), (7, 3, 2), (1, 4, 2)])
+def test_shard_batches_are_a_function_of_seed_epoch_and_rank(num_items, world_size, batch_size):
+    landscape = [random.Random(num_items).random() < 0.5 for _ in range(num_items)]
+    steps = steps_per_epoch(num_items, world_size, batch_size)
+    for grouping in (landscape, None):
+        for epoch in (0, 1):
+            shards = [shard_batches(num_items, world_size, rank, epoch, 7, batch_size, grouping) for rank in range(world_size)]
+            assert all(len(batches) == steps for batches in shards)  # every rank takes the epoch's steps
+            assert {i for batches in shards for batch in batches for i in batch} == set(range(num_items))
+            again = [shard_batches(num_items, world_size, rank, epoch, 7, batch_size, grouping) for rank in range(world_size)]
+            assert again == shards  # what a resumed run recomputes
+    if num_items >= 24:
+        assert shard_batches(num_items, world_size, 0, 0, 7, batch_size, landscape) != shard_batches(
+            num_items, world_size, 0, 1, 7, batch_size, landscape
+        )  # reshuffled per epoch
+        assert shard_batches(num_items, world_size, 0, 0, 7, batch_size) != shard_batches(
+            num_items, world_size, 0, 0, 8, batch_size
+        )  # and per seed
+
+
+@pytest.fixture(scope="module")
+def shapes_dataset(tmp_path_factory):
+    """13 synthetic images of 160-320 px a side, landscape and portrait mixed."""
+    annotations, images = make_sample_dataset(str(tmp_path_factory.mktemp("shapes")), {"train": 13}, seed=5)["train"]
+    return CocoDataset(annotations, images)
+
+
+def _worker_run(dataset, rank: int, step: int, grouping: bool = True):
+    """What ``epoch_batches`` reads of a worker's run: 2 ranks x 2 images a step."""
+    plan = SimpleNamespace(steps_per_epoch=steps_per_epoch(len(dataset), 2, 2), seed=3, batch_size=2, aspect_grouping=grouping,
+                           loader_workers=0)
+    return SimpleNamespace(plan=plan, dataset=dataset, world_size=2, rank=rank, step=step, device=torch.device("cpu"))
+
+
+def test_a_worker_trains_grouped_batches_and_resumes_at_the_batch_it_reached(shapes_dataset):
+    landscape = landscape_images(shapes_dataset)
+    assert 3 <= sum(landscape) <= 10  # both orientations, so the grouping has something to do
+    per_epoch = steps_per_epoch(len(shapes_dataset), 2, 2)  # 7 images a rank: 4 steps
+    for rank in (0, 1):
+        run = _worker_run(shapes_dataset, rank, 0)
+        epoch = [([image.shape[-2:] for image in images], [t["image_id"] for t in targets]) for images, targets in epoch_batches(run)]
+        assert len(epoch) == per_epoch
+        for k, (sizes, _) in enumerate(epoch[:-1]):  # all but the last: one orientation, from the decoded images
+            assert len({int(w) > int(h) for h, w in sizes}) == 1, (k, sizes)
+        ids = [image_ids for _, image_ids in epoch]
+        for step in (1, 3, per_epoch + 2):  # mid-epoch, the last batch, the next epoch
+            resumed = [[t["image_id"] for t in targets] for _, targets in epoch_batches(_worker_run(shapes_dataset, rank, step))]
+            if step < per_epoch:
+                assert resumed == ids[step:]
+            else:
+                assert len(resumed) == 2 * per_epoch - step
+    # --no-aspect-grouping: the shard in its shuffled order
+    flat = shard_batches(len(shapes_dataset), 2, 0, 0, 3, 2)
+    plain = [[t["image_id"] for t in targets] for _, targets in epoch_batches(_worker_run(shapes_dataset, 0, 0, grouping=False))]
+    assert plain == [[shapes_dataset.image_ids[i] for i in batch] for batch in flat]
+
+
+def test_landscape_images_are_read_from_the_annotations(shapes_dataset):
+    expected = [image.shape[-1] > image.shape[-2] for image, _ in (shapes_dataset[i] for i in range(len(shapes_dataset)))]
+    assert landscape_images(shapes_dataset) == expected
+
+
+def test_aspect_grouping_is_on_unless_turned_off():
+    from jobs.training.options import build_parser
+
+    required = ["--annotations", "a.json", "--images", "img", "--output", "out"]
+    assert not build_parser().parse_args(required).no_aspect_grouping
+    assert build_parser().parse_args([*required, "--no-aspect-grouping"]).no_aspect_grouping
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer
+
+
+def test_sgd_is_fused_on_a_gpu_and_torch_default_on_a_cpu():
+    import inspect
+
+    assert sgd_kernel(torch.device("cpu")) == {"fused": None, "foreach": None}  # the loop the pinned runs used
+    fused = "fused" in inspect.signature(torch.optim.SGD).parameters
+    assert sgd_kernel(torch.device("cuda")) == ({"fused": True, "foreach": None} if fused else {"fused": None, "foreach": None})
+
+    # a checkpoint's optimizer state written on a GPU (fused) resumes on a CPU with the CPU's kernel
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.GroupNorm(1, 3))
+    optimizer = make_optimizer(model, lr=0.1)
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        group["fused"] = True
+    resumed = make_optimizer(model, lr=0.1)
+    resumed.load_state_dict(state)
+    assert all(group["fused"] is None and group["foreach"] is None for group in resumed.param_groups)
+    assert len(resumed.state) == len(optimizer.state)  # the momentum buffers came with it
+    resumed.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_sgd_steps_as_the_per_parameter_loop_does():
+    torch.manual_seed(0)
+    model = build_model(get_preset("small")).cuda().train()
+    reference = build_model(get_preset("small")).cuda().train()
+    reference.load_state_dict(model.state_dict())
+    fused = make_optimizer(model, lr=0.01)
+    assert all(group["fused"] for group in fused.param_groups)
+    loop = make_optimizer(reference, lr=0.01)
+    for group in loop.param_groups:
+        group.update(fused=None, foreach=False)
+    images, targets = synthetic_batch(torch.Generator().manual_seed(1))
+    images = [image.cuda() for image in images]
+    targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    for _ in range(3):
+        torch.manual_seed(1)
+        train_step(model, fused, images, targets, clip_grad_norm=DEFAULT_CLIP_GRAD_NORM)
+        torch.manual_seed(1)
+        train_step(reference, loop, images, targets, clip_grad_norm=DEFAULT_CLIP_GRAD_NORM)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+# --------------------------------------------------------------------------------------------
+# Host syncs of one training step
+
+# Where one training step of n images (the `small` preset, the accelerator's branches) still
+# makes a GPU's host wait, by (op, file under maskrcnn/, function). A sync elsewhere, or more of
+# them, fails the test; update this only with the reason.
+EXPECTED_TRAINING_SYNCS = {
+    # per step
+    ("aten.nonzero", "modeling/poolers.py", "forward"): lambda n: 8,  # torch.where per FPN level (4), box and mask poolers
+    ("tolist", "modeling/nms.py", "grouped_batched_nms"): lambda n: 1,  # the RPN: every image's proposal count
+    ("aten.nonzero", "modeling/roi_heads/box_head.py", "fast_rcnn_loss"): lambda n: 1,  # the positive RoIs of the batch
+    # per image
+    ("aten._local_scalar_dense", "modeling/meta_arch.py", "_check_targets"): lambda n: n,  # `if` any degenerate box
+    ("tensor", "modeling/preprocessing.py", "resize_boxes"): lambda n: 4 * n,  # its ratios: 4 scalars made on the device
+    ("aten.nonzero", "modeling/matcher.py", "__call__"): lambda n: n,  # the RPN matcher's low-quality matches (torch.where)
+    ("aten.nonzero", "modeling/roi_heads/roi_heads.py", "sample_proposals"): lambda n: n,  # the sampled RoIs (torch.where)
+    ("aten.nonzero", "modeling/roi_heads/roi_heads.py", "mask_loss"): lambda n: n,  # the positive RoIs (torch.where)
+    # Recorded, but no sync on a GPU: a Python scalar written through a boolean mask
+    # (`x[mask] = -1`), which ATen runs as masked_fill_ (its canDispatchToMaskedFill).
+    ("aten.index_put_", "modeling/matcher.py", "__call__"): lambda n: 4 * n,  # 2 matchers x below/between
+    ("aten.index_put_", "modeling/rpn.py", "label_anchors"): lambda n: 2 * n,
+    ("aten.index_put_", "modeling/roi_heads/roi_heads.py", "sample_proposals"): lambda n: 2 * n,
+}
+MASKED_FILLS_PER_IMAGE = 8  # the last three rows
+
+
+@pytest.mark.usefixtures("as_on_a_gpu", "one_thread")
+def test_a_training_step_syncs_a_fixed_few_times():
+    torch.manual_seed(0)
+    model = build_model(get_preset("small")).train()
+    optimizer = make_optimizer(model, lr=0.01)
+    images, targets = synthetic_batch(torch.Generator().manual_seed(1), count=2)
+    counts = {}
+    for n in (1, 2):
+        with recorded_syncs() as log:
+            losses = train_step(model, optimizer, images[:n], targets[:n], clip_grad_norm=DEFAULT_CLIP_GRAD_NORM)
+        assert float(losses["loss_mask"]) > 0  # the mask branch ran
+        by_site = Counter(log)
+        unexpected = {site: c for site, c in by_site.items() if c > EXPECTED_TRAINING_SYNCS.get(site, lambda n: 0)(n)}
+        assert not unexpected, f"{n} images: syncs beyond EXPECTED_TRAINING_SYNCS: {unexpected}; all: {by_site}"
+        counts[n] = len(log)
+    # recorded: 10 a step and 16 an image; on a GPU, without the masked fills: 10 a step and 8 an image
+    assert counts[1] <= 26 and counts[2] <= 42, counts
+    assert counts[2] - 2 * MASKED_FILLS_PER_IMAGE <= 26
