@@ -79,6 +79,20 @@ def load_model_for_labeling(args: argparse.Namespace, storage_options: dict | No
     return loaded, loaded.config, load_kwargs
 
 
+def _check_tta(spec: str | None, model) -> str:
+    """--tta in canonical form ("" when off), checked against the model (JobError naming it)."""
+    from maskrcnn.tta import check_model, parse_tta
+
+    tta = parse_tta(spec)  # its syntax was checked with the other options
+    if tta is None:
+        return ""
+    try:
+        check_model(model)
+    except ValueError as exc:
+        raise JobError(f"--tta {spec}: {exc}") from None
+    return str(tta)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -92,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check_output_apart(args.input, args.output, storage_options)
     loaded, config, load_kwargs = load_model_for_labeling(args, storage_options)
+    tta = _check_tta(args.tta, loaded.model)
     _check_output_writable(args.output, storage_options)
     settings_fingerprint = {
         "model": loaded.model_hash,
@@ -99,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_size": config.input.max_size,
         "score_threshold": config.roi_heads.score_thresh,
         "max_detections": config.roi_heads.detections_per_img,
+        **({"tta": tta} if tta else {}),  # only when on: outputs labelled before --tta existed resume as they were
     }
 
     # One run at a time plans, labels and commits this output (jobs/labeling/lease.py).
@@ -117,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _label(args, storage_options, loaded, config, load_kwargs, settings_fingerprint, run_id: str, lease: Lease) -> int:
     """Plan, label the pending shards, report: the run, holding the output's lease."""
+    earlier = read_plan(args.output, storage_options)
+    tta = settings_fingerprint.get("tta", "")
+    if earlier is not None and earlier.settings.get("tta", "") != tta:  # a plan records --tta only when it was on
+        before = f"--tta {earlier.settings['tta']}" if earlier.settings.get("tta") else "no --tta"
+        raise JobError(f"--output {args.output} was labelled with {before}; give the same to resume it, or another --output "
+                       f"to label with {f'--tta {tta}' if tta else 'no --tta'}")
     plan = plan_for_run(args.input, args.output, args.shard_size, settings_fingerprint, storage_options, new_inputs=not args.no_new_inputs)
     done = finished_shards(args.output, storage_options)
     pending = [s for s in range(plan.num_shards) if s not in done]
@@ -161,6 +183,7 @@ def _label(args, storage_options, loaded, config, load_kwargs, settings_fingerpr
         run_id=run_id,
         fast_path=not args.reference_path,
         precision=args.precision,
+        tta=settings_fingerprint.get("tta", ""),
         batches_in_flight=args.batches_in_flight or (2 if gpus_per_actor > 0 else 1),
     )
     print(

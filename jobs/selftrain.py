@@ -3,14 +3,16 @@
     python -m jobs.selftrain --annotations L.json --images s3://b/labelled/ --unlabeled s3://b/unlabeled/ \\
         --val-annotations V.json --val-images s3://b/val/ --output s3://b/runs/st1 \\
         [--arch small | --weights teacher.pt] [--rounds 1] [--score-threshold 0.7 | '{"circle": 0.8, "*": 0.6}'] \\
-        [--negatives drop|keep] [--student-init fresh|teacher] [--epochs N | --max-steps N] [--num-workers N --use-gpu]
+        [--negatives drop|keep] [--student-init fresh|teacher] [--tta flip[,SCALES]] [--epochs N | --max-steps N] \\
+        [--num-workers N --use-gpu]
 
 Each stage is the very job a user would run, in this process and on one Ray, with its own
 folder under ``--output`` (the commands are printed):
 
 1. teacher: ``jobs.train`` on the labelled images -> ``teacher/model.pt`` (with ``--weights``, that
    model is the teacher); scored by ``jobs.evaluate`` on the held-out set -> ``teacher/eval.json``.
-2. for each round N: ``jobs.label`` over ``--unlabeled`` with the round's teacher -> ``round-N/labels/``;
+2. for each round N: ``jobs.label`` over ``--unlabeled`` with the round's teacher (and ``--tta``: each
+   image's views merged, the paper's data distillation) -> ``round-N/labels/``;
    ``jobs.export_coco --format annotations --min-score <lowest threshold>`` -> ``round-N/detections.json``;
    selection: the detections at or above their category's threshold -> ``round-N/pseudo.json`` (COCO,
    each image once, ``file_name``s relative to the unlabeled folder; images without one kept as
@@ -168,7 +170,8 @@ class SelfTraining:
             return pseudo
         labels = self.at.round(number, "labels")
         argv = ["--input", self.args.unlabeled, "--output", labels, "--checkpoint", teacher, *self.size_argv, *self.so_argv]
-        for option, value in (("--shard-size", self.args.shard_size), ("--batch-size", self.args.label_batch_size)):
+        options = (("--shard-size", self.args.shard_size), ("--batch-size", self.args.label_batch_size), ("--tta", self.args.tta))
+        for option, value in options:
             argv += [option, str(value)] if value else []
         self.state.record(key, "label", run_job(f"round {number}: label the unlabeled images with {teacher}", "jobs.label", argv))
 

@@ -43,6 +43,7 @@ from maskrcnn.engine import autocast_context, autocast_dtype
 from maskrcnn.masks import RLE, compress_runs, crop_runs, encode_crops
 from maskrcnn.modeling.meta_arch import MaskRCNN, predict_by_size
 from maskrcnn.modeling.preprocessing import resize_image, resized_size
+from maskrcnn.tta import TTA, check_model, parse_tta, predict_with_tta
 
 __all__ = ["PreparedImage", "prepare", "prepare_image", "Detections", "Predictor", "crop_masks"]
 
@@ -209,10 +210,20 @@ class Predictor:
     ``max_batch`` images per forward (None: a whole size group). ``fast=True`` changes ``model``
     in place (its norms are folded): give it a model you do not train or save afterwards.
     ``runs_on_device``: masks counted into COCO runs on the device (``Detections.from_outputs``);
-    None: on a GPU, not on a CPU (where copying the crops and counting them on the host is faster)."""
+    None: on a GPU, not on a CPU (where copying the crops and counting them on the host is faster).
+    ``tta``: test-time augmentation, a ``maskrcnn.tta.parse_tta`` spec ("flip", "flip,640,800") or
+    a ``TTA``; each image's views' detections merged (``maskrcnn.tta``); "" or None: off. Raises
+    ValueError for a bad spec or a model it cannot augment (a keypoint head)."""
 
     def __init__(self, model: torch.nn.Module, *, device: str | torch.device | None = None, fast: bool = True,
-                 precision: str = "auto", max_batch: int | None = None, runs_on_device: bool | None = None):
+                 precision: str = "auto", max_batch: int | None = None, runs_on_device: bool | None = None,
+                 tta: str | TTA | None = None):
+        try:
+            self.tta = parse_tta(tta)
+            if self.tta is not None:
+                check_model(model)
+        except ValueError as exc:
+            raise ValueError(f"tta {exc}") from None
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         if fast:
@@ -261,7 +272,11 @@ class Predictor:
             if isinstance(self.model, MaskRCNN):  # ours pastes each mask over its box only: no full-size masks
                 options["box_local_masks"] = True
             with autocast_context(self.device, self.autocast_dtype):
-                outputs = predict_by_size(self.model, tensors, max_batch=self.max_batch, **options)
+                if self.tta is not None:  # views of one image at a time
+                    outputs = [predict_with_tta(self.model, t, self.tta, resized=p.resized, original_size=p.original_size)
+                               for t, p in zip(tensors, prepared)]
+                else:
+                    outputs = predict_by_size(self.model, tensors, max_batch=self.max_batch, **options)
             # on this thread's stream: the copies to the host wait for its own work only
             return Detections.from_outputs(outputs, [p.original_size for p in prepared], runs_on_device=self.runs_on_device)
 

@@ -158,3 +158,32 @@ def test_wrong_input_stops_the_job_before_any_work(sample, tmp_path):
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert result.stderr.startswith("error: --score-threshold must be a number in [0, 1]")
+
+
+def test_tta_reaches_the_labeling_stage_and_the_runs_settings(sample, tmp_path, monkeypatch):
+    """--tta is checked with the other options (one line naming it), recorded canonically in the
+    run's settings, and handed to jobs.label; no --tta leaves the settings as runs before it had them."""
+    import jobs.selftrain as selftrain
+    from jobs.selftraining.options import parse_args, resolve_thresholds, settings_of
+
+    base = [*sample["args"], "--unlabeled", sample["images"], "--output", str(tmp_path / "run"), *FAST]
+    with pytest.raises(JobError, match="^--tta 'flip,flop' has 'flop', which is neither 'flip' nor a short side in pixels"):
+        main([*base, "--tta", "flip,flop"])
+    assert not (tmp_path / "run").exists()
+    assert "tta" not in settings_of(parse_args(base), {1: 0.7})
+
+    args = parse_args([*base, "--tta", " flip, 160 "])
+    labelled = selftrain.check_inputs(args, None)
+    run = selftrain.SelfTraining(args, None, labelled, resolve_thresholds(args.score_threshold, labelled.categories))
+    assert run.state.data["settings"]["tta"] == "flip,160"
+    calls = []
+
+    def record(stage: str, module: str, argv: list[str]) -> float:
+        calls.append((module, argv))
+        raise KeyboardInterrupt  # stop after the first job: only its command line matters here
+
+    monkeypatch.setattr(selftrain, "run_job", record)
+    with pytest.raises(KeyboardInterrupt):
+        run.pseudo_labels(1, "teacher.pt")
+    ((module, argv),) = calls
+    assert module == "jobs.label" and argv[argv.index("--tta") + 1] == "flip,160"

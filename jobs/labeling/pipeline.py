@@ -35,6 +35,7 @@ from jobs.labeling.predict import LabelActor
 from jobs.labeling.rows import rows_table
 from jobs.labeling.plan import Plan, read_shard_uris
 from jobs.labeling.shards import ShardCommitter, ShardSink
+from maskrcnn.tta import decode_min_size, parse_tta
 
 # Batches of images an actor takes at once, to form forwards of one padded size from.
 SIZE_GROUPING_WINDOW = 4
@@ -67,6 +68,7 @@ class LabelSettings:
     batches_in_flight: int = 1
     fast_path: bool = True  # maskrcnn.inference.Predictor's fast=
     precision: str = "auto"
+    tta: str = ""  # maskrcnn.inference.Predictor's tta= (a maskrcnn.tta spec; "": none)
 
 
 def expand_shards(batch: dict[str, np.ndarray], *, output_uri: str, storage_options: dict | None, plan: Plan) -> dict[str, np.ndarray]:
@@ -98,7 +100,9 @@ def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings
     ds = ds.map_batches(expand_shards, fn_kwargs=where, batch_size=1, batch_format="numpy")
     # Blocks of a few images, so decoding of one shard spreads over every CPU.
     ds = ds.repartition(target_num_rows_per_block=settings.decode_batch_size)
-    sizes = {"min_size": settings.min_size, "max_size": settings.max_size, "max_pixels": settings.max_pixels}
+    # with TTA at a larger scale than the model's, large images are shrunk only to that scale's size
+    min_size = decode_min_size(parse_tta(settings.tta), settings.min_size)
+    sizes = {"min_size": min_size, "max_size": settings.max_size, "max_pixels": settings.max_pixels}
     decode_kwargs = {"storage_options": settings.storage_options, **sizes}
     ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=settings.decode_batch_size, batch_format="numpy")
     # An actor takes SIZE_GROUPING_WINDOW batches' images at once and runs them in forwards of at
@@ -114,7 +118,7 @@ def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings
             "checkpoint_uri": settings.checkpoint_uri, "load_kwargs": settings.load_kwargs,
             "storage_options": settings.storage_options, "use_gpu": settings.gpus_per_actor > 0,
             "threads": settings.torch_threads, "fast": settings.fast_path, "precision": settings.precision,
-            "max_batch": settings.batch_size,
+            "max_batch": settings.batch_size, "tta": settings.tta,
         },
         batch_size=window,
         batch_format="numpy",

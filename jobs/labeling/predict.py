@@ -59,16 +59,16 @@ class LabelActor:
     """Loads the checkpoint once (``load_kwargs``: ``arch``, ``categories``, ``overrides`` of
     ``load_checkpoint``), then labels batches. ``use_gpu``: on this actor's GPU; else on the CPU
     with ``threads`` torch threads (0: as many as its node has CPUs). ``fast``, ``precision``,
-    ``max_batch``: ``maskrcnn.inference.Predictor``'s."""
+    ``max_batch``, ``tta`` (a ``maskrcnn.tta`` spec, "" for none): ``maskrcnn.inference.Predictor``'s."""
 
     def __init__(self, *, checkpoint_uri: str, load_kwargs: dict, storage_options: dict | None, use_gpu: bool,
-                 threads: int = 1, fast: bool = True, precision: str = "auto", max_batch: int | None = None):
+                 threads: int = 1, fast: bool = True, precision: str = "auto", max_batch: int | None = None, tta: str = ""):
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if device.type == "cpu":
             torch.set_num_threads(threads or node_cpus())
         self.predictor = Predictor.from_checkpoint(
             checkpoint_uri, storage_options=storage_options, **load_kwargs,
-            device=device, fast=fast, precision=precision, max_batch=max_batch,
+            device=device, fast=fast, precision=precision, max_batch=max_batch, tta=tta,
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="list each labelled image K times in the student's training set (oversampling the human labels)",
     )
     selftrain.add_argument(
+        "--tta", default=None, metavar="SPEC",
+        help="the paper's data distillation: label each unlabeled image and its mirror image ('flip'), and at other short sides "
+        "('flip,640,800'), merging their detections (class-wise NMS, masks averaged) before --score-threshold selects them "
+        "(jobs.label's --tta; default: off)",
+    )
+    selftrain.add_argument(
         "--label-batch-size", type=int, default=None, metavar="N",
         help="at most N images per forward pass when labeling (jobs.label's --batch-size; default its own)",
     )
@@ -124,6 +130,12 @@ def check_args(args: argparse.Namespace) -> None:
             "or give --student-init teacher to start each student from its teacher"
         )
     parse_thresholds(args.score_threshold)
+    from maskrcnn.tta import parse_tta
+
+    try:
+        args.tta = str(parse_tta(args.tta) or "")  # canonical: what the run's settings record
+    except ValueError as exc:
+        raise JobError(f"--tta {exc}") from None
     # the values jobs.train checks (--epochs, --batch-size, --arch, ...), named as it names them
     validate_args(build_train_parser_namespace(args))
 
@@ -194,6 +206,8 @@ def settings_of(args: argparse.Namespace, thresholds: dict[int, float]) -> dict:
     """What decides this run's results; recorded in --output, compared on every rerun."""
     settings = {name: getattr(args, name) for name in SETTINGS}
     settings["score_threshold"] = {str(k): v for k, v in sorted(thresholds.items())}
+    if args.tta:  # only when on: runs started before --tta existed continue as they were
+        settings["tta"] = args.tta
     return settings
 
 
