@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench ablation clean
+.PHONY: install test demo bench ablation compare clean
 
 install: $(BIN)/.installed
 
@@ -36,3 +36,9 @@ clean:
 ABLATION_ARGS ?=
 ablation: install
 	$(BIN)/python -m benchmarks.ablation $(ABLATION_ARGS)
+
+# Speed against accuracy beside one-stage detectors, trained alike from scratch (11 min of one core; 20 on the busy shared 2-core CPU):
+# writes docs/speed_accuracy.md and .png; e.g. make compare COMPARE_ARGS="--steps 100 --output runs/compare"
+COMPARE_ARGS ?=
+compare: install
+	$(BIN)/python -m benchmarks.compare $(COMPARE_ARGS)
