@@ -34,7 +34,7 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from maskrcnn.checkpoint import convert_torchvision_state_dict
 from maskrcnn.config import InputConfig, get_preset
-from maskrcnn.modeling import build_model
+from maskrcnn.modeling import build_model, nms
 from maskrcnn.inference import Detections, Predictor
 from tests.tv_reference import calibrate_trunk_batch_norm
 
@@ -168,7 +168,9 @@ def main(argv=None) -> None:
                   f"(tests/test_overfit.py: within 0.3 points of fp32)")
         names = list(contenders)
         print(f"{'batch':>5} " + " ".join(f"{n + ' img/s':>24}" for n in names) + f" {'fp32/tv':>8} {'fast/tv':>8}")
+        nms_stats = {}
         for batch_size in args.batch:
+            nms.stats.clear()
             batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
             for fn in contenders.values():
                 fn(batches[0])  # warm-up
@@ -180,8 +182,22 @@ def main(argv=None) -> None:
             tv = ips["torchvision"]
             print(f"{batch_size:>5} " + " ".join(f"{ips[n]:>24.2f}" for n in names)
                   + f" {ips[names[1]] / tv:>7.2f}x {ips[names[2]] / tv:>7.2f}x")
+            nms_stats[batch_size] = dict(nms.stats)
+        print_nms_stats(nms_stats)
         if args.profile:
             profile(run_fast, [images[i:i + max(args.batch)] for i in range(0, len(images), max(args.batch))], device, args.profile)
+
+
+def print_nms_stats(by_batch: dict[int, dict[str, int]]) -> None:
+    """The fixed-shape NMS's record (``maskrcnn.modeling.nms.stats``) over each batch size's
+    warm-up and timed runs: images through the box head's top-M NMS, how many of them fell back
+    to the full NMS, and images of either fixed-shape NMS not settled in its fixed rounds."""
+    if not any(stats.get("images") for stats in by_batch.values()):
+        print("fixed-shape NMS: not run (it runs on accelerators; the CPU's NMS stops at the top-k)")
+        return
+    print(f"fixed-shape NMS (top {nms.TOP_M} candidates, {nms.ROUNDS} rounds): " + "; ".join(
+        f"batch {b}: {s.get('images', 0)} images, {s.get('full_nms', 0)} full-NMS fallbacks, {s.get('unsettled', 0)} unsettled"
+        for b, s in by_batch.items()))
 
 
 def profile(fn, batches, device: torch.device, rows: int) -> None:

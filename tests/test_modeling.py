@@ -492,6 +492,9 @@ def test_model_rejects_bad_inputs():
         model([torch.rand(3, 10, 10)])
     with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\]\[0\]"):
         model([torch.rand(3, 40, 40)], [_target([[10, 10, 5, 20]], [1], (40, 40))])
+    good, bad = _target([[1, 2, 30, 20]], [1], (40, 40)), _target([[1, 2, 30, 20], [10, 10, 30, 10]], [1, 2], (40, 40))
+    with pytest.raises(ValueError, match=r"targets\[1\]\['boxes'\]\[1\] = \[10.0, 10.0, 30.0, 10.0\] has no positive"):
+        model([torch.rand(3, 40, 40)] * 2, [good, bad])  # one check for the batch; the culprit named
 
 
 # ---- config ------------------------------------------------------------------------------

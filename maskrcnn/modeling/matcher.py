@@ -35,13 +35,14 @@ class Matcher:
         all_matches = matches.clone() if self.allow_low_quality_matches else None
         below = matched_vals < self.low_threshold
         between = (matched_vals >= self.low_threshold) & (matched_vals < self.high_threshold)
-        matches[below] = self.BELOW_LOW
-        matches[between] = self.BETWEEN
+        # masked_fill_ and where, not boolean indexing: no host sync on a GPU
+        matches.masked_fill_(below, self.BELOW_LOW)
+        matches.masked_fill_(between, self.BETWEEN)
         if all_matches is not None:
             best_per_gt, _ = quality.max(dim=1)
             # every prediction tied for a ground truth's best IoU keeps its match
-            _, pred_idx = torch.where(quality == best_per_gt[:, None])
-            matches[pred_idx] = all_matches[pred_idx]
+            low_quality = (quality == best_per_gt[:, None]).any(dim=0)
+            matches = torch.where(low_quality, all_matches, matches)
         return matches
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn.modeling.poolers import MultiScaleRoIPooler
-from maskrcnn.modeling.postprocessing import postprocess_detections
+from maskrcnn.modeling.postprocessing import postprocess_batch
 from maskrcnn.modeling.preprocessing import ImagePreprocessor
 
 
@@ -81,10 +81,7 @@ class MaskRCNN(nn.Module):
         detections, head_losses = self.roi_heads(roi_features, proposals, batch.image_sizes, targets)
         if targets is not None:
             return {**rpn_losses, **head_losses}
-        return [
-            postprocess_detections(det, resized_size, original_size, mask_threshold, box_local_masks)
-            for det, resized_size, original_size in zip(detections, batch.image_sizes, original_sizes)
-        ]
+        return postprocess_batch(detections, batch.image_sizes, original_sizes, mask_threshold, box_local_masks)
 
     def _poolers_read_nhwc(self, device: torch.device) -> bool:
         poolers = [m for m in self.roi_heads.modules() if isinstance(m, MultiScaleRoIPooler)]
@@ -108,10 +105,13 @@ def _check_targets(targets: list[dict[str, Tensor]], num_images: int, needs_mask
                 shape = None if keypoints is None else tuple(keypoints.shape)
                 raise ValueError(f"targets[{i}]['keypoints'] must be a (G, K, 3) tensor x, y, visibility for its {boxes.shape[0]} boxes "
                                  f"(the model has a keypoint head), got {shape}")
-        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-        if degenerate.any():
-            j = int(degenerate.nonzero()[0])
-            raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no positive width and height")
+    # Degenerate boxes: one host read for the whole batch (one GPU sync, not one per image); the
+    # culprit is looked up only then.
+    degenerate = [(t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1) for t in targets]
+    if degenerate and torch.cat(degenerate).any():
+        i = next(i for i, d in enumerate(degenerate) if d.any())
+        j = int(degenerate[i].nonzero()[0])
+        raise ValueError(f"targets[{i}]['boxes'][{j}] = {targets[i]['boxes'][j].tolist()} has no positive width and height")
 
 
 def size_groups(padded_sizes: list[tuple[int, int]]) -> list[list[int]]:

@@ -13,9 +13,14 @@
 - **RoIAlign on the CPU** runs as a weighted gather over NHWC rows (``poolers.roi_align_gather``)
   instead of torchvision's one-thread kernel: the same samples and weights, summed in another
   order.
-- **NMS stops at the top-k** (``nms.leading_batched_nms``, CPU): the RPN's and the box head's
-  NMS walk the boxes by score and stop once they have the post-NMS top-k, instead of running
-  NMS over every box of every class. The same boxes; equal scores in index order.
+- **NMS stops at the top-k**: the RPN's and the box head's NMS find the post-NMS top-k instead
+  of running NMS over every box of every class. The same boxes; equal scores in index order.
+  On the CPU ``nms.leading_batched_nms`` walks the boxes by score and stops once it has them.
+  On accelerators the box head's ``nms.top_m_batched_nms`` compares only the top
+  ``nms.TOP_M`` candidates of each image, all images at once, in a fixed number of fixed-point
+  rounds (``nms.ROUNDS``) and one host sync; an image whose result is not provably final gets
+  the full NMS instead, counted in ``nms.stats`` (``benchmarks/model_inference.py`` prints it).
+  The RPN's levels go through ``nms.grouped_batched_nms`` the same way.
 
 The model keeps its outputs' meaning; its ``state_dict`` no longer matches a checkpoint (the
 norms are gone), so save checkpoints from a model that was not optimized. Mixed precision

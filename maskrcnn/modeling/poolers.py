@@ -155,11 +155,18 @@ class MultiScaleRoIPooler(nn.Module):
         if len(features) == 1:
             return self._pool(features[0], rois, scales[0])
         levels = assign_levels(concat, k_min, k_max)
+        # The RoIs in level order (a stable sort: each level's in their order), so that each level
+        # pools one contiguous slice. Its bounds are the one host read (a GPU sync) of the call,
+        # where selecting each level's RoIs (torch.where) would be one per level.
+        order = torch.argsort(levels, stable=True)
+        bounds = torch.searchsorted(levels[order], torch.arange(len(features) + 1, device=levels.device)).tolist()
+        sorted_rois = rois[order]
         # NHWC when the gather writes NHWC: no layout change on the way in
         layout = torch.channels_last if self.gathers(features[0].device) else torch.contiguous_format
         result = torch.empty((rois.shape[0], channels, *self.output_size), dtype=features[0].dtype,
                              device=features[0].device, memory_format=layout).zero_()
-        for level, (feature, scale) in enumerate(zip(features, scales)):
-            idx = torch.where(levels == level)[0]
-            result[idx] = self._pool(feature, rois[idx], scale).to(result.dtype)
+        for feature, scale, start, end in zip(features, scales, bounds, bounds[1:]):
+            # an empty level too: every level stays in the graph (its gradient zeros, not None)
+            pooled = self._pool(feature, sorted_rois[start:end], scale)
+            result.index_copy_(0, order[start:end], pooled.to(result.dtype))
         return result

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -47,14 +48,17 @@ def resize_image(image: Tensor, min_size: float, max_size: float) -> Tensor:
     )[0]
 
 
+def resize_ratios(original_size: tuple[int, int], new_size: tuple[int, int]) -> tuple[float, float]:
+    """(h, w) scale factors from one image size to another, as torchvision's ``resize_boxes``
+    computes them (a float32 division of the sizes), but on the host: a float32 quotient is
+    correctly rounded on every device, so the product with a box is the same to the bit, and no
+    scalar is copied to the device (a host sync on a GPU) per image."""
+    return tuple(float(np.float32(new) / np.float32(old)) for new, old in zip(new_size, original_size))
+
+
 def resize_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
     """Scale (N, 4) x1, y1, x2, y2 boxes from one image size (h, w) to another."""
-    ratio_h = torch.tensor(new_size[0], dtype=torch.float32, device=boxes.device) / torch.tensor(
-        original_size[0], dtype=torch.float32, device=boxes.device
-    )
-    ratio_w = torch.tensor(new_size[1], dtype=torch.float32, device=boxes.device) / torch.tensor(
-        original_size[1], dtype=torch.float32, device=boxes.device
-    )
+    ratio_h, ratio_w = resize_ratios(original_size, new_size)
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 
@@ -62,12 +66,7 @@ def resize_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[
 def resize_keypoints(keypoints: Tensor, original_size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
     """Scale (..., K, 3) x, y, visibility keypoints from one image size (h, w) to another
     (as torchvision's ``resize_keypoints``, to the bit); the third value is kept."""
-    ratio_h = torch.tensor(new_size[0], dtype=torch.float32, device=keypoints.device) / torch.tensor(
-        original_size[0], dtype=torch.float32, device=keypoints.device
-    )
-    ratio_w = torch.tensor(new_size[1], dtype=torch.float32, device=keypoints.device) / torch.tensor(
-        original_size[1], dtype=torch.float32, device=keypoints.device
-    )
+    ratio_h, ratio_w = resize_ratios(original_size, new_size)
     resized = keypoints.clone()
     resized[..., 0] *= ratio_w
     resized[..., 1] *= ratio_h

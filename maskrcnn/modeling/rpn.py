@@ -214,8 +214,8 @@ class RegionProposalNetwork(nn.Module):
                 continue
             matched = self.matcher(box_ops.box_iou(boxes, anchors))
             label = (matched >= 0).to(torch.float32)
-            label[matched == Matcher.BELOW_LOW] = 0.0
-            label[matched == Matcher.BETWEEN] = -1.0
+            label.masked_fill_(matched == Matcher.BELOW_LOW, 0.0)
+            label.masked_fill_(matched == Matcher.BETWEEN, -1.0)
             labels.append(label)
             targets.append(self.box_coder.encode(boxes[matched.clamp(min=0)], anchors))
         return labels, targets

@@ -63,12 +63,13 @@ class FastRCNNPredictor(nn.Module):
 
 
 def fast_rcnn_loss(
-    pred_class_logits: Tensor, pred_box_deltas: Tensor, gt_labels: Tensor, gt_deltas: Tensor
+    pred_class_logits: Tensor, pred_box_deltas: Tensor, gt_labels: Tensor, gt_deltas: Tensor, positives: Tensor | None = None
 ) -> dict[str, Tensor]:
     """Cross-entropy over all sampled RoIs; smooth-L1 (beta 1/9) on the deltas of the true class
-    of positive RoIs, normalised by the number of sampled RoIs."""
+    of positive RoIs, normalised by the number of sampled RoIs. ``positives``: the indices of the
+    RoIs with ``gt_labels > 0``, in order, when the caller has them (else found here: a GPU sync)."""
     loss_cls = F.cross_entropy(pred_class_logits, gt_labels)
-    pos = torch.where(gt_labels > 0)[0]
+    pos = torch.where(gt_labels > 0)[0] if positives is None else positives
     # (R, K*4) -> (R, K, 4)
     deltas = pred_box_deltas.reshape(pred_box_deltas.shape[0], -1, 4)
     loss_box = F.smooth_l1_loss(deltas[pos, gt_labels[pos]], gt_deltas[pos], beta=1 / 9, reduction="sum")

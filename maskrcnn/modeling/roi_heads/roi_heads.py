@@ -8,6 +8,8 @@ The two branches are separate methods; ``forward`` only sequences them.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 from torchvision.ops import boxes as box_ops
@@ -118,10 +120,11 @@ class RoIHeads(nn.Module):
         """Adds the ground truth to the proposals, labels each by its best match and samples
         ``batch_size_per_image`` of them with at most ``positive_fraction`` positives.
 
-        Per image: sampled (S, 4) proposals, (S,) matched gt index, (S,) class labels (0 background)
-        and (S, 4) regression targets.
+        Per image: sampled (S, 4) proposals, (S,) matched gt index, (S,) class labels (0 background),
+        (S, 4) regression targets, and the (S+,) indices of the positive ones (label > 0) among
+        them. The sample sizes of all images are read on the host at once: one GPU sync a batch.
         """
-        sampled_proposals, sampled_matched, sampled_labels, sampled_deltas = [], [], [], []
+        candidates = []
         for props, target in zip(proposals, targets):
             gt_boxes = target["boxes"].to(props.dtype)
             gt_labels = target["labels"]
@@ -133,17 +136,23 @@ class RoIHeads(nn.Module):
             else:
                 matched = self.proposal_matcher(box_ops.box_iou(gt_boxes, props))
                 labels = gt_labels[matched.clamp(min=0)].to(torch.int64)
-                labels[matched == Matcher.BELOW_LOW] = 0
-                labels[matched == Matcher.BETWEEN] = -1
+                labels.masked_fill_(matched == Matcher.BELOW_LOW, 0)
+                labels.masked_fill_(matched == Matcher.BETWEEN, -1)
                 matched = matched.clamp(min=0)
                 gt_for_props = gt_boxes[matched]
             pos, neg = sample_positives_negatives(labels, self.batch_size_per_image, self.positive_fraction)
-            keep = torch.where(pos | neg)[0]
+            candidates.append((props, matched, labels, gt_for_props, pos | neg, pos))
+        # (sampled, positive) per image: the host sync
+        sizes = torch.stack([torch.stack([sampled.sum(), pos.sum()]) for *_, sampled, pos in candidates]).tolist() if candidates else []
+        sampled_proposals, sampled_matched, sampled_labels, sampled_deltas, sampled_positives = [], [], [], [], []
+        for (props, matched, labels, gt_for_props, sampled, _), (num_sampled, num_pos) in zip(candidates, sizes):
+            keep = _true_indices(sampled, num_sampled)
             sampled_proposals.append(props[keep])
             sampled_matched.append(matched[keep])
             sampled_labels.append(labels[keep])
             sampled_deltas.append(self.box_coder.encode(gt_for_props[keep], props[keep]))
-        return sampled_proposals, sampled_matched, sampled_labels, sampled_deltas
+            sampled_positives.append(_true_indices(sampled_labels[-1] > 0, num_pos))  # label > 0: the positives drawn
+        return sampled_proposals, sampled_matched, sampled_labels, sampled_deltas, sampled_positives
 
     def forward(
         self,
@@ -157,21 +166,22 @@ class RoIHeads(nn.Module):
         return self.forward_inference(features, proposals, image_sizes), {}
 
     def forward_train(self, features, proposals, image_sizes, targets) -> dict[str, Tensor]:
-        proposals, matched, labels, deltas = self.sample_proposals(proposals, targets)
+        proposals, matched, labels, deltas, positives = self.sample_proposals(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))
         class_logits, box_deltas = self.box_predictor(box_features)
-        losses = fast_rcnn_loss(class_logits, box_deltas, torch.cat(labels), torch.cat(deltas))
+        offsets = itertools.accumulate((props.shape[0] for props in proposals[:-1]), initial=0)
+        batch_positives = torch.cat([pos + offset for pos, offset in zip(positives, offsets)])
+        losses = fast_rcnn_loss(class_logits, box_deltas, torch.cat(labels), torch.cat(deltas), batch_positives)
         if self.has_mask:
-            losses["loss_mask"] = self.mask_loss(features, proposals, matched, labels, image_sizes, targets)
+            losses["loss_mask"] = self.mask_loss(features, proposals, matched, labels, positives, image_sizes, targets)
         if self.has_keypoint:
-            losses["loss_keypoint"] = self.keypoint_loss(features, proposals, matched, labels, image_sizes, targets)
+            losses["loss_keypoint"] = self.keypoint_loss(features, proposals, matched, positives, image_sizes, targets)
         return losses
 
-    def mask_loss(self, features, proposals, matched, labels, image_sizes, targets) -> Tensor:
-        """Lmask on the positive RoIs of the sampled ones."""
+    def mask_loss(self, features, proposals, matched, labels, positives, image_sizes, targets) -> Tensor:
+        """Lmask on the positive RoIs of the sampled ones (``positives``: their indices per image)."""
         pos_props, pos_labels, pos_targets = [], [], []
-        for props, idx, lbl, target in zip(proposals, matched, labels, targets):
-            pos = torch.where(lbl > 0)[0]
+        for props, idx, lbl, pos, target in zip(proposals, matched, labels, positives, targets):
             pos_props.append(props[pos])
             pos_labels.append(lbl[pos])
             if pos.numel() == 0:
@@ -209,19 +219,19 @@ class RoIHeads(nn.Module):
 
     # -- the keypoint branch (Keypoint R-CNN) ---------------------------------------------------
 
-    def keypoint_loss(self, features, proposals, matched, labels, image_sizes, targets) -> Tensor:
-        """Lkeypoint on the positive RoIs of the sampled ones, with their ground truth's visible keypoints."""
+    def keypoint_loss(self, features, proposals, matched, positives, image_sizes, targets) -> Tensor:
+        """Lkeypoint on the positive RoIs of the sampled ones (``positives``: their indices per
+        image), with their ground truth's visible keypoints."""
         num_keypoints = self.keypoint_predictor.num_keypoints
         size = self.keypoint_heatmap_size()
         pos_props, heatmaps, valid = [], [], []
-        for i, (props, idx, lbl, target) in enumerate(zip(proposals, matched, labels, targets)):
+        for i, (props, idx, pos, target) in enumerate(zip(proposals, matched, positives, targets)):
             gt = target["keypoints"]
             if gt.shape[1:] != (num_keypoints, 3):
                 raise ValueError(
                     f"targets[{i}]['keypoints'] has shape {tuple(gt.shape)}; "
                     f"the model predicts {num_keypoints} keypoints: (G, {num_keypoints}, 3)"
                 )
-            pos = torch.where(lbl > 0)[0]
             pos_props.append(props[pos])
             h, v = keypoints_to_heatmap(gt[idx[pos]].to(props.dtype), props[pos], size)
             heatmaps.append(h)
@@ -245,3 +255,8 @@ class RoIHeads(nn.Module):
         for r, (keypoints, scores) in zip(results, keypoint_rcnn_inference(logits, boxes)):
             r["keypoints"] = keypoints
             r["keypoints_scores"] = scores
+
+
+def _true_indices(mask: Tensor, count: int) -> Tensor:
+    """``torch.where(mask)[0]`` of a 1-D mask whose true count is known on the host: no sync."""
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
