@@ -301,20 +301,17 @@ def test_a_pool_that_leaves_no_cpu_to_decode_stops_the_job_on_a_private_ray(ray_
     assert "decoding needs" not in capsys.readouterr().err
 
 
-def test_without_gpus_two_actors_share_their_nodes_cpus(tmp_path, checkpoint, ray_local):
-    """The CPU default: two model actors per node, each with torch threads on half the node's
-    CPUs (the model is the work; decoding costs a few ms an image), Ray reserving them the node's
-    CPUs less the one that decoding runs on; one actor on a 1-CPU node or one short of memory.
-    Given, --cpus-per-actor is both the reservation and the threads."""
+def test_without_gpus_the_actor_runs_as_many_torch_threads_as_its_node_has_cpus(tmp_path, checkpoint, ray_local):
+    """The CPU default: one model actor per node, its torch threads all the node's CPUs (the model
+    is the work; decoding costs a few ms an image), Ray reserving it the node's CPUs less the one
+    that decoding runs on. Given, --cpus-per-actor is both the reservation and the threads."""
     from jobs.label import build_parser
     from jobs.labeling.predict import LabelActor, node_cpus
     from jobs.labeling.resources import actor_resources, cpu_actor_sizing
 
     # (node CPUs, --num-actors, --cpus-per-actor) -> (actors, CPUs reserved each, threads; 0 = its node's CPUs)
-    assert cpu_actor_sizing([2.0], None, None) == (2, 0.5, 1)
-    assert cpu_actor_sizing([8.0, 0.0, 8.0], None, None) == (4, 3.0, 4)  # a head without CPUs holds no actor
-    assert cpu_actor_sizing([16.0], None, None, node_memory=64 * 2**30) == (2, 7.0, 8)
-    assert cpu_actor_sizing([2.0], None, None, node_memory=4 * 2**30) == (1, 1.0, 0)  # one actor where two would not fit
+    assert cpu_actor_sizing([2.0], None, None) == (1, 1.0, 0)
+    assert cpu_actor_sizing([8.0, 0.0, 8.0], None, None) == (2, 7.0, 0)  # a head without CPUs holds no actor
     assert cpu_actor_sizing([1.0], None, None) == (1, 0.0, 0)
     assert cpu_actor_sizing([3.0, 1.0], 2, None) == (2, 1.0, 0)  # nothing reserved would put both on one node
     assert cpu_actor_sizing([2.0], 2, None) == (2, 0.5, 1)  # two on one node share it
@@ -325,7 +322,7 @@ def test_without_gpus_two_actors_share_their_nodes_cpus(tmp_path, checkpoint, ra
     cpus = int(ray_local.cluster_resources()["CPU"])
     assert node_cpus() == cpus == 2
     args = build_parser().parse_args(["--input", "in", "--output", "out", "--checkpoint", "m.pt", "--gpus-per-actor", "0"])
-    assert actor_resources(ray_local, args) == (2, 0.0, (cpus - 1.0) / 2, cpus // 2)
+    assert actor_resources(ray_local, args) == (1, 0.0, cpus - 1.0, 0)
     actor = {"checkpoint_uri": checkpoint, "load_kwargs": {}, "storage_options": None, "use_gpu": False}
     threads = torch.get_num_threads()
     try:
@@ -432,7 +429,7 @@ def test_label_s3_nested_shards_matches_the_model_in_a_loop(s3_server, s3_bucket
     assert code == 0, stdout
     assert "shards: 5 labelled this run, 0 already done, 5 in all" in stdout
     assert "2 batch(es) in flight per actor" in stdout
-    assert "2 model actor(s) (0 GPU, 0.5 CPU each, 1 torch thread(s))" in stdout  # the CPU default on this 2-CPU Ray
+    assert "(0 GPU, 1 CPU each, 2 torch threads: its node's CPUs)" in stdout  # the CPU default on this 2-CPU Ray
 
     listed = list(iter_input_uris(images, options))
     assert len(listed) == 25 and all(u.startswith("s3://") for u in listed)
@@ -448,10 +445,10 @@ def test_label_s3_nested_shards_matches_the_model_in_a_loop(s3_server, s3_bucket
     assert table.column("error").null_count == 25
 
     loaded = load_checkpoint(model_uri, storage_options=options)
-    # the model as jobs.label runs it by default (the fast path), on the actors' thread count
-    # (without GPUs, half its node's CPUs): same kernels, same floats
+    # the model as jobs.label runs it by default (the fast path), on the actor's thread count
+    # (without GPUs, its node's CPUs): same kernels, same floats
     fast = optimize_for_inference(copy.deepcopy(loaded.model))
-    torch.set_num_threads(int(ray_local.cluster_resources()["CPU"]) // 2)
+    torch.set_num_threads(int(ray_local.cluster_resources()["CPU"]))
     with_instances = 0
     for row in table.to_pylist():
         with open_uri(row["image_uri"], "rb", options) as f:

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="model replicas (default: one per --gpus-per-actor share of the cluster's GPUs; "
-        "without GPUs, two per node that has 2 CPUs or more, each running torch threads on half its CPUs)",
+        "without GPUs, one per node that has CPUs, each running as many torch threads as its node has CPUs)",
     )
     run_group.add_argument(
         "--gpus-per-actor",
@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="F",
         help="CPUs Ray reserves per model replica; given, on the CPU also its torch threads (at least 1). Default: 1 with GPUs; "
-        "without GPUs, the node's CPUs less the 1 CPU decoding needs, split among the actors the node holds (0 on a 1-CPU node), "
-        "while their torch threads share all the CPUs of the node: decoding, a few ms an image, fits in the gaps of the model's ~0.5 s",
+        "without GPUs, the node's CPUs less the 1 CPU decoding needs (0 on a 1-CPU node; split among the actors a node holds "
+        "with --num-actors), while the actor's torch threads use all the CPUs of its node: decoding, a few ms an image, "
+        "fits in the gaps of the model's ~0.5 s",
     )
     add_precision_options(run_group, reference_path="; with --precision fp32, the outputs of the model in a plain loop")
     run_group.add_argument(

@@ -1,5 +1,5 @@
 """How many model actors jobs.label runs, and what Ray reserves for each: GPUs when the cluster
-has them, else two actors per node, each running torch threads on half of the node's CPUs."""
+has them, else one actor per node whose torch threads use the node's CPUs."""
 
 from __future__ import annotations
 
@@ -8,29 +8,20 @@ from jobs.common import JobError, ask_autoscaler, ray_is_fixed, wait_for_gpus
 # How long a job on a cluster that may grow waits for the CPU that decoding needs beside the
 # model actors (asking the autoscaler for it) before it stops; tests shorten it.
 DECODE_CPU_WAIT_S = 60.0
-# Ray's memory of a CPU node below which it holds one model actor, not two (an R50-FPN actor at
-# 800 px peaks near 2 GB).
-TWO_ACTORS_MEMORY = 8 * 2**30
 
 
-def cpu_actor_sizing(node_cpus: list[float], num_actors: int | None, cpus_per_actor: float | None,
-                     node_memory: float | None = None) -> tuple[int, float, int]:
+def cpu_actor_sizing(node_cpus: list[float], num_actors: int | None, cpus_per_actor: float | None) -> tuple[int, float, int]:
     """Model actors without GPUs: (actors, CPUs Ray reserves for each, torch threads of each;
-    0 = as many as its node has CPUs). ``node_cpus``: the CPUs of each node of the cluster;
-    ``node_memory``: the smallest such node's memory in Ray's accounting (None: not known).
+    0 = as many as its node has CPUs). ``node_cpus``: the CPUs of each node of the cluster.
 
     The model is all of the work (~0.5 s an image for R50-FPN; decoding one costs a few ms), so by
-    default each node that has 2 CPUs or more (and ``TWO_ACTORS_MEMORY``) holds two actors, each
-    running torch threads on half its CPUs: one actor's serial work (Python, NMS, mask pasting,
-    copies) and its threads' waits at each operator's end overlap the other's convolutions, which
-    one actor over all the threads leaves idle. Ray's accounting reserves them the node's CPUs less
-    one, and that one CPU runs the decode, RLE and write tasks in the gaps of the model's work
-    (torch's threads are not Ray's accounting). ``--num-actors`` sets how many instead, a node's
-    actors sharing its CPUs; ``--cpus-per-actor`` given is both the reservation and the threads
-    (and, without ``--num-actors``, one actor per node)."""
+    default each node that has CPUs holds one actor whose torch threads use all its CPUs. Ray's
+    accounting reserves it the node's CPUs less one, and that one CPU runs the decode, RLE and
+    write tasks in the gaps of the model's work (torch's threads are not Ray's accounting). With
+    ``--num-actors`` above the nodes, a node's actors share its CPUs; ``--cpus-per-actor`` given
+    is both the reservation and the threads."""
     nodes = sorted(c for c in node_cpus if c >= 1) or [1.0]
-    two = cpus_per_actor is None and nodes[0] >= 2 and (node_memory is None or node_memory >= TWO_ACTORS_MEMORY)
-    actors = num_actors or len(nodes) * (2 if two else 1)
+    actors = num_actors or len(nodes)
     if cpus_per_actor is not None:
         return actors, float(cpus_per_actor), max(1, int(cpus_per_actor))
     per_node = -(-actors // len(nodes))
@@ -72,10 +63,8 @@ def actor_resources(ray, args) -> tuple[int, float, float, int]:
     if gpus_per_actor > 0:
         num_actors = args.num_actors if args.num_actors is not None else max(1, int(gpus / gpus_per_actor + 1e-9))
     else:
-        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1]
-        memory = min((float(node.get("memory", 0)) for node in nodes), default=None)
-        num_actors, cpus_per_actor, threads = cpu_actor_sizing([float(node["CPU"]) for node in nodes], args.num_actors,
-                                                               args.cpus_per_actor, memory or None)
+        node_cpus = [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+        num_actors, cpus_per_actor, threads = cpu_actor_sizing(node_cpus, args.num_actors, args.cpus_per_actor)
     cpus = float(cluster.get("CPU", 0))
     what_cpus = (
         f"--cpus-per-actor {cpus_per_actor:g}" if args.cpus_per_actor is not None else f"{cpus_per_actor:g} (the default --cpus-per-actor)"
