@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import boxes as box_ops
-from torchvision.ops.misc import Conv2dNormActivation
+from maskrcnn.modeling.roi_heads.mask_head import conv_blocks, init_convs
 
 from maskrcnn.modeling.box_regression import BoxCoder
 from maskrcnn.modeling.nms import batched_nms, fixed_shape, top_m_batched_nms
@@ -35,17 +35,11 @@ class ConvFCHead(nn.Sequential):
     the key layout of its FastRCNNConvFCHead ("0.0.weight", ..., "{n + 1}.weight" for the fc)."""
 
     def __init__(self, in_channels: int, resolution: int, conv_layers: tuple[int, ...], representation_size: int, norm_layer=None):
-        blocks: list[nn.Module] = []
-        for width in conv_layers:
-            blocks.append(Conv2dNormActivation(in_channels, width, kernel_size=3, norm_layer=norm_layer))
-            in_channels = width
-        blocks += [nn.Flatten(), nn.Linear(in_channels * resolution * resolution, representation_size), nn.ReLU(inplace=True)]
+        blocks = conv_blocks(in_channels, conv_layers, norm_layer)
+        channels = conv_layers[-1] if conv_layers else in_channels
+        blocks += [nn.Flatten(), nn.Linear(channels * resolution * resolution, representation_size), nn.ReLU(inplace=True)]
         super().__init__(*blocks)
-        for layer in self.modules():
-            if isinstance(layer, nn.Conv2d):
-                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        init_convs(self)
 
 
 class FastRCNNPredictor(nn.Module):

@@ -14,23 +14,32 @@ from torchvision.ops import roi_align
 from torchvision.ops.misc import Conv2dNormActivation
 
 
+def conv_blocks(in_channels: int, widths: tuple[int, ...], norm_layer=None, dilation: int = 1) -> list[nn.Module]:
+    """3x3 convs of ``widths`` (each with ReLU, and ``norm_layer`` then without bias), one after
+    another from ``in_channels``: the conv stacks of the mask head and of the conv box head."""
+    blocks: list[nn.Module] = []
+    for width in widths:
+        blocks.append(Conv2dNormActivation(in_channels, width, kernel_size=3, dilation=dilation, padding=dilation, norm_layer=norm_layer))
+        in_channels = width
+    return blocks
+
+
+def init_convs(module: nn.Module) -> None:
+    """Every conv of ``module``: He (fan-out) weights, zero biases, as torchvision's heads."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 class MaskRCNNConvHead(nn.Sequential):
     """``len(layers)`` 3x3 convs with ReLU (key layout of torchvision's MaskRCNNHeads: "0.0.weight"),
     each with ``norm_layer`` (then without bias; torchvision's v2: BatchNorm, "0.1.*") or none."""
 
     def __init__(self, in_channels: int, layers: tuple[int, ...], dilation: int = 1, norm_layer=None):
-        blocks = []
-        for width in layers:
-            blocks.append(
-                Conv2dNormActivation(in_channels, width, kernel_size=3, dilation=dilation, padding=dilation, norm_layer=norm_layer)
-            )
-            in_channels = width
-        super().__init__(*blocks)
-        for layer in self.modules():
-            if isinstance(layer, nn.Conv2d):
-                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        super().__init__(*conv_blocks(in_channels, layers, norm_layer, dilation))
+        init_convs(self)
 
 
 class MaskRCNNPredictor(nn.Module):
