@@ -60,6 +60,35 @@ def add_precision_options(group, reference_path: str | None = None) -> None:
         )
 
 
+def add_tta_option(group, what: str = "the views' detections are merged") -> None:
+    """--tta SPEC (``maskrcnn.tta``'s spec), for the jobs that run inference; ``what``: how the
+    job uses the merged detections, for the help."""
+    group.add_argument(
+        "--tta", default=None, metavar="SPEC",
+        help="test-time augmentation (the paper's data distillation): 'flip' runs each image and its mirror image, 'flip,640,800' "
+        "also at those short sides (640,800 alone: scales without the mirror); " + what + " (class-wise NMS, masks averaged; "
+        "add 'vote' for box voting: boxes averaged over the views, scores the views' mean); costs a forward per view, one image "
+        "at a time (default: off)",
+    )
+
+
+def check_tta(spec: str | None, model=None) -> str:
+    """--tta in canonical form ("" when off); a JobError naming it when the spec is wrong, or when
+    ``model`` (given once loaded) cannot run it."""
+    from maskrcnn.tta import check_model, parse_tta
+
+    try:
+        tta = parse_tta(spec)
+    except ValueError as exc:  # it names the spec
+        raise JobError(f"--tta {exc}") from None
+    if tta is not None and model is not None:
+        try:
+            check_model(model)
+        except ValueError as exc:
+            raise JobError(f"--tta {spec}: {exc}") from None
+    return str(tta or "")
+
+
 def parse_storage_options(text: str | None) -> dict | None:
     if not text:
         return None

@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
-from jobs.common import JobError, add_precision_options, add_size_options, add_storage_options, parse_storage_options, run_main
+from jobs.common import (
+    JobError, add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, parse_storage_options, run_main,
+)
 
 __all__ = ["main", "build_parser", "class_map_for"]
 
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="DataLoader processes that read and decode images (default 2; 0 reads in this process)",
     )
     add_precision_options(parser, reference_path=" that jobs.label runs")
+    add_tta_option(parser, "the views' detections are merged and scored as jobs.label --tta labels them")
     parser.add_argument(
         "--device", default="auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default auto)"
     )
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.loader_workers < 0:
         raise JobError(f"--loader-workers must be 0 or more, got {args.loader_workers}")
+    check_tta(args.tta)
     device = _resolve_device(args.device)
 
     from maskrcnn.checkpoint import CheckpointError, categories_from_coco, load_checkpoint
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         raise JobError("--" + message if message.startswith("checkpoint ") else message) from None
     except ValueError as exc:  # an unknown --arch preset
         raise JobError(str(exc)) from None
+    tta = check_tta(args.tta, loaded.model)
     from maskrcnn.evaluation import evaluate_model
 
     class_map = class_map_for(loaded.label_map, {c["id"] for c in dataset.categories}, args.checkpoint, args.annotations)
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         loader_workers=args.loader_workers,
         precision=args.precision,
         fast=not args.reference_path,
+        tta=tta or None,
     )
     seconds = time.perf_counter() - started
     report = {
@@ -197,13 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(seconds, 3),
         "precision": args.precision,
         "fast_path": not args.reference_path,
+        "tta": tta,
         **metrics,
     }
     print(format_table(metrics))
     print(
         f"box AP {metrics['bbox_AP']:.4f}  mask AP {metrics['segm_AP']:.4f}  "
         + (f"keypoint AP {metrics['keypoints_AP']:.4f}  " if "keypoints_AP" in metrics else "")
-        + f"({metrics['num_images']} images, {metrics['num_detections']} detections, {seconds:.1f} s on {device})"
+        + f"({metrics['num_images']} images, {metrics['num_detections']} detections, {seconds:.1f} s on {device}"
+        + (f", --tta {tta}" if tta else "") + ")"
     )
     if args.output:
         from maskrcnn.storage import open_uri

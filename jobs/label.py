@@ -16,7 +16,7 @@ import argparse
 import sys
 import uuid
 
-from jobs.common import JobError, init_ray, parse_storage_options, run_main, shutdown_ray
+from jobs.common import JobError, check_tta, init_ray, parse_storage_options, run_main, shutdown_ray
 from jobs.labeling.lease import Lease
 from jobs.labeling.options import build_parser, check_args
 from jobs.labeling.plan import PLAN_DIR, plan_for_run, read_plan
@@ -79,20 +79,6 @@ def load_model_for_labeling(args: argparse.Namespace, storage_options: dict | No
     return loaded, loaded.config, load_kwargs
 
 
-def _check_tta(spec: str | None, model) -> str:
-    """--tta in canonical form ("" when off), checked against the model (JobError naming it)."""
-    from maskrcnn.tta import check_model, parse_tta
-
-    tta = parse_tta(spec)  # its syntax was checked with the other options
-    if tta is None:
-        return ""
-    try:
-        check_model(model)
-    except ValueError as exc:
-        raise JobError(f"--tta {spec}: {exc}") from None
-    return str(tta)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -106,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check_output_apart(args.input, args.output, storage_options)
     loaded, config, load_kwargs = load_model_for_labeling(args, storage_options)
-    tta = _check_tta(args.tta, loaded.model)
+    tta = check_tta(args.tta, loaded.model)
     _check_output_writable(args.output, storage_options)
     settings_fingerprint = {
         "model": loaded.model_hash,

@@ -195,6 +195,7 @@ def evaluate_model(
     loader_workers: int = 0,
     precision: str = "fp32",
     fast: bool = False,
+    tta: Any = None,
 ) -> dict[str, Any]:
     """Run ``model`` over ``dataset`` (a ``CocoDataset``) and return :func:`evaluate_coco`'s
     metrics against ``dataset.coco`` on the dataset's images, plus ``num_images`` and
@@ -204,7 +205,8 @@ def evaluate_model(
     Predictions come from ``maskrcnn.inference.Predictor`` (as jobs.label's do): a batch runs as
     one forward per padded size, under autocast to ``precision`` (fp32, bf16, fp16, auto),
     exactly as built unless ``fast`` (which changes ``model`` in place: norms folded; give it a
-    model you do not train afterwards). ``loader_workers`` DataLoader processes read and decode
+    model you do not train afterwards); with ``tta`` (a ``maskrcnn.tta`` spec or TTA) each image
+    is predicted from its views, as jobs.label --tta labels it. ``loader_workers`` DataLoader processes read and decode
     the images (0: in this process). Class indices map to category ids through ``class_map``
     (default: the dataset's own categories); detections of classes it lacks (e.g. torchvision's
     unused COCO indices) are dropped. Masks leave the device as crops and are encoded batch by
@@ -221,7 +223,7 @@ def evaluate_model(
         pin_memory=device.type == "cuda",
     )
     was_training = model.training
-    predictor = Predictor(model, device=device, fast=fast, precision=precision)
+    predictor = Predictor(model, device=device, fast=fast, precision=precision, tta=tta)
     results: list[dict] = []
     image_ids: list[int] = []
     try:

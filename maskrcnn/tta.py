@@ -9,7 +9,13 @@ here as detectron2's ``GeneralizedRCNNWithTTA`` does it, from the model's own pa
    branch once; its detections are mapped back into the original image's pixels.
 2. Boxes: all views' detections go through one class-wise NMS (``nms.batched_nms``, the model's
    IoU threshold), keeping at most the model's ``detections_per_img``. Each view's detections
-   passed the model's score threshold already.
+   passed the model's score threshold already. A kept box keeps its best view's score and
+   coordinates; with ``vote``, box voting (Gidaris & Komodakis, 2015, as Detectron's
+   ``BBOX_VOTE``) with the views as voters: in each view, the best-scoring box of the kept box's
+   class that overlaps it at the NMS threshold or more votes with its score; the kept box becomes
+   the score-weighted mean of its voters, and its score their mean over all V views, a view that
+   found nothing there counting 0 (an object seen in one view of two keeps half its score).
+   Merged boxes whose score falls below the model's threshold are dropped.
 3. Masks: the mask branch runs on the merged boxes in every view (each box mapped into it, from
    the features of step 1); a mirrored view's M x M probabilities are mirrored back, and all
    are averaged before the one paste into the image (over each box only, as the Predictor does).
@@ -29,14 +35,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from maskrcnn.modeling.nms import batched_nms
 from maskrcnn.modeling.postprocessing import paste_masks
 from maskrcnn.modeling.preprocessing import batch_images, normalize_image, resize_boxes, resize_image, resized_size
-from maskrcnn.modeling.roi_heads.box_head import fast_rcnn_inference
-from maskrcnn.modeling.roi_heads.mask_head import mask_rcnn_inference
 
-__all__ = ["TTA", "parse_tta", "check_model", "predict_with_tta", "tta_inference", "decode_min_size"]
+__all__ = ["TTA", "parse_tta", "check_model", "predict_with_tta", "tta_inference", "vote_boxes", "decode_min_size"]
 
 _MAX_SCALE = 4096  # a view short side beyond this is more likely a typo than a wish
 
@@ -48,10 +53,11 @@ class TTA:
 
     flip: bool = False
     scales: tuple[int, ...] = ()
+    vote: bool = False  # box voting over the views (the module's step 2) instead of the best view's box and score
 
     def __str__(self) -> str:
-        """The spec this was parsed from, in canonical form (``flip,640,800``)."""
-        return ",".join((["flip"] if self.flip else []) + [str(s) for s in self.scales])
+        """The spec this was parsed from, in canonical form (``flip,vote,640,800``)."""
+        return ",".join((["flip"] if self.flip else []) + (["vote"] if self.vote else []) + [str(s) for s in self.scales])
 
     def views(self, min_size: int) -> list[tuple[int, bool]]:
         """(short side, mirrored) of each view for a model whose input short side is ``min_size``:
@@ -61,21 +67,21 @@ class TTA:
 
 
 def parse_tta(spec: str | TTA | None) -> TTA | None:
-    """``"flip"``, ``"flip,640,800"``, ``"640,800"`` -> a TTA; ``""`` or None: off (None).
-    Raises ValueError, in one line, naming the part of the spec that is wrong."""
+    """``"flip"``, ``"flip,640,800"``, ``"640,800"``, ``"flip,vote"`` -> a TTA; ``""`` or None: off
+    (None). Raises ValueError, in one line, naming the part of the spec that is wrong."""
     if spec is None or isinstance(spec, TTA):
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"must be a spec like 'flip' or 'flip,640,800', got a {type(spec).__name__}")
     if not spec.strip():
         return None
-    flip, scales = False, []
+    words, scales = set(), []
     parts = [p.strip() for p in spec.split(",")]
     for part in parts:
-        if part.lower() == "flip":
-            if flip:
-                raise ValueError(f"{spec!r} names flip twice; give it once")
-            flip = True
+        if part.lower() in ("flip", "vote"):
+            if part.lower() in words:
+                raise ValueError(f"{spec!r} names {part.lower()} twice; give it once")
+            words.add(part.lower())
         elif part.isdigit():
             size = int(part)
             if not 1 <= size <= _MAX_SCALE:
@@ -85,8 +91,11 @@ def parse_tta(spec: str | TTA | None) -> TTA | None:
             scales.append(size)
         else:
             what = "" if len(parts) == 1 else ("has an empty part, which " if not part else f"has {part!r}, which ")
-            raise ValueError(f"{spec!r} {what}is neither 'flip' nor a short side in pixels; give e.g. flip or flip,640,800")
-    return TTA(flip=flip, scales=tuple(scales))
+            raise ValueError(f"{spec!r} {what}is neither 'flip', 'vote' nor a short side in pixels; give e.g. flip or flip,640,800")
+    tta = TTA(flip="flip" in words, scales=tuple(scales), vote="vote" in words)
+    if tta.vote and len(tta.views(1)) == 1:
+        raise ValueError(f"{spec!r} votes with one view; add flip or a scale to vote among")
+    return tta
 
 
 def check_model(model: torch.nn.Module) -> None:
@@ -131,22 +140,13 @@ def _view_input(model, image: Tensor, min_size: int, mirrored: bool, resized: bo
 
 
 def _run_view(model, x: Tensor, mirrored: bool) -> tuple[_View, Tensor, Tensor, Tensor]:
-    """Backbone, RPN and box branch on one view: the view, and its (D, 4) boxes in its own pixels,
-    (D,) scores and (D,) labels after the model's class-wise NMS."""
+    """Backbone, RPN and box branch on one view (the model's own stages, as its forward runs
+    them): the view, and its (D, 4) boxes in its own pixels, (D,) scores and (D,) labels after
+    the model's class-wise NMS."""
     batch = batch_images([x], model.transform.size_divisible)
-    tensor = batch.tensor.contiguous(memory_format=torch.channels_last) if model.channels_last else batch.tensor
-    features = list(model.backbone(tensor).values())
+    features, roi_features = model.features(batch.tensor)
     proposals, _ = model.rpn(tuple(batch.tensor.shape[-2:]), batch.image_sizes, features, None)
-    # as MaskRCNN.forward: the heads pool from P2..P5 (C4: res4), in the layout its poolers read
-    roi_features = features[:-1] if len(features) > 1 else features
-    if model.channels_last and not model._poolers_read_nhwc(tensor.device):
-        roi_features = [f.contiguous() for f in roi_features]
-    heads = model.roi_heads
-    class_logits, box_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(roi_features, proposals, batch.image_sizes)))
-    ((boxes, scores, labels),) = fast_rcnn_inference(
-        class_logits, box_deltas, proposals, batch.image_sizes, heads.box_coder, heads.score_thresh, heads.nms_thresh,
-        heads.detections_per_img, leading_nms=not heads.exact_inference,
-    )
+    ((boxes, scores, labels),) = model.roi_heads.detect_boxes(roi_features, proposals, batch.image_sizes)
     return _View(roi_features, batch.image_sizes[0], mirrored), boxes, scores, labels
 
 
@@ -172,9 +172,7 @@ def _to_view(boxes: Tensor, view: _View, image_size: tuple[int, int]) -> Tensor:
 def _mask_probs(model, view: _View, boxes: Tensor, labels: Tensor) -> Tensor:
     """(D, M, M) mask probabilities of the class ``labels`` over ``boxes`` (in the view's pixels),
     laid out as in the unmirrored image."""
-    heads = model.roi_heads
-    logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(view.features, [boxes], [view.size])))
-    (probs,) = mask_rcnn_inference(logits, [labels], heads.mask_loss_type)
+    (probs,) = model.roi_heads.predict_mask_probs(view.features, [boxes], [labels], [view.size])
     return probs.flip(-1) if view.mirrored else probs
 
 
@@ -200,6 +198,8 @@ def tta_inference(model, image: Tensor, tta: TTA, *, resized: bool = False,
     heads = model.roi_heads
     keep = batched_nms(boxes, scores, labels, heads.nms_thresh, max_keep=heads.detections_per_img)[: heads.detections_per_img]
     merged = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    if tta.vote:
+        merged = vote_boxes(merged, list(zip(all_boxes, all_scores, all_labels)), heads.nms_thresh, heads.score_thresh)
     if heads.has_mask:
         if len(keep) == 0:
             size = heads.mask_predictor_size()
@@ -208,6 +208,35 @@ def tta_inference(model, image: Tensor, tta: TTA, *, resized: bool = False,
             probs = [_mask_probs(model, view, _to_view(merged["boxes"], view, original_size), merged["labels"]) for view in views]
             merged["mask_probs"] = torch.stack(probs).float().mean(dim=0)
     return merged
+
+
+def vote_boxes(kept: dict[str, Tensor], views: list[tuple[Tensor, Tensor, Tensor]], iou_threshold: float,
+               score_threshold: float) -> dict[str, Tensor]:
+    """Box voting over views (the module's step 2): ``kept`` ``boxes`` (K, 4), ``scores``,
+    ``labels`` (K,), the merge's NMS survivors; ``views``: each view's (D, 4) boxes (in the same
+    pixels), (D,) scores, (D,) labels. Returns them voted, best first, below ``score_threshold``
+    dropped."""
+    boxes, labels = kept["boxes"], kept["labels"]
+    if boxes.shape[0] == 0:
+        return kept
+    weights, voted = [], []
+    for view_boxes, view_scores, view_labels in views:
+        if view_boxes.shape[0] == 0:  # no votes from this view
+            weights.append(boxes.new_zeros(boxes.shape[0]))
+            voted.append(boxes)
+            continue
+        overlaps = box_iou(boxes, view_boxes.to(boxes.dtype))  # (K, D)
+        voters = (overlaps >= iou_threshold) & (labels[:, None] == view_labels[None, :])
+        score, best = torch.where(voters, view_scores[None, :].to(boxes.dtype), torch.zeros_like(overlaps)).max(dim=1)
+        weights.append(score)
+        voted.append(view_boxes[best].to(boxes.dtype))
+    weights, voted = torch.stack(weights), torch.stack(voted)  # (V, K), (V, K, 4)
+    total = weights.sum(dim=0)  # > 0: each kept box votes for itself in its own view
+    new_boxes = (weights[..., None] * voted).sum(dim=0) / total[:, None]
+    new_scores = (total / len(views)).to(kept["scores"].dtype)
+    order = torch.argsort(new_scores, descending=True, stable=True)
+    order = order[new_scores[order] >= score_threshold]
+    return {"boxes": new_boxes[order], "scores": new_scores[order], "labels": labels[order]}
 
 
 def predict_with_tta(model, image: Tensor, tta: TTA, *, resized: bool = False, original_size: tuple[int, int] | None = None,

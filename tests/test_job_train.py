@@ -352,6 +352,38 @@ def test_evaluate_rejects_bad_input(shapes, tmp_path):
         evaluate_main(["--checkpoint", str(tmp_path / "dogs.pt"), "--annotations", ann, "--images", images])
 
 
+def test_evaluate_with_tta_scores_what_the_predictor_predicts_from_the_views(shapes, tmp_path, capsys):
+    """jobs.evaluate --tta flip,vote: the same metrics as evaluate_model with that TTA (the one
+    loop), the spec in the report and the summary line; a wrong spec or a keypoint model is named
+    in one line before any image is read."""
+    from jobs.evaluate import main as evaluate_main
+    from maskrcnn.checkpoint import load_checkpoint, save_checkpoint
+    from maskrcnn.config import get_preset
+    from maskrcnn.data import CocoDataset
+    from maskrcnn.evaluation import evaluate_model
+    from maskrcnn.modeling import build_model
+
+    ann, images = shapes["val"]
+    categories = json.loads(Path(ann).read_text())["categories"]
+    torch.manual_seed(0)
+    config = get_preset("small", num_classes=len(categories) + 1).with_overrides(min_size=96, max_size=128, score_thresh=0.0)
+    save_checkpoint(str(tmp_path / "model.pt"), build_model(config), config, categories)
+    args = ["--checkpoint", str(tmp_path / "model.pt"), "--annotations", ann, "--images", images, "--loader-workers", "0"]
+    assert evaluate_main([*args, "--tta", "vote, flip", "--output", str(tmp_path / "eval.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].endswith("s on cpu, --tta flip,vote)")
+    report = json.loads((tmp_path / "eval.json").read_text())
+    expected = evaluate_model(load_checkpoint(str(tmp_path / "model.pt")).model, CocoDataset(ann, images), 2, "cpu", fast=True,
+                              tta="flip,vote")
+    assert report["tta"] == "flip,vote" and report["num_detections"] == expected["num_detections"] > 0
+    assert report["segm_AP"] == expected["segm_AP"] and report["bbox_AP"] == expected["bbox_AP"]
+    with pytest.raises(JobError, match="^--tta 'flip,flop' has 'flop', which is neither"):
+        evaluate_main([*args, "--tta", "flip,flop"])
+    keypoints = get_preset("small_keypoint", num_classes=len(categories) + 1)
+    save_checkpoint(str(tmp_path / "kp.pt"), build_model(keypoints), keypoints, categories)
+    with pytest.raises(JobError, match="^--tta flip: test-time augmentation is for box and mask models"):
+        evaluate_main([*args[:1], str(tmp_path / "kp.pt"), *args[2:], "--tta", "flip"])
+
+
 def test_weights_decide_which_layers_start_fresh(shapes, tmp_path):
     """A jobs.train checkpoint of the same categories loads whole; of other categories, or a
     torchvision state dict, without the class-specific layers."""

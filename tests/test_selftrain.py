@@ -172,7 +172,7 @@ def test_tta_reaches_the_labeling_stage_and_the_runs_settings(sample, tmp_path, 
     from jobs.selftraining.options import parse_args, resolve_thresholds, settings_of
 
     base = [*sample["args"], "--unlabeled", sample["images"], "--output", str(tmp_path / "run"), *FAST]
-    with pytest.raises(JobError, match="^--tta 'flip,flop' has 'flop', which is neither 'flip' nor a short side in pixels"):
+    with pytest.raises(JobError, match="^--tta 'flip,flop' has 'flop', which is neither 'flip', 'vote' nor a short side in pixels"):
         main([*base, "--tta", "flip,flop"])
     assert not (tmp_path / "run").exists()
     assert "tta" not in settings_of(parse_args(base), {1: 0.7})

@@ -16,7 +16,7 @@ from jobs.labeling.plan import read_plan
 from maskrcnn.config import get_preset
 from maskrcnn.inference import Predictor, prepare
 from maskrcnn.modeling import build_model
-from maskrcnn.tta import TTA, decode_min_size, parse_tta, tta_inference
+from maskrcnn.tta import TTA, decode_min_size, parse_tta, tta_inference, vote_boxes
 from tests.labeling_helpers import encode, read_output, rgb_noise
 
 
@@ -145,7 +145,9 @@ def test_scales_add_views_and_detections_stay_in_the_image(model):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("flop", "'flop' is neither 'flip' nor a short side in pixels"),
+    ("flop", "'flop' is neither 'flip', 'vote' nor a short side in pixels"),
+    ("vote", "votes with one view; add flip or a scale"),
+    ("flip,vote,VOTE", "names vote twice"),
     ("flip,,640", "has an empty part"),
     ("flip,flip", "names flip twice"),
     ("flip,0", "has scale 0: a short side is 1 to 4096 pixels"),
@@ -158,6 +160,40 @@ def test_bad_specs_fail_in_one_line_naming_the_part(model, spec, message):
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=f"^tta {spec!r}"):
         Predictor(model, device="cpu", fast=False, tta=spec)
+
+
+def test_box_voting_averages_the_views_boxes_weighted_by_score():
+    """Each kept box: the score-weighted mean of the best same-class box overlapping it (IoU >=
+    the threshold) in each view; its score the mean over the views (0 where a view has none).
+    Another class's box, or one overlapping too little, does not vote; scores sort the result
+    and the score threshold drops what falls below it."""
+    t = torch.tensor
+    views = [
+        (t([[0.0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 11]]), t([0.9, 0.3, 0.8]), t([1, 1, 2])),
+        (t([[0.0, 0, 12, 10], [1, 0, 10, 10], [30, 30, 40, 40], [50, 50, 58, 60]]), t([0.6, 0.2, 0.8, 0.7]), t([1, 1, 1, 2])),
+    ]
+    kept = {"boxes": t([[0.0, 0, 10, 10], [30, 30, 40, 40], [50, 50, 60, 60], [0, 0, 10, 11]]),
+            "scores": t([0.9, 0.8, 0.3, 0.8]), "labels": t([1, 1, 1, 2])}
+    voted = vote_boxes(kept, views, 0.5, 0.2)
+    expected_first = (0.9 * t([0.0, 0, 10, 10]) + 0.6 * t([0.0, 0, 12, 10])) / 1.5  # not the 0.2 box: the best vote per view
+    torch.testing.assert_close(voted["scores"], t([0.75, 0.4, 0.4]))
+    torch.testing.assert_close(voted["boxes"], torch.stack([expected_first, t([30.0, 30, 40, 40]), t([0.0, 0, 10, 11])]))
+    assert voted["labels"].tolist() == [1, 1, 2]  # the class-1 box at (50, 50): 0.3 / 2 < 0.2, dropped; class 2's box did not vote
+    assert str(parse_tta("vote, flip ,640")) == "flip,vote,640" and parse_tta("640,vote").vote
+
+
+def test_voted_tta_is_the_flip_merge_rescored(model):
+    """flip,vote keeps the boxes flip keeps (each moved by at most the spread of its voters),
+    with scores that are views' means: never above the best view's."""
+    image = torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        best = tta_inference(model, image, TTA(flip=True))
+        voted = tta_inference(model, image, TTA(flip=True, vote=True))
+    assert 0 < len(voted["scores"]) <= len(best["scores"])
+    assert (voted["scores"][:-1] >= voted["scores"][1:]).all() and voted["scores"].max() <= best["scores"].max()
+    overlap = box_iou(voted["boxes"], best["boxes"]) * (voted["labels"][:, None] == best["labels"][None, :])
+    assert (overlap.max(dim=1).values >= 0.5).all()
+    assert voted["mask_probs"].shape[0] == len(voted["scores"])
 
 
 def test_a_keypoint_model_is_refused():
@@ -178,7 +214,7 @@ def test_jobs_label_with_tta_labels_each_image_once_as_the_predictor_does(tmp_pa
         (images / f"{k}.png").write_bytes(encode(rgb_noise(width, height, seed=k), "PNG"))
     output = str(tmp_path / "out")
     base = ["--input", str(images), "--checkpoint", checkpoint, "--min-size", "64", "--max-size", "96", "--max-detections", "5"]
-    with pytest.raises(JobError, match="^--tta 'flop' is neither"):
+    with pytest.raises(JobError, match="^--tta 'flop' is neither 'flip', 'vote' nor"):
         label_main([*base, "--output", output, "--tta", "flop"])
     assert label_main([*base, "--output", output, "--tta", "flip", "--shard-size", "2", "--batch-size", "2"]) == 0, capsys.readouterr().out
     table = read_output(output)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from jobs.common import (
-    HelpFormatter, JobError, add_precision_options, add_ray_options, add_size_options, add_storage_options, add_wait_for_gpus,
+    HelpFormatter, JobError, add_precision_options, add_ray_options, add_size_options, add_storage_options, add_tta_option,
+    add_wait_for_gpus, check_tta,
 )
 from jobs.labeling.plan import DEFAULT_SHARD_SIZE
 
@@ -93,15 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument(
         "--max-detections", type=int, default=None, metavar="N", help="keep at most N detections per image, best first"
     )
-    model_group.add_argument(
-        "--tta",
-        default=None,
-        metavar="SPEC",
-        help="test-time augmentation (data distillation): 'flip' labels each image and its mirror image, 'flip,640,800' also "
-        "at those short sides (640,800 alone: scales without the mirror); the views' detections are merged by class-wise NMS "
-        "and their masks averaged before --score-threshold and --max-detections apply; costs a forward per view, one image at "
-        "a time (default: off)",
-    )
+    add_tta_option(model_group, "the views' detections are merged before --score-threshold and --max-detections apply")
 
     run_group = parser.add_argument_group("execution")
     run_group.add_argument(
@@ -182,12 +175,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise JobError(f"--wait-for-gpus must be 0 or more seconds, got {args.wait_for_gpus:g}")
     if args.preview < 0:
         raise JobError(f"--preview must be 0 or more, got {args.preview}")
-    from maskrcnn.tta import parse_tta
-
-    try:
-        parse_tta(args.tta)
-    except ValueError as exc:
-        raise JobError(f"--tta {exc}") from None
+    check_tta(args.tta)
     for name in ("min_size", "max_size", "max_detections"):
         value = getattr(args, name)
         if value is not None and value < 1:

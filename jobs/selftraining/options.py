@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import HelpFormatter, JobError, add_ray_options, add_size_options, add_storage_options
+from jobs.common import HelpFormatter, JobError, add_ray_options, add_size_options, add_storage_options, add_tta_option, check_tta
 
 DEFAULT_THRESHOLD = 0.7
 # Options passed on to every jobs.train run as they are (dest names); None or False: not passed.
@@ -70,12 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--labelled-repeat", type=int, default=1, metavar="K",
         help="list each labelled image K times in the student's training set (oversampling the human labels)",
     )
-    selftrain.add_argument(
-        "--tta", default=None, metavar="SPEC",
-        help="the paper's data distillation: label each unlabeled image and its mirror image ('flip'), and at other short sides "
-        "('flip,640,800'), merging their detections (class-wise NMS, masks averaged) before --score-threshold selects them "
-        "(jobs.label's --tta; default: off)",
-    )
+    add_tta_option(selftrain, "the views' detections are merged before --score-threshold selects them (jobs.label's --tta)")
     selftrain.add_argument(
         "--label-batch-size", type=int, default=None, metavar="N",
         help="at most N images per forward pass when labeling (jobs.label's --batch-size; default its own)",
@@ -130,12 +125,7 @@ def check_args(args: argparse.Namespace) -> None:
             "or give --student-init teacher to start each student from its teacher"
         )
     parse_thresholds(args.score_threshold)
-    from maskrcnn.tta import parse_tta
-
-    try:
-        args.tta = str(parse_tta(args.tta) or "")  # canonical: what the run's settings record
-    except ValueError as exc:
-        raise JobError(f"--tta {exc}") from None
+    args.tta = check_tta(args.tta)  # canonical: what the run's settings record
     # the values jobs.train checks (--epochs, --batch-size, --arch, ...), named as it names them
     validate_args(build_train_parser_namespace(args))
 

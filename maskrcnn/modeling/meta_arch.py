@@ -67,10 +67,21 @@ class MaskRCNN(nn.Module):
         if original_sizes is None:
             original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, targets = self.transform(images, targets, resized=resized)
-        tensor = batch.tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.tensor
-        features = list(self.backbone(tensor).values())
+        features, roi_features = self.features(batch.tensor)
         gt_boxes = [t["boxes"] for t in targets] if targets is not None else None
         proposals, rpn_losses = self.rpn(tuple(batch.tensor.shape[-2:]), batch.image_sizes, features, gt_boxes)
+        detections, head_losses = self.roi_heads(roi_features, proposals, batch.image_sizes, targets)
+        if targets is not None:
+            return {**rpn_losses, **head_losses}
+        return postprocess_batch(detections, batch.image_sizes, original_sizes, mask_threshold, box_local_masks)
+
+    def features(self, batch: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The (N, 3, H, W) preprocessed batch -> its feature levels (the RPN's), and the levels
+        the RoI heads pool from, in the layout their poolers read. The stages of ``forward``
+        are public so that other inference schemes (``maskrcnn.tta``) run the model's own:
+        ``features``, ``rpn``, ``roi_heads.detect_boxes``, ``roi_heads.predict_mask_probs``."""
+        tensor = batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+        features = list(self.backbone(tensor).values())
         # RoI heads pool from P2..P5 only; P6 serves the RPN's largest anchors. A one-level
         # backbone (C4: res4) serves both. torchvision's roi_align reads NCHW (it copies NHWC
         # input on every call): one copy per level here serves both heads. The CPU's gather
@@ -78,10 +89,7 @@ class MaskRCNN(nn.Module):
         roi_features = features[:-1] if len(features) > 1 else features
         if self.channels_last and not self._poolers_read_nhwc(tensor.device):
             roi_features = [f.contiguous() for f in roi_features]
-        detections, head_losses = self.roi_heads(roi_features, proposals, batch.image_sizes, targets)
-        if targets is not None:
-            return {**rpn_losses, **head_losses}
-        return postprocess_batch(detections, batch.image_sizes, original_sizes, mask_threshold, box_local_masks)
+        return features, roi_features
 
     def _poolers_read_nhwc(self, device: torch.device) -> bool:
         poolers = [m for m in self.roi_heads.modules() if isinstance(m, MultiScaleRoIPooler)]

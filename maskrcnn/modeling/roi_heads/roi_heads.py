@@ -195,26 +195,34 @@ class RoIHeads(nn.Module):
     def mask_predictor_size(self) -> int:
         return self.mask_roi_pool.output_size[0] * 2
 
-    def forward_inference(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:
+    def detect_boxes(self, features, proposals, image_sizes) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The box branch in eval mode: per image (D, 4) boxes in its input's pixels, (D,) scores
+        and (D,) labels after the class-wise NMS, best first."""
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))
         class_logits, box_deltas = self.box_predictor(box_features)
-        detections = fast_rcnn_inference(
+        return fast_rcnn_inference(
             class_logits, box_deltas, proposals, image_sizes, self.box_coder,
             self.score_thresh, self.nms_thresh, self.detections_per_img, leading_nms=not self.exact_inference,
         )
+
+    def predict_mask_probs(self, features, boxes: list[Tensor], labels: list[Tensor], image_sizes) -> list[Tensor]:
+        """The mask branch on given boxes (per image (D, 4) in its input's pixels): per image the
+        (D, M, M) probabilities of each box's class ``labels``."""
+        if sum(b.shape[0] for b in boxes) == 0:
+            size = self.mask_predictor_size()
+            return [b.new_zeros((0, size, size)) for b in boxes]
+        logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_sizes)))
+        return mask_rcnn_inference(logits, labels, self.mask_loss_type)
+
+    def forward_inference(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:
+        detections = self.detect_boxes(features, proposals, image_sizes)
         results = [{"boxes": b, "scores": s, "labels": lb} for b, s, lb in detections]
         if self.has_keypoint:
             self.keypoint_inference(features, results, image_sizes)
         if self.has_mask:
-            boxes = [r["boxes"] for r in results]
-            if sum(b.shape[0] for b in boxes) == 0:
-                size = self.mask_predictor_size()
-                for r in results:
-                    r["mask_probs"] = r["boxes"].new_zeros((0, size, size))
-                return results
-            logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_sizes)))
-            for r, probs in zip(results, mask_rcnn_inference(logits, [r["labels"] for r in results], self.mask_loss_type)):
-                r["mask_probs"] = probs
+            probs = self.predict_mask_probs(features, [r["boxes"] for r in results], [r["labels"] for r in results], image_sizes)
+            for r, p in zip(results, probs):
+                r["mask_probs"] = p
         return results
 
     # -- the keypoint branch (Keypoint R-CNN) ---------------------------------------------------
