@@ -226,12 +226,12 @@ class Predictor:
             raise ValueError(f"tta {exc}") from None
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
-        if fast:
+        self.autocast_dtype = autocast_dtype(precision, self.device)
+        if fast:  # under autocast, the weights held in its dtype: the same outputs without a cast per forward
             from maskrcnn.modeling.optimize import optimize_for_inference
 
-            optimize_for_inference(self.model)
+            optimize_for_inference(self.model, weights_dtype=self.autocast_dtype if isinstance(self.model, MaskRCNN) else None)
         self.fast = fast
-        self.autocast_dtype = autocast_dtype(precision, self.device)
         self.max_batch = max_batch
         self.runs_on_device = self.device.type != "cpu" if runs_on_device is None else runs_on_device
         self.label_map: dict[int, dict] = {}  # class index -> {"id", "name"}: set by from_checkpoint

@@ -76,3 +76,36 @@ def test_group_norm_trunk_runs_channels_last_with_the_same_outputs():
         torch.testing.assert_close(out["boxes"][:n], exp["boxes"][:n], rtol=0, atol=1e-2)
         torch.testing.assert_close(out["scores"][:n], exp["scores"][:n], rtol=0, atol=1e-4)
         assert out["labels"][:n].tolist() == exp["labels"][:n].tolist()
+
+
+@pytest.mark.parametrize("preset", ["small", "small_keypoint", "r50_fpn_v2"])
+def test_weights_held_in_the_autocast_dtype_give_the_same_outputs(preset):
+    """Predictor(precision="bf16") holds the weights of the layers autocast runs in bf16 in bf16
+    (once, not cast on every forward): the same detections, to the bit, as the fast path with
+    fp32 weights cast by autocast; the layers that run in fp32 (the RPN's and the box head's
+    predictors) and the norms stay fp32."""
+    from maskrcnn.inference import Predictor
+
+    torch.manual_seed(0)
+    overrides = {"min_size": 96, "max_size": 128, "score_thresh": 0.0, "detections_per_img": 20}
+    config = get_preset(preset, num_classes=3)
+    model = build_model(config.with_overrides(**overrides)).eval()
+    held = Predictor(copy.deepcopy(model), device="cpu", precision="bf16")
+    cast = Predictor(optimize_for_inference(copy.deepcopy(model)), device="cpu", fast=False, precision="bf16")
+    layers = [m for m in held.model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    fp32 = [held.model.rpn.head.cls_logits, held.model.rpn.head.bbox_pred,
+            held.model.roi_heads.box_predictor.cls_score, held.model.roi_heads.box_predictor.bbox_pred]
+    assert all(m.weight.dtype == torch.float32 for m in fp32)
+    assert all(m.weight.dtype == torch.bfloat16 for m in layers if not any(m is f for f in fp32)) and len(layers) > 10
+    assert all(p.dtype == torch.float32 for m in held.model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))
+               for p in m.parameters())
+    assert all(p.dtype == torch.float32 for p in cast.model.parameters())
+    images = [torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(1))]
+    (expected,), (found,) = cast.predict(images), held.predict(images)
+    assert len(found) == len(expected) > 0
+    assert (found.boxes == expected.boxes).all() and (found.scores == expected.scores).all()
+    assert (found.labels == expected.labels).all()
+    if found.mask_extents is not None:
+        assert found.mask_rles()[0] == expected.mask_rles()[0]
+    if found.keypoints is not None:
+        assert (found.keypoints == expected.keypoints).all()

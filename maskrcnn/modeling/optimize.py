@@ -22,9 +22,18 @@
   the full NMS instead, counted in ``nms.stats`` (``benchmarks/model_inference.py`` prints it).
   The RPN's levels go through ``nms.grouped_batched_nms`` the same way.
 
+- **Weights held in the autocast dtype** (``weights_dtype``: bf16 or fp16, the precision the
+  forward will run under ``torch.autocast``): every convolution and linear layer that autocast
+  runs in that dtype stores its weights in it, once. Autocast caches its casts only for weights
+  that require grad, so frozen fp32 weights would be cast again on every forward (a read of the
+  fp32 weights, a write of the copies and a launch per layer). Casting them to the same dtype
+  ahead of time gives autocast nothing to do and the same bits: the outputs are identical. The
+  layers that run in fp32 under autocast (``FP32_LAYERS`` of the RPN head and the box
+  predictor) keep fp32; norms, which autocast runs in fp32, too.
+
 The model keeps its outputs' meaning; its ``state_dict`` no longer matches a checkpoint (the
-norms are gone), so save checkpoints from a model that was not optimized. Mixed precision
-(bf16/fp16) is separate: ``torch.autocast`` around the forward (``jobs.label --precision``).
+norms are gone), so save checkpoints from a model that was not optimized. Mixed precision itself
+is ``torch.autocast`` around the forward (``jobs.label --precision``, ``Predictor(precision=)``).
 """
 
 from __future__ import annotations
@@ -90,8 +99,30 @@ def fold_norms(module: nn.Module) -> int:
     return folded
 
 
-def optimize_for_inference(model: nn.Module, *, fold: bool = True, channels_last: bool = True) -> nn.Module:
-    """Eval mode, norms folded, NHWC weights and inputs; returns the same (changed) model."""
+_AUTOCAST_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)  # autocast runs these in its lower precision
+
+
+@torch.no_grad()
+def hold_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Stores the weights and biases of the layers autocast runs in ``dtype`` in ``dtype``, but
+    not those a module names in its ``FP32_LAYERS`` (run in fp32 under autocast). Returns how
+    many layers changed. Only for inference under ``torch.autocast(dtype=dtype)``."""
+    fp32 = {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "FP32_LAYERS", ())}
+    held = 0
+    for module in model.modules():
+        if isinstance(module, _AUTOCAST_LAYERS) and id(module) not in fp32:
+            for param in (module.weight, module.bias):
+                if param is not None and param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)  # keeps the memory format (channels_last)
+            held += 1
+    return held
+
+
+def optimize_for_inference(model: nn.Module, *, fold: bool = True, channels_last: bool = True,
+                           weights_dtype: torch.dtype | None = None) -> nn.Module:
+    """Eval mode, norms folded, NHWC weights and inputs, and with ``weights_dtype`` (bf16, fp16:
+    the autocast dtype the model will run under) the weights held in it; returns the same
+    (changed) model."""
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -106,4 +137,6 @@ def optimize_for_inference(model: nn.Module, *, fold: bool = True, channels_last
         # at the top-k (nms.batched_nms)
         if hasattr(module, "exact_inference"):
             module.exact_inference = False
+    if weights_dtype is not None and weights_dtype != torch.float32:
+        hold_weights(model, weights_dtype)
     return model

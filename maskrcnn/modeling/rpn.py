@@ -22,6 +22,8 @@ class RPNHead(nn.Module):
     """``conv_depth`` shared 3x3 convs (1; torchvision's v2: 2), then 1x1 convs for A objectness
     logits and 4A box deltas per cell."""
 
+    FP32_LAYERS = ("cls_logits", "bbox_pred")  # run in fp32 under autocast (forward)
+
     def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1):
         super().__init__()
         # Sequential(Sequential(conv, relu), ...): the key layout of torchvision's RPNHead ("conv.0.0.weight").

@@ -43,6 +43,8 @@ class ConvFCHead(nn.Sequential):
 
 
 class FastRCNNPredictor(nn.Module):
+    FP32_LAYERS = ("cls_score", "bbox_pred")  # run in fp32 under autocast (forward)
+
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
         self.cls_score = nn.Linear(in_channels, num_classes)
