@@ -2,8 +2,9 @@
 
 Shapes: N images; R RoIs over the whole batch; C channels; S x S output.
 
-RoIAlign on the CPU runs as a weighted gather (``roi_align_gather``) in training and on the
-inference fast path: torchvision's CPU kernel walks one output element at a time on one thread,
+RoIAlign runs as a weighted gather (``roi_align_gather``) on the inference fast path, and on the
+CPU in training: all levels in one gather, no host sync (on a GPU, per-level calls need the
+levels' RoI counts on the host). torchvision's CPU kernel walks one output element at a time on one thread,
 recomputing each sample's bilinear weights for every channel, and its backward scatters the
 same way; it was about a fifth of a CPU training step. The gather computes each sample's four
 corners and weights once per RoI bin and reads all C channels of a corner as one contiguous
@@ -35,54 +36,82 @@ def assign_levels(boxes: Tensor, k_min: int, k_max: int) -> Tensor:
     return (torch.clamp(levels, min=k_min, max=k_max).to(torch.int64) - k_min)
 
 
-def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: int, size: int) -> tuple[Tensor, ...]:
+def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: int, size: Tensor) -> tuple[Tensor, ...]:
     """Sample positions along one axis, as torchvision's roi_align places and clamps them.
 
-    ``start``/``length``: (R,) the RoI's first coordinate and extent on the feature map.
-    Returns (valid, low, high, weight_low, weight_high), each (R, bins, grid)."""
+    ``start``/``length``: (R,) the RoI's first coordinate and extent on its feature map;
+    ``size``: (R,) that map's extent along the axis. Returns (valid, low, high, weight_low,
+    weight_high), each (R, bins, grid)."""
     bin_size = length / bins
     offsets = torch.arange(bins, dtype=start.dtype, device=start.device)[None, :, None] * bin_size[:, None, None]
     within = (torch.arange(grid, dtype=start.dtype, device=start.device) + 0.5)[None, None, :] * bin_size[:, None, None] / grid
     pos = start[:, None, None] + offsets + within
+    size = size[:, None, None]
     # A sample more than one pixel outside the map contributes nothing (but still counts in the
     # bin's average); one within a pixel of the edge reads the edge.
     valid = (pos >= -1.0) & (pos <= size)
     pos = pos.clamp(min=0)
     low = pos.to(torch.int64)  # truncation is floor here: pos >= 0
     last = low >= size - 1
-    low = low.clamp(max=size - 1)
+    low = torch.minimum(low, size - 1)
     high = torch.where(last, low, low + 1)
     frac = torch.where(last, torch.zeros_like(pos), pos - low.to(pos.dtype))
     return valid, low, high, 1.0 - frac, frac
 
 
-def roi_align_gather(feature: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
-                     sampling_ratio: int, aligned: bool = False) -> Tensor:
-    """torchvision's ``roi_align`` (sampling_ratio > 0) as one weighted gather over NHWC rows.
+def _per_level(levels: Tensor, values: list, dtype: torch.dtype) -> Tensor:
+    """(R,) ``values[levels[i]]``, built on ``levels``' device from host scalars without a copy
+    from the host (a GPU sync): one ``where`` per level."""
+    out = torch.full(levels.shape, values[0], dtype=dtype, device=levels.device)
+    for level, value in enumerate(values[1:], start=1):
+        out = torch.where(levels == level, torch.full((), value, dtype=dtype, device=levels.device), out)
+    return out
 
-    ``feature``: (N, C, H, W), any memory layout (channels_last is read without a copy);
-    ``rois``: (R, 5) batch index, x1, y1, x2, y2. Returns (R, C, S_h, S_w), stored NHWC.
-    Differentiable in ``feature`` (not in ``rois``, as torchvision's)."""
+
+def roi_align_gather(feature: Tensor | list[Tensor], rois: Tensor, output_size: tuple[int, int], spatial_scale: float | list[float],
+                     sampling_ratio: int, aligned: bool = False, levels: Tensor | None = None) -> Tensor:
+    """torchvision's ``roi_align`` (sampling_ratio > 0) as one weighted gather over NHWC rows, of
+    one feature map or of several at once: ``feature`` a list of levels, ``spatial_scale`` one
+    per level, and ``levels`` (R,) the level each RoI pools from (FPN: one launch for all levels,
+    no host sync; without ``levels``, the first level).
+
+    ``feature``: (N, C, Hl, Wl) each, any memory layout (channels_last is read without a copy);
+    ``rois``: (R, 5) batch index, x1, y1, x2, y2. Returns (R, C, S_h, S_w), stored NHWC, in the
+    RoIs' order. Differentiable in ``feature`` (not in ``rois``, as torchvision's)."""
     if sampling_ratio <= 0:
         raise ValueError(f"roi_align_gather needs a fixed sampling_ratio > 0, got {sampling_ratio}")
-    n, channels, height, width = feature.shape
+    features = list(feature) if isinstance(feature, (list, tuple)) else [feature]
+    scales = list(spatial_scale) if isinstance(spatial_scale, (list, tuple)) else [spatial_scale]
+    n, channels = features[0].shape[:2]
     out_h, out_w = output_size
     grid = sampling_ratio
     num_rois = rois.shape[0]
+    dtype = features[0].dtype
     # Under autocast, torchvision's roi_align runs in fp32 and returns the input's dtype.
-    compute = torch.float32 if feature.dtype in (torch.float16, torch.bfloat16) else feature.dtype
-    with torch.autocast(feature.device.type, enabled=False):
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    with torch.autocast(features[0].device.type, enabled=False):
+        if levels is None:
+            levels = torch.zeros(num_rois, dtype=torch.int64, device=rois.device)
+        # each RoI's level: its map's height, width, scale, and first row in the table of all levels
+        heights = _per_level(levels, [f.shape[-2] for f in features], torch.int64)
+        widths = _per_level(levels, [f.shape[-1] for f in features], torch.int64)
+        scale = _per_level(levels, scales, compute)
+        first_rows = [0]
+        for f in features[:-1]:
+            first_rows.append(first_rows[-1] + n * f.shape[-2] * f.shape[-1])
+        first_row = _per_level(levels, first_rows, torch.int64)
+
         boxes = rois.detach().to(compute)
         offset = 0.5 if aligned else 0.0
-        x1 = boxes[:, 1] * spatial_scale - offset
-        y1 = boxes[:, 2] * spatial_scale - offset
-        roi_w = boxes[:, 3] * spatial_scale - offset - x1
-        roi_h = boxes[:, 4] * spatial_scale - offset - y1
+        x1 = boxes[:, 1] * scale - offset
+        y1 = boxes[:, 2] * scale - offset
+        roi_w = boxes[:, 3] * scale - offset - x1
+        roi_h = boxes[:, 4] * scale - offset - y1
         if not aligned:  # torchvision's legacy mode: every RoI at least 1x1
             roi_w = roi_w.clamp(min=1.0)
             roi_h = roi_h.clamp(min=1.0)
-        vy, y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y1, roi_h, out_h, grid, height)
-        vx, x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x1, roi_w, out_w, grid, width)
+        vy, y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y1, roi_h, out_h, grid, heights)
+        vx, x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x1, roi_w, out_w, grid, widths)
 
         def ys(t: Tensor) -> Tensor:  # (R, out_h, grid) -> (R, out_h, 1, grid, 1)
             return t[:, :, None, :, None]
@@ -90,29 +119,33 @@ def roi_align_gather(feature: Tensor, rois: Tensor, output_size: tuple[int, int]
         def xs(t: Tensor) -> Tensor:  # (R, out_w, grid) -> (R, 1, out_w, 1, grid)
             return t[:, None, :, None, :]
 
-        image = rois[:, 0].detach().to(torch.int64).clamp(0, n - 1) * (height * width)
-        row_lo = image[:, None, None] + y_lo * width
-        row_hi = image[:, None, None] + y_hi * width
+        image = first_row + rois[:, 0].detach().to(torch.int64).clamp(0, n - 1) * (heights * widths)
+        row_lo = image[:, None, None] + y_lo * widths[:, None, None]
+        row_hi = image[:, None, None] + y_hi * widths[:, None, None]
         index = torch.stack([ys(row_lo) + xs(x_lo), ys(row_lo) + xs(x_hi), ys(row_hi) + xs(x_lo), ys(row_hi) + xs(x_hi)], dim=-1)
         weight = torch.stack([ys(wy_lo) * xs(wx_lo), ys(wy_lo) * xs(wx_hi), ys(wy_hi) * xs(wx_lo), ys(wy_hi) * xs(wx_hi)], dim=-1)
         valid = (ys(vy) & xs(vx))[..., None]
         weight = torch.where(valid, weight / (grid * grid), torch.zeros_like(weight))
         index = torch.where(valid, index, image[:, None, None, None, None, None])
         per_bin = grid * grid * 4
-        table = feature.permute(0, 2, 3, 1).reshape(n * height * width, channels).to(compute)
+        # every level's NHWC rows, one after another (a view, not a copy, for one NHWC level)
+        rows = [f.permute(0, 2, 3, 1).reshape(-1, channels).to(compute) for f in features]
+        table = rows[0] if len(rows) == 1 else torch.cat(rows)
         pooled = F.embedding_bag(index.reshape(-1, per_bin), table, mode="sum", per_sample_weights=weight.reshape(-1, per_bin))
-    return pooled.view(num_rois, out_h, out_w, channels).permute(0, 3, 1, 2).to(feature.dtype)
+    return pooled.view(num_rois, out_h, out_w, channels).permute(0, 3, 1, 2).to(dtype)
 
 
 class MultiScaleRoIPooler(nn.Module):
     """RoIAlign (bilinear sampling, no quantization) or RoIPool (quantized max) over FPN levels.
 
     ``exact_inference`` (default True): in eval mode, RoIAlign runs torchvision's kernel on every
-    device, for outputs bit-identical to torchvision's. In training, and in eval mode with
-    ``exact_inference`` off (``optimize_for_inference`` turns it off), RoIAlign with a fixed
-    sampling ratio runs ``roi_align_gather`` on the CPU (same result up to float rounding;
-    multithreaded, with each bin's weights computed once for all channels; its speed:
-    docs/performance.md). Other devices always run torchvision's kernel."""
+    device, one call per level, for outputs bit-identical to torchvision's. On the fast path
+    (``optimize_for_inference`` turns ``exact_inference`` off), and in training on the CPU,
+    RoIAlign with a fixed sampling ratio runs ``roi_align_gather`` over all levels at once: each
+    RoI's level is an index, one gather for the whole batch, no host sync (same samples and
+    weights as torchvision's kernel, summed in another order; on the CPU multithreaded, each bin's
+    weights computed once for all channels; docs/performance.md). Training on other devices,
+    and RoIPool, run torchvision's kernels level by level."""
 
     def __init__(self, *, output_size: int, sampling_ratio: int, pooler_type: str = "align", aligned: bool = False):
         super().__init__()
@@ -125,14 +158,14 @@ class MultiScaleRoIPooler(nn.Module):
         self.exact_inference = True
 
     def gathers(self, device: torch.device) -> bool:
-        """Whether RoIAlign runs as ``roi_align_gather`` on ``device`` in the current mode."""
-        return (self.pooler_type == "align" and self.sampling_ratio > 0 and device.type == "cpu"
-                and (self.training or not self.exact_inference))
+        """Whether RoIAlign runs as ``roi_align_gather`` (all levels at once) on ``device`` in the
+        current mode."""
+        if self.pooler_type != "align" or self.sampling_ratio <= 0:
+            return False
+        return not self.exact_inference if not self.training else device.type == "cpu"
 
     def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
         if self.pooler_type == "align":
-            if self.gathers(feature.device):
-                return roi_align_gather(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
             return roi_align(feature, rois, self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio, aligned=self.aligned)
         return roi_pool(feature, rois, self.output_size, spatial_scale=scale)
 
@@ -151,20 +184,19 @@ class MultiScaleRoIPooler(nn.Module):
         # (R, 5): batch index, x1, y1, x2, y2
         image_idx = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
         rois = torch.cat([image_idx, concat], dim=1)
+        levels = assign_levels(concat, k_min, k_max) if len(features) > 1 else None
+        if self.gathers(features[0].device):
+            return roi_align_gather(features, rois, self.output_size, scales, self.sampling_ratio, self.aligned, levels=levels)
         channels = features[0].shape[1]
-        if len(features) == 1:
+        if levels is None:
             return self._pool(features[0], rois, scales[0])
-        levels = assign_levels(concat, k_min, k_max)
         # The RoIs in level order (a stable sort: each level's in their order), so that each level
         # pools one contiguous slice. Its bounds are the one host read (a GPU sync) of the call,
         # where selecting each level's RoIs (torch.where) would be one per level.
         order = torch.argsort(levels, stable=True)
         bounds = torch.searchsorted(levels[order], torch.arange(len(features) + 1, device=levels.device)).tolist()
         sorted_rois = rois[order]
-        # NHWC when the gather writes NHWC: no layout change on the way in
-        layout = torch.channels_last if self.gathers(features[0].device) else torch.contiguous_format
-        result = torch.empty((rois.shape[0], channels, *self.output_size), dtype=features[0].dtype,
-                             device=features[0].device, memory_format=layout).zero_()
+        result = torch.zeros((rois.shape[0], channels, *self.output_size), dtype=features[0].dtype, device=features[0].device)
         for feature, scale, start, end in zip(features, scales, bounds, bounds[1:]):
             # an empty level too: every level stays in the graph (its gradient zeros, not None)
             pooled = self._pool(feature, sorted_rois[start:end], scale)
