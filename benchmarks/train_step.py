@@ -99,9 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-size", type=int, default=None, help="default: 1333 on a GPU, 480 on a CPU")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    parser.add_argument(
+        "--gather-roialign", action="store_true",
+        help="on a GPU too, pool RoIs from all FPN levels in one gather (poolers.roi_align_gather, as the inference fast path "
+        "and CPU training do: no host sync) instead of torchvision's kernel level by level",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gather_roialign:
+        from maskrcnn.modeling.poolers import MultiScaleRoIPooler
+
+        MultiScaleRoIPooler.gathers = lambda self, device: self.pooler_type == "align" and self.sampling_ratio > 0
 
     from benchmarks.model_inference import torchvision_model
     from maskrcnn.checkpoint import load_state
