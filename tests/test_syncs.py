@@ -143,6 +143,22 @@ def test_a_fast_path_forward_syncs_a_fixed_few_times(predictor, as_on_a_gpu):
     assert counts[1] <= EXPECTED_SYNCS_PER_BATCH and counts[4] <= EXPECTED_SYNCS_PER_BATCH, counts
 
 
+def test_a_keypoint_models_forward_reads_its_heatmap_sizes_once_a_batch(as_on_a_gpu):
+    """Keypoint R-CNN: the RPN's and box head's syncs, and one read of every RoI's heatmap size
+    for the whole batch (each RoI's heatmap is resized to its box, as torchvision's)."""
+    torch.manual_seed(0)
+    predictor = Predictor(build_model(get_preset("small_keypoint")), device="cpu")
+    images, _ = synthetic_batch(torch.Generator().manual_seed(1), count=4)
+    _forward(predictor, images)
+    for n in (1, 4):
+        with recorded_syncs() as log:
+            outputs = _forward(predictor, images[:n])
+        assert all(len(out["keypoints"]) > 0 for out in outputs)
+        by_site = Counter((file, function) for _, file, function in log)
+        assert by_site == {("modeling/nms.py", "grouped_batched_nms"): 1, ("modeling/nms.py", "top_m_batched_nms"): 1,
+                           ("modeling/roi_heads/keypoint_head.py", "heatmaps_to_keypoints"): 1}, (n, by_site)
+
+
 def test_the_fixed_shape_path_gives_the_cpu_path_detections_bit_for_bit(predictor, monkeypatch):
     """The RPN's and the box head's fixed-shape NMS (all images at once) against the CPU's NMS
     that stops at the top-k, on the same model and images: equal boxes, scores, labels, masks."""
