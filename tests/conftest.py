@@ -65,7 +65,28 @@ def s3_bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
+def short_dir():
+    """``short_dir(prefix)``: a new, empty folder with a short path, removed after the session.
+    For Ray's temp dirs: its sockets live under them and a Unix socket's path must stay under 108
+    bytes, which pytest's own (``/tmp/pytest-of-USER/pytest-N/popen-gwK/...``) can pass."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    made = []
+
+    def make(prefix: str) -> Path:
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(short_dir):
     """A real local Ray with 2 CPUs, shared by every test of the session that needs one."""
     import ray
 
@@ -77,7 +98,7 @@ def ray_local(tmp_path_factory):
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        _temp_dir=str(short_dir("ray")),
     )
     try:
         yield ray

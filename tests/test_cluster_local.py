@@ -145,11 +145,11 @@ def check_labels(output: Path, images: Path, count: int) -> None:
 
 
 @pytest.mark.slow
-def test_label_job_submitted_to_a_local_head(tmp_path_factory, checkpoint):
+def test_label_job_submitted_to_a_local_head(tmp_path_factory, short_dir, checkpoint):
     data = tmp_path_factory.mktemp("data")
     make_sample_dataset(str(data / "images"), {"part": 8}, seed=0)
     output = data / "labels"
-    with local_head(tmp_path_factory.mktemp("head"), 2) as head:
+    with local_head(short_dir("head"), 2) as head:
         # The job's interpreter is the venv's (the head's PATH) and `jobs` is the uploaded copy.
         code, _, text = submit(head, ["python", "-c", "import sys, jobs; print('job python:', sys.prefix, jobs.__file__)"])
         assert code == 0, text[-3000:]
@@ -179,7 +179,7 @@ def test_label_job_submitted_to_a_local_head(tmp_path_factory, checkpoint):
 
 
 @pytest.mark.slow
-def test_label_job_finishes_after_losing_a_node(tmp_path_factory, checkpoint):
+def test_label_job_finishes_after_losing_a_node(tmp_path_factory, short_dir, checkpoint):
     """A head of 3 CPUs and a node of 1: Ray Data spreads the 2 model actors over both. Once a
     shard is committed, node 2 dies (SIGKILL to its raylet, agents and workers); its actor is
     restarted on the head and the work lost with the node is redone, and the job ends with exit 0
@@ -188,8 +188,8 @@ def test_label_job_finishes_after_losing_a_node(tmp_path_factory, checkpoint):
     for k in range(3):
         make_sample_dataset(str(data / "images" / f"s{k}"), {"part": 20}, seed=k)
     output = data / "labels"
-    node2_dir = tmp_path_factory.mktemp("node2")
-    with local_head(tmp_path_factory.mktemp("head"), 3, "--resources", json.dumps({"head": 1})) as head:
+    node2_dir = short_dir("node2")
+    with local_head(short_dir("head"), 3, "--resources", json.dumps({"head": 1})) as head:
         try:
             join_node(head, node2_dir, 1, {"node2": 1})
             deadline = time.monotonic() + 60
