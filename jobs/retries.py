@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 
 from maskrcnn import storage
 
 RETRY_TALLY_NAME = "maskrcnn-s3-retries"  # in the job's Ray namespace: one per job
+_REPORT_TIMEOUT = 10.0  # seconds a worker waits for the tally to take its count
 _REPORT_LOCK = threading.Lock()
 _REPORTED = 0  # of this process's count, handed to the tally
-_TALLY: list = [None, 0.0]  # the tally actor's handle (None: not made or found yet), and when a worker last looked for it
+_TALLY: list = [None]  # the tally actor's handle (None: not made or found yet)
 
 
 def _ray_worker():
@@ -37,7 +37,12 @@ def _ray_worker():
 
 def report_s3_retries() -> None:
     """In a Ray worker: hands the retries counted here (and in processes it forked) since the
-    last report to the job's tally, when the job made one. Elsewhere: nothing."""
+    last report to the job's tally, when the job made one. Elsewhere: nothing.
+
+    The hand-over is waited for (a retry costs seconds of back-off already): the task that
+    retried finishes only once its retries are in the tally, so the driver, which reads the
+    tally after the last task, counts them all. A tally not found, or gone (a worker kept from an
+    earlier job), leaves the count to the next report."""
     global _REPORTED
     ray = _ray_worker()
     if ray is None:
@@ -46,20 +51,19 @@ def report_s3_retries() -> None:
         delta = storage.s3_retries() - _REPORTED
         if delta <= 0:
             return
-        if _TALLY[0] is None:
-            if time.monotonic() - _TALLY[1] < 10:  # looked for it a moment ago
-                return
-            _TALLY[1] = time.monotonic()
+        for _ in range(2):  # a cached handle may be an earlier job's tally: then look it up again
+            if _TALLY[0] is None:
+                try:
+                    _TALLY[0] = ray.get_actor(RETRY_TALLY_NAME)
+                except Exception:  # no tally: this job does not count its workers' retries
+                    return
             try:
-                _TALLY[0] = ray.get_actor(RETRY_TALLY_NAME)
-            except Exception:  # no tally: this job does not count its workers' retries
-                return
-        try:
-            _TALLY[0].add.remote(delta)
-        except Exception:  # the tally is gone (its job is ending)
-            _TALLY[0] = None
+                ray.get(_TALLY[0].add.remote(delta), timeout=_REPORT_TIMEOUT)
+            except Exception:  # the tally is gone, or did not answer
+                _TALLY[0] = None
+                continue
+            _REPORTED += delta
             return
-        _REPORTED += delta
 
 
 class _RetryTally:
