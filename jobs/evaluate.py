@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
-from jobs.common import (
-    JobError, add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, parse_storage_options, run_main,
-)
+from jobs.common import JobError, run_main
+from jobs.options import add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, parse_storage_options
 
 __all__ = ["main", "build_parser", "class_map_for"]
 

@@ -44,7 +44,8 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from jobs.common import JobError, add_storage_options, parse_storage_options, run_main
+from jobs.common import JobError, run_main
+from jobs.options import add_storage_options, parse_storage_options
 from jobs.common import HelpFormatter
 from jobs.atomic import AtomicOutput
 from jobs.labeling.plan import read_plan

@@ -16,7 +16,8 @@ import argparse
 import sys
 import uuid
 
-from jobs.common import JobError, check_tta, init_ray, parse_storage_options, run_main, shutdown_ray
+from jobs.common import JobError, init_ray, run_main, shutdown_ray
+from jobs.options import check_tta, parse_storage_options
 from jobs.labeling.lease import Lease
 from jobs.labeling.options import build_parser, check_args
 from jobs.labeling.plan import PLAN_DIR, plan_for_run, read_plan

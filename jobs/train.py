@@ -35,7 +35,8 @@ How it runs:
 
 from __future__ import annotations
 
-from jobs.common import parse_storage_options, run_main
+from jobs.common import run_main
+from jobs.options import parse_storage_options
 from jobs.training.launch import train_on_ray
 from jobs.training.options import build_parser, parse_args
 from jobs.training.spec import plan_run

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import HelpFormatter, JobError, add_ray_options, add_size_options, add_storage_options, add_tta_option, check_tta
+from jobs.common import HelpFormatter, JobError, add_ray_options
+from jobs.options import add_size_options, add_storage_options, add_tta_option, check_tta
 
 DEFAULT_THRESHOLD = 0.7
 # Options passed on to every jobs.train run as they are (dest names); None or False: not passed.

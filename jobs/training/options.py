@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import (
-    HelpFormatter, JobError, add_precision_options, add_ray_options, add_size_options, add_storage_options, add_wait_for_gpus,
-)
+from jobs.common import HelpFormatter, JobError, add_ray_options, add_wait_for_gpus
+from jobs.options import add_precision_options, add_size_options, add_storage_options
 from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM
 
 
