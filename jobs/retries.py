@@ -15,7 +15,10 @@ import threading
 from maskrcnn import storage
 
 RETRY_TALLY_NAME = "maskrcnn-s3-retries"  # in the job's Ray namespace: one per job
-_REPORT_TIMEOUT = 10.0  # seconds a worker waits for the tally to take its count
+# seconds a worker waits for the tally to take its count, and the driver for the tally to start:
+# a tally that was found answers in milliseconds, unless the node is busy (tests run two jobs on
+# two cores) or the tally's process is still starting
+_REPORT_TIMEOUT = 60.0
 _REPORT_LOCK = threading.Lock()
 _REPORTED = 0  # of this process's count, handed to the tally
 _TALLY: list = [None]  # the tally actor's handle (None: not made or found yet)
@@ -72,6 +75,9 @@ class _RetryTally:
     def __init__(self) -> None:
         self.count = 0
 
+    def ready(self) -> None:
+        pass
+
     def add(self, n: int) -> None:
         self.count += n
 
@@ -93,6 +99,10 @@ def start_s3_retry_tally() -> None:
     actor = ray.remote(num_cpus=0, max_restarts=0)(_RetryTally)
     # held here: a (non-detached) actor lives as long as its creator holds a handle
     _TALLY[0] = actor.options(name=RETRY_TALLY_NAME, get_if_exists=True, scheduling_strategy=here).remote()
+    try:  # started before the job's first task: a worker's first count does not wait for its process
+        ray.get(_TALLY[0].ready.remote(), timeout=_REPORT_TIMEOUT)
+    except Exception:  # not up yet: the workers wait for it in their turn
+        pass
 
 
 def s3_retries_line(since: int = 0) -> str | None:

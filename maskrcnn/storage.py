@@ -102,10 +102,11 @@ def _options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, 
 
 # ---------------------------------------------------------------- S3 retries: bounded, and counted
 #
-# Three layers retry, each a bounded number of times: botocore (S3_RETRIES, counted by the
-# "request-created" hook: an attempt after the first), s3fs around each call (5 tries; counted
-# where ``_retry_in_s3fs`` decides, not where s3fs retries SlowDown and cut connections by itself)
-# and jobs.labeling.decode.fetch around an image read (``count_s3_retry``).
+# Three layers retry, each a bounded number of times, and each counts what it sends again:
+# botocore (S3_RETRIES; the "request-created" hook counts an attempt after the first), s3fs
+# around each call (5 tries, its own for SlowDown and cut connections, ``_retry_in_s3fs``'s for
+# the rest; ``_count_s3fs_calls`` counts a call made again) and jobs.labeling.decode.fetch around
+# an image read (``count_s3_retry``).
 #
 # The count of this process lives in shared memory, so DataLoader processes forked from it add to
 # it. Ray workers hand theirs to their job (jobs/retries.py, through ``on_s3_retry``).
@@ -175,9 +176,28 @@ def _retry_in_s3fs(exc: BaseException) -> bool:
     elif "EndpointConnectionError" in names:
         cause = (getattr(exc, "kwargs", None) or {}).get("error")
         retry = cause is not None and "ClientConnectorError" not in {cls.__name__ for cls in type(cause).__mro__}
-    if retry:
-        count_s3_retry()
     return retry
+
+
+def _count_s3fs_calls(error_wrapper):
+    """s3fs's ``_error_wrapper`` (the loop that calls S3 again after an error it deems passing),
+    counting each call after the first: s3fs retries SlowDown and cut connections before any
+    handler of ours is asked."""
+
+    async def counting(func, *, args=(), kwargs=None, retries):
+        calls = 0
+
+        async def call(*a, **k):
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                count_s3_retry()
+            return await func(*a, **k)
+
+        return await error_wrapper(call, args=args, kwargs=kwargs, retries=retries)
+
+    counting.__wrapped__ = error_wrapper
+    return counting
 
 
 def _install_s3_hooks() -> None:
@@ -197,6 +217,9 @@ def _install_s3_hooks() -> None:
         return
     previous = s3fs.core.CUSTOM_ERROR_HANDLER
     s3fs.core.set_custom_error_handler(lambda exc: bool(previous(exc)) or _retry_in_s3fs(exc))
+    wrapper = getattr(s3fs.core, "_error_wrapper", None)  # s3fs's retry loop, by this name since 2023
+    if wrapper is not None and not hasattr(wrapper, "__wrapped__"):
+        s3fs.core._error_wrapper = _count_s3fs_calls(wrapper)
 
 
 # ---------------------------------------------------------------- fork: leave the parent's connections alone

@@ -55,6 +55,30 @@ def _assert_faults_of_several_kinds(proxy: FaultyS3Proxy) -> None:
     assert sum(by_kind.values()) >= 5 and len(by_kind) >= 3 and len(by_fault) >= 2, proxy.report()
 
 
+def test_every_slowdown_is_counted_once_whichever_layer_retries_it(s3_bucket, faulty_s3):
+    """Half the requests answered SlowDown, botocore held to 2 attempts (its back-off is what the
+    test waits for): botocore sends again, and when both attempts fail s3fs calls again. Each 503
+    the store answered is one retry in ``s3_retries()``, none lost and none counted twice."""
+    from maskrcnn.storage import s3_retries
+
+    options = _options(faulty_s3.endpoint, config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"}})
+    faulty_s3.rate, faulty_s3.faults = 0.5, ("slowdown",)
+    faulty_s3.enabled = True
+    before = s3_retries()
+    for k in range(8):
+        with open_uri(f"{s3_bucket}/k{k}.txt", "w", options) as f:
+            f.write(f"object {k}")
+    read = []
+    for k in range(8):
+        with open_uri(f"{s3_bucket}/k{k}.txt", "r", options) as f:
+            read.append(f.read())
+    faulty_s3.enabled = False
+    assert read == [f"object {k}" for k in range(8)]
+    injected = sum(faulty_s3.injected_by_kind().values())
+    assert injected >= 20 and max(faulty_s3.injected_by_kind().values()) < injected, faulty_s3.report()
+    assert s3_retries() - before == injected, faulty_s3.report()
+
+
 # A process with a kept-alive S3 connection forks a child (as DataLoader workers are made), then
 # writes on that connection. Forked children used to close the parent's pooled connections
 # (fsspec drops the parent's filesystems in the child; collected there, they close their sockets,
