@@ -101,8 +101,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a ``--precision`` choice on ``device``; None: fp32, no autocast.
 
-    ``auto``: bf16 on GPUs that have it, fp16 on older ones, fp32 on CPUs (where bf16 is slower
-    than fp32 unless the CPU has AMX)."""
+    ``auto``: bf16 on GPUs that have it, fp16 on older ones, fp32 on CPUs. A CPU with AVX512-BF16
+    or AMX runs bf16 about twice as fast (docs/performance.md), but bf16 moves detections beyond
+    rounding, and a CPU's labels keep matching torchvision's fp32 ones unless bf16 is asked for."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
