@@ -97,8 +97,12 @@ def start_s3_retry_tally() -> None:
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # lives as long as the driver's node
     actor = ray.remote(num_cpus=0, max_restarts=0)(_RetryTally)
-    # held here: a (non-detached) actor lives as long as its creator holds a handle
-    _TALLY[0] = actor.options(name=RETRY_TALLY_NAME, get_if_exists=True, scheduling_strategy=here).remote()
+    tally = actor.options(name=RETRY_TALLY_NAME, get_if_exists=True, scheduling_strategy=here).remote()
+    # Held here: a (non-detached) actor lives as long as its creator holds the handle it made. An
+    # earlier job of this process that made it keeps its handle: the one get_if_exists returns
+    # does not keep the actor alive, and dropping the creator's would end it.
+    if getattr(_TALLY[0], "_actor_id", None) != tally._actor_id:
+        _TALLY[0] = tally
     try:  # started before the job's first task: a worker's first count does not wait for its process
         ray.get(_TALLY[0].ready.remote(), timeout=_REPORT_TIMEOUT)
     except Exception:  # not up yet: the workers wait for it in their turn

@@ -65,18 +65,41 @@ def test_every_slowdown_is_counted_once_whichever_layer_retries_it(s3_bucket, fa
     faulty_s3.rate, faulty_s3.faults = 0.5, ("slowdown",)
     faulty_s3.enabled = True
     before = s3_retries()
-    for k in range(8):
+    for k in range(6):
         with open_uri(f"{s3_bucket}/k{k}.txt", "w", options) as f:
             f.write(f"object {k}")
     read = []
-    for k in range(8):
+    for k in range(6):
         with open_uri(f"{s3_bucket}/k{k}.txt", "r", options) as f:
             read.append(f.read())
     faulty_s3.enabled = False
-    assert read == [f"object {k}" for k in range(8)]
+    assert read == [f"object {k}" for k in range(6)]
     injected = sum(faulty_s3.injected_by_kind().values())
-    assert injected >= 20 and max(faulty_s3.injected_by_kind().values()) < injected, faulty_s3.report()
+    assert injected >= 10 and max(faulty_s3.injected_by_kind().values()) < injected, faulty_s3.report()
     assert s3_retries() - before == injected, faulty_s3.report()
+
+
+def test_a_second_job_on_the_same_ray_counts_its_workers_retries(ray_local):
+    """Two S3 jobs, one after the other, from one driver on one Ray (as tests and notebooks run
+    them): the second finds the first's tally, which must outlive the hand-over, and the retries
+    its Ray workers report reach its last line."""
+    from jobs.retries import s3_retries_line, start_s3_retry_tally
+    from maskrcnn import storage
+
+    storage._install_s3_hooks()  # the driver has used S3: the jobs count its workers' retries
+    for job in range(2):
+        start_s3_retry_tally()
+
+        @ray_local.remote(num_cpus=0)
+        def worker_retries(n: int) -> None:
+            import jobs  # noqa: F401  (the workers of a job run the project's code: its hand-over is registered)
+            from maskrcnn.storage import count_s3_retry
+
+            for _ in range(n):
+                count_s3_retry()
+
+        ray_local.get([worker_retries.remote(2), worker_retries.remote(3)])
+        assert s3_retries_line(since=storage.s3_retries()) == "S3: 5 requests retried", f"job {job + 1}"
 
 
 # A process with a kept-alive S3 connection forks a child (as DataLoader workers are made), then
