@@ -309,6 +309,23 @@ def test_a_negative_gradient_clip_stops_the_job(shapes, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_evaluations_come_at_epoch_ends_at_most_twenty_times_a_run_unless_eval_every_says(shapes, tmp_path):
+    from jobs.training.spec import MAX_EPOCH_END_EVALS, eval_interval
+
+    assert eval_interval(0, 12, 60) == 12  # 5 epochs: each one's end
+    assert eval_interval(0, 12, 12 * MAX_EPOCH_END_EVALS) == 12
+    assert eval_interval(0, 12, 12 * MAX_EPOCH_END_EVALS + 1) == 24  # 21 epochs: every 2nd end
+    assert eval_interval(0, 3, 400) == 21  # 12 images on 2 workers x 2, 400 steps: 19 evaluations, not 133
+    for per_epoch, total in ((3, 400), (12, 400), (1000, 90_000), (7, 7), (5, 3)):
+        every = eval_interval(0, per_epoch, total)
+        assert every % per_epoch == 0 and total // every <= MAX_EPOCH_END_EVALS, (per_epoch, total, every)
+    assert eval_interval(50, 12, 400) == 50  # --eval-every N: every N steps, epoch ends or not
+    ann, images = shapes["train"]
+    with pytest.raises(JobError, match="--eval-every must be 0 or more, got -5"):
+        main(["--annotations", ann, "--images", images, "--output", str(tmp_path / "run"), "--eval-every", "-5", *SMALL])
+    assert not (tmp_path / "run").exists()
+
+
 def test_use_gpu_without_gpus_stops_the_job(shapes, tmp_path, ray_local, monkeypatch):
     if ray_local.cluster_resources().get("GPU", 0) > 0:
         pytest.skip("this machine has GPUs")

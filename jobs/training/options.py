@@ -7,6 +7,7 @@ import argparse
 
 from jobs.common import HelpFormatter, JobError, add_ray_options, add_wait_for_gpus
 from jobs.options import add_precision_options, add_size_options, add_storage_options
+from jobs.training.spec import MAX_EPOCH_END_EVALS
 from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM
 
 
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--images", required=True, metavar="URI", help="folder or prefix that the training JSON's file_names are relative to")
     data.add_argument(
         "--val-annotations", default=None, metavar="URI",
-        help="COCO JSON to evaluate box and mask AP on at the end of every epoch and of the run",
+        help="COCO JSON to evaluate box and mask AP on at the end of every epoch (see --eval-every) and of the run",
     )
     data.add_argument("--val-images", default=None, metavar="URI", help="image root of --val-annotations (default: --images)")
     data.add_argument(
@@ -113,7 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("checkpoints and metrics")
     run.add_argument(
         "--checkpoint-every", type=int, default=500, metavar="N",
-        help="save a Ray Train checkpoint every N steps, besides each epoch's end (0: at epoch ends only)",
+        help="save a Ray Train checkpoint every N steps, besides those saved with each evaluation (--eval-every) and at the end "
+        "(0: only those)",
+    )
+    run.add_argument(
+        "--eval-every", type=int, default=0, metavar="N",
+        help="evaluate on --val-annotations, and save a checkpoint, every N steps (0, the default: at each epoch's end, or every "
+        f"few epochs so that a run has at most {MAX_EPOCH_END_EVALS} of them; and at the end)",
     )
     run.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="Ray Train checkpoints kept in --output (the newest K)")
     run.add_argument(
@@ -152,7 +159,7 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("loader_workers", "checkpoint_every"):
+    for name in ("loader_workers", "checkpoint_every", "eval_every"):
         if getattr(args, name) < 0:
             raise JobError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if args.lr is not None and not args.lr > 0:

@@ -60,6 +60,7 @@ class TrainPlan:
     precision: str
     checkpoint_every: int
     log_every: int
+    eval_every: int  # steps between evaluations (and their checkpoints): whole epochs unless --eval-every said otherwise
     val_annotations: str | None = None
     val_images: str | None = None
     eval_batch_size: int = 2
@@ -116,6 +117,7 @@ def plan_run(args: argparse.Namespace, storage_options: dict | None) -> TrainPla
         lr_steps=resolve_lr_steps(args.lr_steps, total_steps), lr_gamma=args.lr_gamma, momentum=args.momentum,
         weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm or None, seed=args.seed, flip_prob=args.flip_prob,
         loader_workers=args.loader_workers, precision=args.precision, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        eval_every=eval_interval(args.eval_every, per_epoch, total_steps),
         val_annotations=args.val_annotations, val_images=val_images if args.val_annotations else None,
         eval_batch_size=args.eval_batch_size, weights=args.weights, weights_kind=weights_kind, reinit_class_layers=reinit,
         aspect_grouping=not args.no_aspect_grouping,
@@ -130,6 +132,21 @@ def plan_run(args: argparse.Namespace, storage_options: dict | None) -> TrainPla
         flush=True,
     )
     return plan
+
+
+MAX_EPOCH_END_EVALS = 20  # a run of many short epochs evaluates (and checkpoints) every few epochs
+
+
+def eval_interval(eval_every: int, per_epoch: int, total_steps: int) -> int:
+    """Steps between the run's evaluations on --val-annotations and the checkpoints saved with
+    them: ``eval_every`` (--eval-every) when it is given; else (0) each epoch's end, or every
+    k-th one where a run has more than ``MAX_EPOCH_END_EVALS`` epochs: a tiny training set
+    (12 images on 2 workers x 2 are 3 steps an epoch) would otherwise spend its run evaluating
+    and writing checkpoints."""
+    if eval_every > 0:
+        return eval_every
+    epochs = math.ceil(total_steps / per_epoch)
+    return per_epoch * math.ceil(epochs / MAX_EPOCH_END_EVALS)
 
 
 def check_same_run(plan: TrainPlan, resume_state: dict) -> None:

@@ -71,9 +71,9 @@ def _train(config: dict) -> None:
     while run.step < plan.total_steps:
         for images, targets in epoch_batches(run):
             losses, lr = train_one_step(run, images, targets)
-            epoch_end = run.step % plan.steps_per_epoch == 0
+            eval_due = run.step % plan.eval_every == 0  # epoch ends, as jobs.training.spec.eval_interval spaces them
             last = run.step >= plan.total_steps
-            checkpoint_due = epoch_end or last or (plan.checkpoint_every and run.step % plan.checkpoint_every == 0)
+            checkpoint_due = eval_due or last or (plan.checkpoint_every and run.step % plan.checkpoint_every == 0)
             log_due = run.step % plan.log_every == 0 or checkpoint_due or run.step == run.start_step + 1
             # The loss is read back only at log steps (every checkpoint is one): between them
             # the host queues steps without waiting for the device. A diverged rank poisons
@@ -84,7 +84,7 @@ def _train(config: dict) -> None:
             if not log_due:
                 continue
             report = log_step(run, losses, lr, len(images), pace)
-            if (epoch_end or last) and run.val_dataset is not None:
+            if (eval_due or last) and run.val_dataset is not None:
                 report.update(evaluate(run))
                 pace.resume()
             if checkpoint_due:
