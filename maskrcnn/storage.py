@@ -15,6 +15,7 @@ workers' counts: jobs/retries.py).
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import posixpath
@@ -184,6 +185,7 @@ def _count_s3fs_calls(error_wrapper):
     counting each call after the first: s3fs retries SlowDown and cut connections before any
     handler of ours is asked."""
 
+    @functools.wraps(error_wrapper)  # its __wrapped__ marks s3fs's loop as counted already
     async def counting(func, *, args=(), kwargs=None, retries):
         calls = 0
 
@@ -196,7 +198,6 @@ def _count_s3fs_calls(error_wrapper):
 
         return await error_wrapper(call, args=args, kwargs=kwargs, retries=retries)
 
-    counting.__wrapped__ = error_wrapper
     return counting
 
 

@@ -71,7 +71,7 @@ def _train(config: dict) -> None:
     while run.step < plan.total_steps:
         for images, targets in epoch_batches(run):
             losses, lr = train_one_step(run, images, targets)
-            eval_due = run.step % plan.eval_every == 0  # epoch ends, as jobs.training.spec.eval_interval spaces them
+            eval_due = run.step % plan.eval_every == 0  # --eval-every, or epoch ends (jobs.training.spec.eval_interval)
             last = run.step >= plan.total_steps
             checkpoint_due = eval_due or last or (plan.checkpoint_every and run.step % plan.checkpoint_every == 0)
             log_due = run.step % plan.log_every == 0 or checkpoint_due or run.step == run.start_step + 1
