@@ -94,3 +94,16 @@ def test_actors_leaving_no_cpu_to_decode_ask_the_autoscaler_then_stop_naming_the
     assert result.get("grown") == [2, 0.0, 1.0, 1], proc.stderr[-3000:]
     assert result["grown_seconds"] < 60
     assert "the Ray cluster has 3 CPUs after" in proc.stdout
+
+
+def test_cpu_model_actors_get_the_malloc_settings_unless_the_job_sets_its_own(monkeypatch):
+    """The CPU model actors start with one arena, no mmap'd blocks and no trimming
+    (jobs.common.CPU_MALLOC_ENV); a MALLOC_ variable where the job runs keeps every one of them out."""
+    from jobs.common import CPU_MALLOC_ENV, cpu_malloc_runtime_env
+
+    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    assert cpu_malloc_runtime_env() == {"env_vars": CPU_MALLOC_ENV}
+    assert CPU_MALLOC_ENV["MALLOC_ARENA_MAX"] == "1" and CPU_MALLOC_ENV["MALLOC_MMAP_MAX_"] == "0"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert cpu_malloc_runtime_env() == {}

@@ -29,7 +29,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from jobs.common import format_duration
+from jobs.common import cpu_malloc_runtime_env, format_duration
 from jobs.labeling.decode import decode_batch
 from jobs.labeling.predict import LabelActor
 from jobs.labeling.rows import rows_table
@@ -112,6 +112,9 @@ def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings
     # stage followed by an actor stage would otherwise run inside the actors).
     window = settings.batch_size * SIZE_GROUPING_WINDOW
     ds = ds.repartition(target_num_rows_per_block=window)
+    # CPU actors keep the heap their images need (jobs.common.CPU_MALLOC_ENV); GPU actors' host
+    # allocations are small
+    runtime_env = cpu_malloc_runtime_env() if settings.gpus_per_actor == 0 else {}
     ds = ds.map_batches(
         LabelActor,
         fn_constructor_kwargs={
@@ -130,6 +133,7 @@ def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings
         ),
         num_gpus=settings.gpus_per_actor,
         num_cpus=settings.cpus_per_actor,
+        **({"runtime_env": runtime_env} if runtime_env else {}),
     )
     row_kwargs = {"label_map": settings.label_map, "model_hash": settings.model_hash}
     ds = ds.map_batches(rows_table, fn_kwargs=row_kwargs, batch_size=settings.batch_size, batch_format="pyarrow")
