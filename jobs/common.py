@@ -339,6 +339,10 @@ def run_main(main, argv=None) -> None:
     from maskrcnn.storage import s3_retries
 
     install_sigterm_handler()
+    # Ray blocks SIGINT in its own processes, and a child inherits the mask: a job started from one
+    # (or from any parent that blocks them) would never see Ctrl-C or SIGTERM
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     retries_before = s3_retries()
     try:
         code = main(argv)
