@@ -29,6 +29,9 @@ class Job:
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=environ, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            # Ctrl-C as at a terminal: pytest started in the background (``make test &`` in a
+            # script) passes SIGINT on ignored, and Python then keeps it ignored
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()

@@ -41,15 +41,9 @@ def few_images(tmp_path_factory) -> Path:
     return _images(tmp_path_factory.mktemp("few"), 12)
 
 
-# Enough images that a job interrupted at its first committed shard still has seconds of work left
-# (a tiny image takes the `small` model ~0.1 s): the signal must land while it runs, on a loaded
-# machine too, not after its last shard.
-MANY = 160
-
-
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> Path:
-    return _images(tmp_path_factory.mktemp("many"), MANY)
+    return _images(tmp_path_factory.mktemp("many"), 60)
 
 
 @pytest.fixture
@@ -186,20 +180,11 @@ def test_an_interrupted_job_says_how_far_it_got_and_resumes(tmp_path, checkpoint
     assert job.wait_for(lambda: local_parts(str(output)), 240), job.output[-3000:]
     job.process.send_signal(sig)
     sent = time.monotonic()
-    at_signal = len(local_parts(str(output)))
-    # On the loaded CI machine a single Ctrl-C was twice not seen by the job's driver (it labelled
-    # on and exited 0; the cause is not found yet). A user presses it again: so does the
-    # test, once, when shards are still being committed well after the first signal.
-    while job.process.poll() is None and time.monotonic() - sent < 10:
-        time.sleep(0.2)
-    if job.process.poll() is None and len(local_parts(str(output))) >= at_signal + 6:
-        job.process.send_signal(sig)
     assert job.wait(120) == code, job.output[-3000:]
     assert time.monotonic() - sent < 60
     committed = len(local_parts(str(output)))
-    shards = MANY // 2
-    assert 1 <= committed < shards, job.output[-3000:]
-    assert f"interrupted: {committed} of {shards} shards committed; run the same command again to resume" in job.lines, job.output[-3000:]
+    assert 1 <= committed < 30, job.output[-3000:]
+    assert f"interrupted: {committed} of 30 shards committed; run the same command again to resume" in job.lines, job.output[-3000:]
     assert "Traceback" not in job.output, job.output[-5000:]
     # its private Ray went with it
     deadline = time.monotonic() + 30
@@ -208,5 +193,5 @@ def test_an_interrupted_job_says_how_far_it_got_and_resumes(tmp_path, checkpoint
     assert not _processes_under(ray_tmpdir)
 
     assert label_main(args) == 0  # the rerun (in this process, on the session's Ray)
-    assert f"{shards - committed} labelled this run, {committed} already done" in capsys.readouterr().out
+    assert f"{30 - committed} labelled this run, {committed} already done" in capsys.readouterr().out
     _assert_each_image_once(output, many_images)
