@@ -27,20 +27,28 @@ FAST = ["--arch", "small", "--min-size", "128", "--max-size", "192", "--max-step
         "--loader-workers", "0", "--log-every", "2"]
 
 
+def split_labelled(root: Path, splits: dict, count: int) -> tuple[dict, list[str]]:
+    """The sample training split's first ``count`` images as ``root/labelled.json``, the others'
+    paths in the manifest ``root/unlabeled.txt``: (the labelled COCO dict, the unlabeled paths)."""
+    annotations, images = splits["train"]
+    data = json.loads(Path(annotations).read_text())
+    labelled = {img["id"] for img in data["images"][:count]}
+    subset = dict(data, images=[i for i in data["images"] if i["id"] in labelled],
+                  annotations=[a for a in data["annotations"] if a["image_id"] in labelled])
+    (root / "labelled.json").write_text(json.dumps(subset))
+    rest = [os.path.join(images, i["file_name"]) for i in data["images"] if i["id"] not in labelled]
+    (root / "unlabeled.txt").write_text("\n".join(rest) + "\n")
+    return subset, rest
+
+
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> dict:
     """The sample data: 6 of 16 training images labelled (``labelled.json``), the other 10 in a
     manifest (``unlabeled.txt``), 8 held-out images."""
     root = tmp_path_factory.mktemp("selftrain-data")
     splits = make_sample_dataset(str(root), {"train": 16, "val": 8})
-    annotations, images = splits["train"]
-    data = json.loads(Path(annotations).read_text())
-    labelled = {img["id"] for img in data["images"][:6]}
-    subset = dict(data, images=[i for i in data["images"] if i["id"] in labelled],
-                  annotations=[a for a in data["annotations"] if a["image_id"] in labelled])
-    (root / "labelled.json").write_text(json.dumps(subset))
-    rest = [os.path.join(images, i["file_name"]) for i in data["images"] if i["id"] not in labelled]
-    (root / "unlabeled.txt").write_text("\n".join(rest) + "\n")
+    images = splits["train"][1]
+    subset, rest = split_labelled(root, splits, 6)
     return {"root": root, "images": images, "val": splits["val"], "labelled": sorted(i["file_name"] for i in subset["images"]),
             "rest": rest, "args": ["--annotations", str(root / "labelled.json"), "--images", images,
                                    "--val-annotations", splits["val"][0], "--val-images", splits["val"][1]]}
@@ -84,8 +92,9 @@ def test_two_rounds_resume_after_a_kill_while_labelling(sample, tmp_path):
     committed, settled = len(list(labels.glob("part-*.parquet"))), time.monotonic()
     while time.monotonic() - settled < 3:
         time.sleep(0.2)
-        if len(list(labels.glob("part-*.parquet"))) != committed:
-            committed, settled = len(list(labels.glob("part-*.parquet"))), time.monotonic()
+        now = len(list(labels.glob("part-*.parquet")))
+        if now != committed:
+            committed, settled = now, time.monotonic()
     assert 1 <= committed < 8, committed
     teacher = out / "teacher" / "model.pt"
     mtime, eval_mtime = teacher.stat().st_mtime_ns, (out / "teacher" / "eval.json").stat().st_mtime_ns

@@ -12,25 +12,18 @@ repeatable on one machine; the margin it needs is below the gains measured over 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 from maskrcnn.data.synthetic import make_sample_dataset
 from tests.job_process import Job
+from tests.test_selftrain import split_labelled
 
 LABELLED = 6  # of the 48 training images; the other 42 are the unlabeled images
 
 
 def test_the_student_beats_its_teacher_on_held_out_images(tmp_path):
     splits = make_sample_dataset(str(tmp_path / "data"), {"train": 48, "val": 24})
-    annotations, images = splits["train"]
-    data = json.loads(Path(annotations).read_text())
-    labelled = {img["id"] for img in data["images"][:LABELLED]}
-    subset = dict(data, images=[i for i in data["images"] if i["id"] in labelled],
-                  annotations=[a for a in data["annotations"] if a["image_id"] in labelled])
-    (tmp_path / "labelled.json").write_text(json.dumps(subset))
-    unlabeled = [os.path.join(images, i["file_name"]) for i in data["images"] if i["id"] not in labelled]
-    (tmp_path / "unlabeled.txt").write_text("\n".join(unlabeled) + "\n")
+    images = splits["train"][1]
+    _, unlabeled = split_labelled(tmp_path, splits, LABELLED)
     out = tmp_path / "run"
 
     job = Job("jobs.selftrain", [
