@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
@@ -107,3 +109,50 @@ def test_cpu_model_actors_get_the_malloc_settings_unless_the_job_sets_its_own(mo
     assert CPU_MALLOC_ENV["MALLOC_ARENA_MAX"] == "1" and CPU_MALLOC_ENV["MALLOC_MMAP_MAX_"] == "0"
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert cpu_malloc_runtime_env() == {}
+
+
+ONE_TEAM = r"""
+import json, os, sys, threading
+
+import numpy as np
+import torch
+from PIL import Image
+
+from jobs.labeling.decode import decode_batch
+from jobs.labeling.predict import LabelActor
+from tests.labeling_helpers import make_checkpoint
+
+work = sys.argv[1]
+make_checkpoint(os.path.join(work, "model.pt"))
+Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(os.path.join(work, "a.png"))
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+actor = LabelActor(checkpoint_uri=os.path.join(work, "model.pt"), load_kwargs={}, storage_options=None, use_gpu=False, threads=2)
+built = threads()
+uris = np.asarray([os.path.join(work, "a.png")], dtype=object)
+rows = {"shard": np.zeros(1, np.int64), "index": np.zeros(1, np.int64), "image_uri": uris}
+batch = decode_batch(rows, storage_options=None, min_size=800, max_size=1333, max_pixels=10**9)
+seen = {}
+def run():  # as Ray runs an actor's batches: on another thread than its constructor
+    table = actor(batch)
+    seen.update(torch_threads=torch.get_num_threads(), detections=len(table["scores"][0]), error=table["error"][0].as_py())
+worker = threading.Thread(target=run)
+worker.start()
+worker.join()
+print(json.dumps({"before": before, "built": built, "after": threads(), **seen}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_a_cpu_model_actor_starts_its_threads_only_where_it_runs_the_batches(tmp_path):
+    """The constructor (built on one torch thread) starts no OpenMP team: the batches, run on
+    another thread as Ray runs them, get the one team, of the actor's thread count. A team left
+    by the constructor made libgomp sleep at every barrier (and spin a core away with
+    OMP_WAIT_POLICY=active)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    proc = subprocess.run([sys.executable, "-c", ONE_TEAM, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["error"] is None and seen["detections"] > 0
+    assert seen["built"] == seen["before"], seen  # no team of the constructor's thread
+    assert seen["torch_threads"] == 2 and seen["after"] > seen["before"], seen  # the batches' team

@@ -64,12 +64,20 @@ class LabelActor:
     def __init__(self, *, checkpoint_uri: str, load_kwargs: dict, storage_options: dict | None, use_gpu: bool,
                  threads: int = 1, fast: bool = True, precision: str = "auto", max_batch: int | None = None, tta: str = ""):
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if device.type == "cpu":
-            torch.set_num_threads(threads or node_cpus())
+        # Built on one torch thread: Ray runs an actor's constructor and its batches on different
+        # threads, and OpenMP gives each thread that runs a parallel region a team of its own. A
+        # team started here stays beside the batches' one, and libgomp, counting more of its
+        # threads than CPUs, then puts waiting threads to sleep at every barrier instead of
+        # spinning (the model's threads slept ~350 times a second each; with OMP_WAIT_POLICY=active
+        # the idle team spun a core away: 64 s instead of 39 for 30 images). Only the thread that
+        # runs the batches starts a team, with the actor's thread count (on a GPU: as before).
+        threads = (threads or node_cpus()) if device.type == "cpu" else torch.get_num_threads()
+        torch.set_num_threads(1)
         self.predictor = Predictor.from_checkpoint(
             checkpoint_uri, storage_options=storage_options, **load_kwargs,
             device=device, fast=fast, precision=precision, max_batch=max_batch, tta=tta,
         )
+        torch.set_num_threads(threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = [e or None for e in batch["error"].tolist()]
