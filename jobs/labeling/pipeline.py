@@ -86,15 +86,24 @@ def expand_shards(batch: dict[str, np.ndarray], *, output_uri: str, storage_opti
     }
 
 
-def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings) -> ray.data.Dataset:
-    """The pending shards' images through the stages, ready to write."""
-    ctx = ray.data.DataContext.get_current()
-    # Ray Data's bars on a terminal; in logs (not a terminal), run_pipeline's line per shard
-    # instead of Ray Data's dump of every operator each 10 s.
+def configure_data_context(ctx: ray.data.DataContext) -> None:
+    """What Ray Data shows of a labeling run: its bars on a terminal; in logs (not a terminal),
+    run_pipeline's line per shard instead of Ray Data's dump of every operator each 10 s. Without
+    its high-memory detector, whose advice every CPU run of over 30 s got ("consider setting
+    memory=3715788800"): an option this job does not have, for actors it sizes itself (one per
+    node on CPUs, --num-actors)."""
     ctx.enable_progress_bars = sys.stdout.isatty()
     logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if ctx.enable_progress_bars else logging.ERROR)
     if not ctx.enable_progress_bars:  # "Starting execution of Dataset ...", the plan, "finished": the shard lines say it
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+    detectors = getattr(ctx, "issue_detectors_config", None)
+    if detectors is not None:
+        detectors.detectors = [d for d in detectors.detectors if d.__name__ != "HighMemoryIssueDetector"]
+
+
+def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings) -> ray.data.Dataset:
+    """The pending shards' images through the stages, ready to write."""
+    configure_data_context(ray.data.DataContext.get_current())
     ds = ray.data.from_items([{"shard": s} for s in pending_shards], override_num_blocks=max(1, min(len(pending_shards), 200)))
     where = {"output_uri": settings.output_uri, "storage_options": settings.storage_options, "plan": plan}
     ds = ds.map_batches(expand_shards, fn_kwargs=where, batch_size=1, batch_format="numpy")
