@@ -161,13 +161,11 @@ def test_a_cpu_model_actor_starts_its_threads_only_where_it_runs_the_batches(tmp
 def test_a_labeling_run_gets_no_advice_naming_options_it_does_not_have():
     """Ray Data's high-memory detector told every CPU run of over 30 s to set ``memory=`` on its
     actors, which jobs.label sizes itself; its other detectors stay."""
-    import copy
-
     import ray.data
 
     from jobs.labeling.pipeline import configure_data_context
 
-    ctx = copy.deepcopy(ray.data.DataContext.get_current())
+    ctx = ray.data.DataContext()  # Ray Data's defaults (a labeling run in this process changed the current one)
     before = [d.__name__ for d in ctx.issue_detectors_config.detectors]
     assert "HighMemoryIssueDetector" in before
     configure_data_context(ctx)
