@@ -371,3 +371,21 @@ def _quietly(fn) -> None:
         fn()
     except Exception:
         pass
+
+
+def configure_data_context(ctx) -> None:
+    """What Ray Data (its ``DataContext`` ``ctx``) shows of a job's pipeline: its bars on a
+    terminal; in logs (not a terminal), the job's own lines (jobs.label's per shard, jobs.train's
+    per step) instead of Ray Data's dump of every operator each 10 s. Without
+    its high-memory detector, whose advice every CPU run of over 30 s got ("consider setting
+    memory=3715788800"): an option the jobs do not have, for actors they size themselves
+    (jobs.label: one per node on CPUs, --num-actors; jobs.train: --loader-workers of 1 CPU)."""
+    import logging
+
+    ctx.enable_progress_bars = sys.stdout.isatty()
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if ctx.enable_progress_bars else logging.ERROR)
+    if not ctx.enable_progress_bars:  # "Starting execution of Dataset ...", the plan, "finished": the shard lines say it
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    detectors = getattr(ctx, "issue_detectors_config", None)
+    if detectors is not None:
+        detectors.detectors = [d for d in detectors.detectors if d.__name__ != "HighMemoryIssueDetector"]

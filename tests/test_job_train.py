@@ -352,6 +352,21 @@ def test_wait_for_gpus_gives_up_after_its_seconds_naming_the_option(shapes, tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_ray_data_ingestion_needs_its_loaders_and_their_cpus(shapes, tmp_path, ray_local, monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ann, images = shapes["train"]
+    base = ["--annotations", ann, "--images", images, "--output", str(tmp_path / "run"), *SMALL, "--ingest", "ray-data"]
+    with pytest.raises(JobError, match=r"^--ingest ray-data needs --loader-workers 1 or more"):
+        main([*base, "--loader-workers", "0"])
+    cpus = ray_local.cluster_resources()["CPU"]
+    with pytest.raises(JobError, match=(
+        rf"^--num-workers 2 x --cpus-per-worker 1 CPUs plus 2 x --loader-workers {cpus:g} CPUs for --ingest ray-data cannot start "
+        rf"on this private local Ray of {cpus:g} CPUs"
+    )):
+        main([*base, "--num-workers", "2", "--loader-workers", f"{cpus:g}"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_rejects_bad_input(shapes, tmp_path):
     from jobs.evaluate import main as evaluate_main
     from maskrcnn.checkpoint import save_checkpoint
@@ -531,6 +546,27 @@ def test_two_workers_on_s3_learn_and_evaluate(s3_bucket, tmp_path):
     # 60 steps of 4 images from scratch: far from converged, but clearly better than chance (0).
     assert result["bbox_AP50"] > 0.02 and result["segm_AP50"] > 0.02, result
     assert result["segm_AP"] == pytest.approx(evals[-1]["segm_AP"], abs=1e-6)  # the same model the last epoch evaluated
+
+
+@pytest.mark.slow
+def test_ray_data_ingestion_trains_on_the_same_batches_as_the_dataloader(s3_bucket):
+    """--ingest ray-data: the images on the moto S3 server read by a Ray Data actor instead of a
+    DataLoader process, the same batches (order, grouping, flips) into the same steps: the same
+    losses to the last bit, over an epoch's end."""
+    data = make_sample_dataset(f"{s3_bucket}/data", {"train": 12}, seed=3)  # 6 steps an epoch
+    (ann, images) = data["train"]
+    common = ["--annotations", ann, "--images", images, "--num-workers", "1", "--batch-size", "2", "--max-steps", "8", "--log-every",
+              "1", "--checkpoint-every", "0", *SMALL]
+
+    def losses(output: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if k == "step" or k.startswith("loss")} for r in read_metrics(output) if "loss" in r]
+
+    run_job("jobs.train", [*common, "--output", f"{s3_bucket}/loader"], timeout=300)
+    job = run_job("jobs.train", [*common, "--output", f"{s3_bucket}/ray-data", "--ingest", "ray-data"], timeout=300)
+    assert "Traceback" not in job.output and "Progress bars" not in job.output, job.output[-3000:]
+    expected = losses(f"{s3_bucket}/loader")
+    assert [r["step"] for r in expected] == list(range(1, 9))
+    assert losses(f"{s3_bucket}/ray-data") == expected
 
 
 @pytest.mark.slow

@@ -166,7 +166,7 @@ def test_a_labeling_run_gets_no_advice_naming_options_it_does_not_have():
     actors, which jobs.label sizes itself; its other detectors stay."""
     import ray.data
 
-    from jobs.labeling.pipeline import configure_data_context
+    from jobs.common import configure_data_context
 
     ctx = ray.data.DataContext()  # Ray Data's defaults (a labeling run in this process changed the current one)
     before = [d.__name__ for d in ctx.issue_detectors_config.detectors]

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from jobs.training.spec import steps_per_epoch
-from jobs.training.worker import epoch_batches, shard_batches
+from jobs.training.worker import RemainingBatches, load_batch, remaining_batches, shard_batches
 from maskrcnn.config import get_preset
-from maskrcnn.data import CocoDataset, group_by_orientation, landscape_images, make_sample_dataset
+from maskrcnn.data import CocoDataset, RandomHorizontalFlip, group_by_orientation, landscape_images, make_sample_dataset
 from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, make_optimizer, sgd_kernel, train_step
 from maskrcnn.modeling import build_model
 from tests.test_keypoints import one_thread  # noqa: F401  (a fixture, used by name)
@@ -85,9 +85,10 @@ def shapes_dataset(tmp_path_factory):
 
 
 def _worker_run(dataset, rank: int, step: int, grouping: bool = True):
-    """What ``epoch_batches`` reads of a worker's run: 2 ranks x 2 images a step."""
-    plan = SimpleNamespace(steps_per_epoch=steps_per_epoch(len(dataset), 2, 2), seed=3, batch_size=2, aspect_grouping=grouping,
-                           loader_workers=0)
+    """What ``remaining_batches`` reads of a worker's run: 2 ranks x 2 images a step, 2 epochs."""
+    per_epoch = steps_per_epoch(len(dataset), 2, 2)
+    plan = SimpleNamespace(steps_per_epoch=per_epoch, total_steps=2 * per_epoch, seed=3, batch_size=2, aspect_grouping=grouping,
+                           loader_workers=0, ingest="dataloader")
     return SimpleNamespace(plan=plan, dataset=dataset, world_size=2, rank=rank, step=step, device=torch.device("cpu"))
 
 
@@ -97,21 +98,49 @@ def test_a_worker_trains_grouped_batches_and_resumes_at_the_batch_it_reached(sha
     per_epoch = steps_per_epoch(len(shapes_dataset), 2, 2)  # 7 images a rank: 4 steps
     for rank in (0, 1):
         run = _worker_run(shapes_dataset, rank, 0)
-        epoch = [([image.shape[-2:] for image in images], [t["image_id"] for t in targets]) for images, targets in epoch_batches(run)]
-        assert len(epoch) == per_epoch
+        run_batches = [([image.shape[-2:] for image in images], [t["image_id"] for t in targets])
+                       for images, targets in remaining_batches(run)]
+        assert len(run_batches) == 2 * per_epoch
+        epoch = run_batches[:per_epoch]
         for k, (sizes, _) in enumerate(epoch[:-1]):  # all but the last: one orientation, from the decoded images
             assert len({int(w) > int(h) for h, w in sizes}) == 1, (k, sizes)
         ids = [image_ids for _, image_ids in epoch]
+        assert [image_ids for _, image_ids in run_batches[per_epoch:]] != ids  # the next epoch: another shuffle
         for step in (1, 3, per_epoch + 2):  # mid-epoch, the last batch, the next epoch
-            resumed = [[t["image_id"] for t in targets] for _, targets in epoch_batches(_worker_run(shapes_dataset, rank, step))]
-            if step < per_epoch:
-                assert resumed == ids[step:]
-            else:
-                assert len(resumed) == 2 * per_epoch - step
+            resumed = [[t["image_id"] for t in targets] for _, targets in remaining_batches(_worker_run(shapes_dataset, rank, step))]
+            assert resumed == [image_ids for _, image_ids in run_batches[step:]]
     # --no-aspect-grouping: the shard in its shuffled order
     flat = shard_batches(len(shapes_dataset), 2, 0, 0, 3, 2)
-    plain = [[t["image_id"] for t in targets] for _, targets in epoch_batches(_worker_run(shapes_dataset, 0, 0, grouping=False))]
-    assert plain == [[shapes_dataset.image_ids[i] for i in batch] for batch in flat]
+    plain = [[t["image_id"] for t in targets] for _, targets in remaining_batches(_worker_run(shapes_dataset, 0, 0, grouping=False))]
+    assert plain[: len(flat)] == [[shapes_dataset.image_ids[i] for i in batch] for batch in flat]
+
+
+def test_a_batch_is_the_same_in_any_process_and_leaves_the_steps_random_numbers(shapes_dataset):
+    """A batch's flips are drawn from (seed, epoch, image): the same whatever torch's generator
+    holds (a DataLoader process, a Ray Data actor, a resumed run), another draw in another epoch;
+    and the training process's random numbers (the samplers') are left as they were."""
+    flipping = CocoDataset(shapes_dataset.annotations_uri, shapes_dataset.images_uri, transforms=RandomHorizontalFlip(0.5))
+    indices = list(range(len(shapes_dataset)))
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    images, targets = load_batch(flipping, indices, seed=3, epoch=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    again, _ = load_batch(flipping, indices, seed=3, epoch=0)
+    assert all(torch.equal(a, b) for a, b in zip(images, again))
+    plain = [shapes_dataset[i][0] for i in indices]
+    flipped = [not torch.equal(image, original) for image, original in zip(images, plain)]
+    assert 0 < sum(flipped) < len(indices), flipped
+    assert all(torch.equal(image, original.flip(-1)) for image, original, f in zip(images, plain, flipped) if f)
+    next_epoch, _ = load_batch(flipping, indices, seed=3, epoch=1)
+    assert [not torch.equal(image, original) for image, original in zip(next_epoch, plain)] != flipped
+    # the run's batches, item by item, are these batches
+    run = _worker_run(flipping, 0, 0)
+    batches = RemainingBatches(flipping, run.plan, 2, 0, 0)
+    epoch, batch = batches.indices(0)
+    assert epoch == 0 and all(torch.equal(a, b) for a, b in zip(batches[0][0], load_batch(flipping, batch, 3, 0)[0]))
+    with pytest.raises(IndexError):
+        batches[len(batches)]
 
 
 def test_landscape_images_are_read_from_the_annotations(shapes_dataset):

@@ -19,7 +19,6 @@ node, which lives as long as the job (tests/test_cluster_local.py kills a node m
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from jobs.common import cpu_malloc_runtime_env, format_duration
+from jobs.common import configure_data_context, cpu_malloc_runtime_env, format_duration
 from jobs.labeling.decode import decode_batch
 from jobs.labeling.predict import LabelActor
 from jobs.labeling.rows import rows_table
@@ -84,21 +83,6 @@ def expand_shards(batch: dict[str, np.ndarray], *, output_uri: str, storage_opti
         "index": np.asarray(indices, dtype=np.int32),
         "image_uri": np.asarray(uris, dtype=object),
     }
-
-
-def configure_data_context(ctx: ray.data.DataContext) -> None:
-    """What Ray Data shows of a labeling run: its bars on a terminal; in logs (not a terminal),
-    run_pipeline's line per shard instead of Ray Data's dump of every operator each 10 s. Without
-    its high-memory detector, whose advice every CPU run of over 30 s got ("consider setting
-    memory=3715788800"): an option this job does not have, for actors it sizes itself (one per
-    node on CPUs, --num-actors)."""
-    ctx.enable_progress_bars = sys.stdout.isatty()
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if ctx.enable_progress_bars else logging.ERROR)
-    if not ctx.enable_progress_bars:  # "Starting execution of Dataset ...", the plan, "finished": the shard lines say it
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-    detectors = getattr(ctx, "issue_detectors_config", None)
-    if detectors is not None:
-        detectors.detectors = [d for d in detectors.detectors if d.__name__ != "HighMemoryIssueDetector"]
 
 
 def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings) -> ray.data.Dataset:

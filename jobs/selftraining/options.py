@@ -12,7 +12,7 @@ from jobs.options import add_size_options, add_storage_options, add_tta_option, 
 DEFAULT_THRESHOLD = 0.7
 # Options passed on to every jobs.train run as they are (dest names); None or False: not passed.
 TRAIN_OPTIONS = ("epochs", "max_steps", "batch_size", "lr", "seed", "min_size", "max_size", "num_workers", "cpus_per_worker",
-                 "loader_workers", "log_every", "use_gpu", "storage_options", "address")
+                 "loader_workers", "ingest", "log_every", "use_gpu", "storage_options", "address")
 # What decides the results of a run in --output: a rerun must give the same (--rounds may grow).
 SETTINGS = ("annotations", "images", "unlabeled", "val_annotations", "val_images", "arch", "weights", "student_init", "negatives",
             "labelled_repeat", "epochs", "max_steps", "batch_size", "lr", "seed", "min_size", "max_size", "shard_size")
@@ -94,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--num-workers", type=int, default=1, metavar="N", help="training workers (one GPU each with --use-gpu)")
     cluster.add_argument("--use-gpu", action="store_true", help="train on GPUs; labeling takes the cluster's GPUs by itself")
     cluster.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="F", help="CPUs Ray reserves for each training worker")
-    cluster.add_argument("--loader-workers", type=int, default=4, metavar="N", help="DataLoader processes per training worker")
+    cluster.add_argument(
+        "--loader-workers", type=int, default=4, metavar="N",
+        help="processes per training worker that read and decode images (jobs.train's --loader-workers)",
+    )
+    cluster.add_argument(
+        "--ingest", choices=("dataloader", "ray-data"), default="dataloader",
+        help="how training images reach the workers (jobs.train's --ingest)",
+    )
     add_ray_options(cluster)
     return parser
 

@@ -39,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--flip-prob", type=float, default=0.5, metavar="P", help="probability of a horizontal flip of a training image")
     data.add_argument(
         "--loader-workers", type=int, default=4, metavar="N",
-        help="DataLoader processes per training worker that read and decode images (0: in the worker itself)",
+        help="processes per training worker that read and decode images: DataLoader processes on the worker's node (0: in the "
+        "worker itself), or with --ingest ray-data Ray Data actors of 1 CPU each anywhere in the cluster",
+    )
+    data.add_argument(
+        "--ingest", choices=("dataloader", "ray-data"), default="dataloader",
+        help="how the images reach the workers: dataloader, read and decoded beside each worker; ray-data, by Ray Data actors on "
+        "any node with free CPUs, for images in cloud storage whose decoding needs more CPUs than the GPU nodes have. "
+        "The same batches either way",
     )
     data.add_argument(
         "--no-aspect-grouping", action="store_true",
@@ -162,6 +169,8 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("loader_workers", "checkpoint_every", "eval_every"):
         if getattr(args, name) < 0:
             raise JobError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.ingest == "ray-data" and args.loader_workers < 1:
+        raise JobError("--ingest ray-data needs --loader-workers 1 or more (the Ray Data actors that read each worker's images)")
     if args.lr is not None and not args.lr > 0:
         raise JobError(f"--lr must be positive, got {args.lr}")
     if args.cpus_per_worker <= 0:

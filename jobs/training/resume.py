@@ -57,7 +57,7 @@ def resume_or_start(plan: TrainPlan, storage_options: dict | None) -> WorkerRun:
     warnings.filterwarnings("ignore", message=".*degenerate annotations.*")  # the driver has said it once
     _quiet_worker_logs()
 
-    dataset = _training_dataset(plan, storage_options)
+    dataset = training_dataset(plan, storage_options)
     model_config = ModelConfig.from_dict(plan.model_config)
     torch.manual_seed(plan.seed)  # the same fresh layers on every rank
     model = build_model(model_config)
@@ -111,10 +111,11 @@ def _quiet_worker_logs() -> None:
         pass
 
 
-def _training_dataset(plan: TrainPlan, storage_options: dict | None):
+def training_dataset(plan: TrainPlan, storage_options: dict | None):
     """``plan``'s training CocoDataset (read with ``storage_options``), with its random flip."""
     from maskrcnn.data import CocoDataset, RandomHorizontalFlip
 
+    warnings.filterwarnings("ignore", message=".*degenerate annotations.*")  # the driver has said it once
     dataset = CocoDataset(plan.annotations, plan.images, storage_options)
     if plan.flip_prob > 0:  # a flip swaps left and right keypoints: the dataset's names say which
         dataset.transforms = RandomHorizontalFlip(plan.flip_prob, keypoint_flip=dataset.keypoint_flip if dataset.num_keypoints else None)

@@ -70,6 +70,8 @@ class TrainPlan:
     reinit_class_layers: bool = False
     # landscape and portrait images in separate batches (jobs.training.worker.shard_batches)
     aspect_grouping: bool = True
+    # "dataloader" or "ray-data": who reads the batches (jobs.training.worker.remaining_batches)
+    ingest: str = "dataloader"
 
 
 def resolve_lr_steps(text: str, total_steps: int) -> list[int]:
@@ -120,7 +122,7 @@ def plan_run(args: argparse.Namespace, storage_options: dict | None) -> TrainPla
         eval_every=eval_interval(args.eval_every, per_epoch, total_steps),
         val_annotations=args.val_annotations, val_images=val_images if args.val_annotations else None,
         eval_batch_size=args.eval_batch_size, weights=args.weights, weights_kind=weights_kind, reinit_class_layers=reinit,
-        aspect_grouping=not args.no_aspect_grouping,
+        aspect_grouping=not args.no_aspect_grouping, ingest=args.ingest,
     )
     start = "from scratch"
     if args.weights:

@@ -69,7 +69,7 @@ def _train(config: dict) -> None:
     run.model.train()
     pace = Pace(run.start_step)
     while run.step < plan.total_steps:
-        for images, targets in epoch_batches(run):
+        for images, targets in remaining_batches(run):
             losses, lr = train_one_step(run, images, targets)
             eval_due = run.step % plan.eval_every == 0  # --eval-every, or epoch ends (jobs.training.spec.eval_interval)
             last = run.step >= plan.total_steps
@@ -102,22 +102,126 @@ def _train(config: dict) -> None:
 # Step, log, evaluate, save
 
 
-def epoch_batches(run: WorkerRun):
-    """A DataLoader over this rank's shard of the epoch ``run.step`` is in (``shard_batches``;
-    grouped by orientation unless --no-aspect-grouping), from the batch after the last one
-    trained (a resume mid-epoch skips the batches done)."""
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of image ``index``'s random transforms in ``epoch`` of a run seeded ``seed``."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def load_batch(dataset, indices: list[int], seed: int, epoch: int) -> tuple[list, list[dict]]:
+    """``dataset``'s images ``indices``, collated (images, targets). Each image's random
+    transforms (the flip) draw from torch's generator seeded with ``item_seed(seed, epoch,
+    index)``, restored after, so a batch is the same in any process: with any --loader-workers,
+    either --ingest, and when a run resumes."""
     import torch
 
-    from maskrcnn.data import collate_fn, landscape_images
+    from maskrcnn.data import collate_fn
+
+    items = []
+    for index in indices:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(seed, epoch, index))
+            items.append(dataset[index])
+    return collate_fn(items)
+
+
+class RemainingBatches:
+    """The batches one rank trains from step ``start`` to the plan's last step, in order: item k
+    is the step ``start + k``'s batch, its epoch's ``shard_batches`` (grouped by orientation
+    unless --no-aspect-grouping) read by ``load_batch``. A sequence a DataLoader (batch size
+    None) and the Ray Data actors (``BatchLoader``) read alike."""
+
+    def __init__(self, dataset, plan, world_size: int, rank: int, start: int) -> None:
+        from maskrcnn.data import landscape_images
+
+        self.dataset, self.plan, self.world_size, self.rank, self.start = dataset, plan, world_size, rank, start
+        self.landscape = landscape_images(dataset) if plan.aspect_grouping else None
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        return max(self.plan.total_steps - self.start, 0)
+
+    def indices(self, k: int) -> tuple[int, list[int]]:
+        """The epoch and the dataset indices of item ``k``."""
+        epoch, position = divmod(self.start + k, self.plan.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            plan = self.plan
+            self._epoch = (epoch, shard_batches(len(self.dataset), self.world_size, self.rank, epoch, plan.seed, plan.batch_size,
+                                                self.landscape))
+        return epoch, self._epoch[1][position]
+
+    def __getitem__(self, k: int) -> tuple[list, list[dict]]:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        epoch, indices = self.indices(k)
+        return load_batch(self.dataset, indices, self.plan.seed, epoch)
+
+
+def remaining_batches(run: WorkerRun):
+    """This rank's batches from ``run.step`` to the end of the run (``RemainingBatches``): read
+    by --loader-workers DataLoader processes on this node, or with --ingest ray-data by as many
+    Ray Data actors anywhere in the cluster (``ray_data_batches``)."""
+    import torch
 
     plan = run.plan
-    epoch, skip_batches = divmod(run.step, plan.steps_per_epoch)
-    landscape = landscape_images(run.dataset) if plan.aspect_grouping else None
-    batches = shard_batches(len(run.dataset), run.world_size, run.rank, epoch, plan.seed, plan.batch_size, landscape)
+    batches = RemainingBatches(run.dataset, plan, run.world_size, run.rank, run.step)
+    if plan.ingest == "ray-data":
+        return ray_data_batches(run, len(batches))
+    # its own generator: the worker processes' seeds drawn from it leave the step's (the samplers')
+    # random numbers as they are with --loader-workers 0 or --ingest ray-data
     return torch.utils.data.DataLoader(
-        run.dataset, batch_sampler=batches[skip_batches:], num_workers=plan.loader_workers,
-        collate_fn=collate_fn, pin_memory=run.device.type == "cuda",
+        batches, batch_size=None, num_workers=plan.loader_workers, collate_fn=_as_is, pin_memory=run.device.type == "cuda",
+        generator=torch.Generator(),
     )
+
+
+def _as_is(item):
+    return item
+
+
+class BatchLoader:
+    """A Ray Data actor of --ingest ray-data: reads the training dataset once, then turns a
+    step's row (``id``: the item of ``RemainingBatches``) into its batch, pickled."""
+
+    def __init__(self, plan, storage_options, world_size: int, rank: int, start: int) -> None:
+        from jobs.training.resume import training_dataset
+
+        dataset = training_dataset(plan, storage_options.value)
+        self.batches = RemainingBatches(dataset, plan, world_size, rank, start)
+
+    def __call__(self, row: dict) -> dict:
+        import pickle
+
+        return {"id": row["id"], "batch": pickle.dumps(self.batches[int(row["id"])], protocol=pickle.HIGHEST_PROTOCOL)}
+
+
+MAX_BLOCKS = 10_000  # of a rank's Ray Data pipeline: a block holds one step's batch up to this many steps
+
+
+def ray_data_batches(run: WorkerRun, count: int):
+    """The ``count`` batches ``RemainingBatches`` gives from ``run.step``, loaded by
+    --loader-workers ``BatchLoader`` actors of 1 CPU each, placed by Ray wherever CPUs are free,
+    and yielded in order (the streaming executor runs ahead within its memory budget)."""
+    import pickle
+
+    import ray.data
+
+    from jobs.common import configure_data_context
+    from jobs.training.spec import Hidden
+
+    context = ray.data.DataContext.get_current()
+    configure_data_context(context)
+    context.execution_options.preserve_order = True
+    rows = ray.data.range(count, override_num_blocks=max(1, min(count, MAX_BLOCKS))).map(
+        BatchLoader, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=run.plan.loader_workers),
+        fn_constructor_kwargs={"plan": run.plan, "storage_options": Hidden(run.storage_options), "world_size": run.world_size,
+                               "rank": run.rank, "start": run.step},
+    )
+    for expected, row in enumerate(rows.iter_rows()):
+        if row["id"] != expected:  # preserve_order keeps them in order; the step's batch must be the step's
+            raise RuntimeError(f"Ray Data gave batch {row['id']} where batch {expected} was due")
+        yield pickle.loads(row["batch"])
 
 
 def train_one_step(run: WorkerRun, images: list, targets: list[dict]) -> tuple[dict, float]:
