@@ -196,7 +196,7 @@ class BatchLoader:
         return {"id": row["id"], "batch": pickle.dumps(self.batches[int(row["id"])], protocol=pickle.HIGHEST_PROTOCOL)}
 
 
-MAX_BLOCKS = 10_000  # of a rank's Ray Data pipeline: a block holds one step's batch up to this many steps
+MAX_BLOCKS = 10_000  # a rank's Ray Data pipeline reads one step per block, or several where a run has more steps
 
 
 def ray_data_batches(run: WorkerRun, count: int):
