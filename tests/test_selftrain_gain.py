@@ -3,10 +3,12 @@ labelled training images and the rest of the training split as unlabeled images,
 held-out mask AP beats its teacher's. ``python -m jobs.selftrain`` in a subprocess with its own
 local Ray; its own file, so that pytest-xdist can run it beside the other self-training tests.
 
-The setting is the one docs/jobs.md measures (6 of 48 training images labelled, the paper's data
+The setting is the one docs/jobs.md measures (6 labelled training images, the paper's data
 distillation: ``--tta flip`` at score threshold 0.8), made smaller to fit the test suite: shorter
-sides 192-320 px and 300 steps for teacher and student. A fixed training seed makes the run
-repeatable on one machine; the margin it needs is below the gains measured over seeds.
+sides 192-320 px and 300 steps for teacher and student, with 138 unlabeled images (with 42 the
+gain was of the order of the run-to-run spread: -0.010 to +0.028 over four seeds). A fixed
+training seed makes the run repeatable on one machine; the margin it needs is below the smallest
+gain measured over seeds 0-3 (+0.011 to +0.049 mask AP).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from maskrcnn.data.synthetic import make_sample_dataset
 from tests.job_process import Job
 from tests.test_selftrain import split_labelled
 
-LABELLED = 6  # of the 48 training images; the other 42 are the unlabeled images
+LABELLED = 6  # of the 144 training images; the other 138 are the unlabeled images
 
 
 def test_the_student_beats_its_teacher_on_held_out_images(tmp_path):
-    splits = make_sample_dataset(str(tmp_path / "data"), {"train": 48, "val": 24})
+    splits = make_sample_dataset(str(tmp_path / "data"), {"train": 144, "val": 24})
     images = splits["train"][1]
     _, unlabeled = split_labelled(tmp_path, splits, LABELLED)
     out = tmp_path / "run"
@@ -39,5 +41,5 @@ def test_the_student_beats_its_teacher_on_held_out_images(tmp_path):
     teacher, student = report["teacher"], report["student"]
     figures = report["rounds"][0]
     assert figures["unlabeled_images"] == len(unlabeled) and figures["pseudo_annotations"] > 0, figures
-    assert student["segm_AP"] > teacher["segm_AP"] + 0.01, (teacher, student)
+    assert student["segm_AP"] > teacher["segm_AP"] + 0.005, (teacher, student)
     assert job.lines[-1].startswith(f"selftrain: teacher mask AP {teacher['segm_AP']:.4f}"), job.lines[-3:]
