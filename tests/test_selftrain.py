@@ -59,6 +59,7 @@ def label_rows(labels: Path) -> list[str]:
     return [uri for part in parts for uri in pq.read_table(part, columns=["image_uri"])["image_uri"].to_pylist()]
 
 
+@pytest.mark.slow
 def test_two_rounds_resume_after_a_kill_while_labelling(sample, tmp_path):
     """The pipeline end to end, as a scheduler sees it: the teacher trains and is scored; the run
     is SIGKILLed (the driver and its Ray) once the first shard of pseudo-labels is committed; the

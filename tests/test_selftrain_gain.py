@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from maskrcnn.data.synthetic import make_sample_dataset
 from tests.job_process import Job
 from tests.test_selftrain import split_labelled
@@ -22,6 +24,7 @@ from tests.test_selftrain import split_labelled
 LABELLED = 6  # of the 144 training images; the other 138 are the unlabeled images
 
 
+@pytest.mark.slow
 def test_the_student_beats_its_teacher_on_held_out_images(tmp_path):
     splits = make_sample_dataset(str(tmp_path / "data"), {"train": 144, "val": 24})
     images = splits["train"][1]
