@@ -15,11 +15,10 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # Two test processes (pytest-xdist), each test file in one of them: the tests wait on Ray and
-# subprocesses as much as they compute, so a 2-core machine runs them in ~4/5 of the time. Files
-# with slow tests go first (tests/conftest.py), in that order.
+# subprocesses as much as they compute, so a 2-core machine runs them in ~4/5 of the time.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: install
 	$(BIN)/python -m jobs.demo

@@ -114,11 +114,3 @@ def checkpoint(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
     make_checkpoint(path)
     return path
-
-
-def pytest_collection_modifyitems(config, items):
-    """The files with slow tests first, in their order otherwise: ``make test`` hands whole files
-    to two processes (``--dist loadfile --no-loadscope-reorder``), so the long ones start early
-    and the short ones fill the gaps, instead of one long file running alone at the end."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file's tests keep their order
