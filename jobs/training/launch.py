@@ -66,20 +66,29 @@ def check_cluster(ray, args: argparse.Namespace) -> None:
     their CPUs or GPUs (after --wait-for-gpus), and with --ingest ray-data their loader actors
     their CPUs; warns when an autoscaler must add them first."""
     loaders = args.num_workers * args.loader_workers if args.ingest == "ray-data" else 0
-    if not args.use_gpu:
-        needed = args.num_workers * args.cpus_per_worker + loaders
+    if args.use_gpu:
+        resources = _check_gpus(ray, args)
+        if not loaders:  # the GPU bundles hold the workers' CPUs
+            return
+        cpus = resources.get("CPU", 0)
+    else:
         cpus = ray.cluster_resources().get("CPU", 0)
-        what = f"--num-workers {args.num_workers} x --cpus-per-worker {args.cpus_per_worker:g} CPUs"
-        if loaders:
-            what += f" plus {args.num_workers} x --loader-workers {args.loader_workers} CPUs for --ingest ray-data"
-        if cpus < needed and ray_is_fixed(ray):
-            raise JobError(
-                f"{what} cannot start on this private local Ray of {cpus:g} CPUs; lower them, or run on a larger cluster "
-                "(--address, RAY_ADDRESS)"
-            )
-        if cpus < needed:
-            print(f"warning: {what}; the cluster has {cpus:g} CPUs now (the job waits for an autoscaler to add them)", file=sys.stderr)
-        return
+    needed = args.num_workers * args.cpus_per_worker + loaders
+    what = f"--num-workers {args.num_workers} x --cpus-per-worker {args.cpus_per_worker:g} CPUs"
+    if loaders:
+        what += f" plus {args.num_workers} x --loader-workers {args.loader_workers} CPUs for --ingest ray-data"
+    if cpus < needed and ray_is_fixed(ray):
+        raise JobError(
+            f"{what} cannot start on this private local Ray of {cpus:g} CPUs; lower them, or run on a larger cluster "
+            "(--address, RAY_ADDRESS)"
+        )
+    if cpus < needed:
+        print(f"warning: {what}; the cluster has {cpus:g} CPUs now (the job waits for an autoscaler to add them)", file=sys.stderr)
+
+
+def _check_gpus(ray, args: argparse.Namespace) -> dict:
+    """The cluster's resources once it has the GPUs of ``args.num_workers`` workers (after
+    --wait-for-gpus); JobError when it has none, or too few on a private local Ray."""
     bundles = [{"GPU": 1, "CPU": args.cpus_per_worker}] * args.num_workers
     resources = wait_for_gpus(ray, args.num_workers, bundles, args.wait_for_gpus, f"--use-gpu --num-workers {args.num_workers}")
     gpus = resources.get("GPU", 0)
@@ -94,14 +103,7 @@ def check_cluster(ray, args: argparse.Namespace) -> None:
     if gpus < args.num_workers:
         print(f"warning: --num-workers {args.num_workers} with --use-gpu needs {args.num_workers} GPUs; the cluster has {gpus:g} now "
               "(the job waits for an autoscaler to add them)", file=sys.stderr)
-    cpus = resources.get("CPU", 0)
-    needed = args.num_workers * args.cpus_per_worker + loaders
-    if loaders and cpus < needed and ray_is_fixed(ray):
-        raise JobError(
-            f"--ingest ray-data: {args.num_workers} workers x (--cpus-per-worker {args.cpus_per_worker:g} + --loader-workers "
-            f"{args.loader_workers}) CPUs cannot start on this private local Ray of {cpus:g} CPUs; lower --loader-workers, or run on a "
-            "larger cluster (--address, RAY_ADDRESS)"
-        )
+    return resources
 
 
 def _ray_storage(output: str, storage_options: dict | None):

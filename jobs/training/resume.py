@@ -54,7 +54,6 @@ def resume_or_start(plan: TrainPlan, storage_options: dict | None) -> WorkerRun:
     device = ray.train.torch.get_device()
     if isinstance(device, list):
         device = device[0]
-    warnings.filterwarnings("ignore", message=".*degenerate annotations.*")  # the driver has said it once
     _quiet_worker_logs()
 
     dataset = training_dataset(plan, storage_options)
@@ -115,7 +114,8 @@ def training_dataset(plan: TrainPlan, storage_options: dict | None):
     """``plan``'s training CocoDataset (read with ``storage_options``), with its random flip."""
     from maskrcnn.data import CocoDataset, RandomHorizontalFlip
 
-    warnings.filterwarnings("ignore", message=".*degenerate annotations.*")  # the driver has said it once
+    # the driver has said it once; for the whole process (the validation set too)
+    warnings.filterwarnings("ignore", message=".*degenerate annotations.*")
     dataset = CocoDataset(plan.annotations, plan.images, storage_options)
     if plan.flip_prob > 0:  # a flip swaps left and right keypoints: the dataset's names say which
         dataset.transforms = RandomHorizontalFlip(plan.flip_prob, keypoint_flip=dataset.keypoint_flip if dataset.num_keypoints else None)

@@ -165,9 +165,9 @@ def remaining_batches(run: WorkerRun):
     import torch
 
     plan = run.plan
-    batches = RemainingBatches(run.dataset, plan, run.world_size, run.rank, run.step)
     if plan.ingest == "ray-data":
-        return ray_data_batches(run, len(batches))
+        return ray_data_batches(run)
+    batches = RemainingBatches(run.dataset, plan, run.world_size, run.rank, run.step)
     # its own generator: the worker processes' seeds drawn from it leave the step's (the samplers')
     # random numbers as they are with --loader-workers 0 or --ingest ray-data
     return torch.utils.data.DataLoader(
@@ -199,8 +199,8 @@ class BatchLoader:
 MAX_BLOCKS = 10_000  # a rank's Ray Data pipeline reads one step per block, or several where a run has more steps
 
 
-def ray_data_batches(run: WorkerRun, count: int):
-    """The ``count`` batches ``RemainingBatches`` gives from ``run.step``, loaded by
+def ray_data_batches(run: WorkerRun):
+    """The batches ``RemainingBatches`` gives from ``run.step`` to the run's end, loaded by
     --loader-workers ``BatchLoader`` actors of 1 CPU each, placed by Ray wherever CPUs are free,
     and yielded in order (the streaming executor runs ahead within its memory budget)."""
     import pickle
@@ -213,6 +213,7 @@ def ray_data_batches(run: WorkerRun, count: int):
     context = ray.data.DataContext.get_current()
     configure_data_context(context)
     context.execution_options.preserve_order = True
+    count = max(run.plan.total_steps - run.step, 0)  # len(RemainingBatches), without reading the dataset here
     rows = ray.data.range(count, override_num_blocks=max(1, min(count, MAX_BLOCKS))).map(
         BatchLoader, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=run.plan.loader_workers),
         fn_constructor_kwargs={"plan": run.plan, "storage_options": Hidden(run.storage_options), "world_size": run.world_size,
