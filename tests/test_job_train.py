@@ -552,7 +552,7 @@ def test_two_workers_on_s3_learn_and_evaluate(s3_bucket, tmp_path):
 def test_ray_data_ingestion_trains_on_the_same_batches_as_the_dataloader(s3_bucket):
     """--ingest ray-data: the images on the moto S3 server read by a Ray Data actor instead of a
     DataLoader process, the same batches (order, grouping, flips) into the same steps: the same
-    losses to the last bit, over an epoch's end."""
+    losses to the last bit, over an epoch's end. (And the log steps do not wait for Ray Train.)"""
     data = make_sample_dataset(f"{s3_bucket}/data", {"train": 12}, seed=3)  # 6 steps an epoch
     (ann, images) = data["train"]
     common = ["--annotations", ann, "--images", images, "--num-workers", "1", "--batch-size", "2", "--max-steps", "8", "--log-every",
@@ -561,12 +561,17 @@ def test_ray_data_ingestion_trains_on_the_same_batches_as_the_dataloader(s3_buck
     def losses(output: str) -> list[dict]:
         return [{k: v for k, v in r.items() if k == "step" or k.startswith("loss")} for r in read_metrics(output) if "loss" in r]
 
-    run_job("jobs.train", [*common, "--output", f"{s3_bucket}/loader"], timeout=300)
+    # The first run also shows that a step never waits for Ray Train's controller: with its polls
+    # 20 s apart, the 8 steps, each one logged, took seconds (a report at every log step waited
+    # for a poll before the next: 6 x 20 s).
+    run_job("jobs.train", [*common, "--output", f"{s3_bucket}/loader"], timeout=300, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "20"})
     job = run_job("jobs.train", [*common, "--output", f"{s3_bucket}/ray-data", "--ingest", "ray-data"], timeout=300)
     assert "Traceback" not in job.output and "Progress bars" not in job.output, job.output[-3000:]
     expected = losses(f"{s3_bucket}/loader")
     assert [r["step"] for r in expected] == list(range(1, 9))
     assert losses(f"{s3_bucket}/ray-data") == expected
+    times = [r["time"] for r in read_metrics(f"{s3_bucket}/loader") if "loss" in r]
+    assert times[-1] - times[0] < 20, f"steps 1-8 took {times[-1] - times[0]:.1f} s: a step waited for the controller's poll"
 
 
 @pytest.mark.slow
@@ -580,8 +585,8 @@ def test_resumes_after_a_killed_worker_and_after_a_killed_job(shapes, tmp_path):
        and the run reaches its 16 steps, each step recorded once.
 
     Checkpoints at 4, 6 (epoch end), 8, 12 (epoch end) and 16. The controller registers a
-    reported checkpoint when it next polls the workers, so a kill right after a report may lose
-    that one; the polls are made frequent here and the asserts allow the previous checkpoint.
+    reported checkpoint when it next polls the workers (every 0.5 s, jobs.train's setting), so a
+    kill right after a report may lose that one; the asserts allow the previous checkpoint.
     """
     output = tmp_path / "run"
     args = train_args(shapes, output, "--max-steps", "16", "--checkpoint-every", "4", "--log-every", "2")
@@ -598,8 +603,7 @@ def test_resumes_after_a_killed_worker_and_after_a_killed_job(shapes, tmp_path):
         elif "checkpoint at step 12" in line and seen["starts"] == 4:  # the replaced group's
             job.kill()
 
-    polls = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    first = Job("jobs.train", args, on_line=inject_failures, env=polls)
+    first = Job("jobs.train", args, on_line=inject_failures)
     assert first.wait(300) == -signal.SIGKILL, first.output[-3000:]
     starts = start_steps(first.output)
     assert seen.get("worker_killed") and len(starts) == 4, first.output[-3000:]
@@ -607,7 +611,7 @@ def test_resumes_after_a_killed_worker_and_after_a_killed_job(shapes, tmp_path):
     assert not (output / "model.pt").exists()
     time.sleep(1)  # let the killed Ray's processes go
 
-    second = run_job("jobs.train", args, timeout=240, env=polls)
+    second = run_job("jobs.train", args, timeout=240)
     resumed = start_steps(second.output)
     assert len(resumed) == 2 and min(resumed) >= 8, second.output[-3000:]  # resumed, not restarted
     records = read_metrics(str(output))

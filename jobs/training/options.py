@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-failures", type=int, default=3, metavar="N",
         help="times a failed worker group is restarted from the latest checkpoint (-1: always)",
     )
-    run.add_argument("--log-every", type=int, default=20, metavar="N", help="print, report to Ray Train and record metrics every N steps")
+    run.add_argument("--log-every", type=int, default=20, metavar="N", help="print and record metrics every N steps")
     run.add_argument(
         "--eval-batch-size", type=int, default=2, metavar="N",
         help="images per forward pass when evaluating on --val-annotations",
