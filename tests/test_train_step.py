@@ -237,3 +237,48 @@ def test_a_training_step_syncs_a_fixed_few_times():
         assert not unexpected, f"{n} images: syncs beyond EXPECTED_TRAINING_SYNCS: {unexpected}; all: {by_site}"
         counts[n] = len(log)
     assert counts[1] <= EXPECTED_TRAINING_SYNCS_PER_STEP and counts[2] <= EXPECTED_TRAINING_SYNCS_PER_STEP, counts
+
+
+# --------------------------------------------------------------------------------------------
+# DDP's warning about gradient strides
+
+_DDP_ONE_BY_ONE = """
+import json, sys, warnings
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+conv = DistributedDataParallel(torch.nn.Conv2d(64, 4, 1))  # as a mask predictor: 1x1, NHWC RoI features in
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    conv(torch.randn(3, 64, 28, 28).contiguous(memory_format=torch.channels_last)).sum().backward()
+dist.destroy_process_group()
+print(json.dumps([str(w.message) for w in caught]))
+"""
+
+
+def test_the_stride_warning_jobs_train_hides_is_ddps_spurious_one_only(tmp_path):
+    """DDP warns that a 1x1 convolution's weight gradient, in channels_last strides after NHWC
+    input (as the CPU's gather RoIAlign pools), does not match its bucket's strides; the memory
+    is the same. jobs.train's filter (SPURIOUS_STRIDES_WARNING) matches torch's own message
+    (made here by a real DDP, in a process of its own: torch warns once a process), and not the
+    same warning where the layouts really differ. tests/test_job_train.py checks that a
+    two-worker run prints none."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from jobs.training.resume import SPURIOUS_STRIDES_WARNING
+
+    done = subprocess.run([sys.executable, "-c", _DDP_ONE_BY_ONE, str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warned = [m for m in json.loads(done.stdout.strip().splitlines()[-1]) if "Grad strides" in m]
+    assert len(warned) == 1, warned
+    spurious = re.compile(SPURIOUS_STRIDES_WARNING, re.I)
+    assert spurious.match(warned[0]), warned[0]
+    head = warned[0].split("\ngrad.sizes()")[0]
+    for real in ("\ngrad.sizes() = [1, 64], strides() = [1, 1]\nbucket_view.sizes() = [1, 64], strides() = [64, 1]",
+                 "\ngrad.sizes() = [8, 4, 3, 3], strides() = [36, 1, 12, 4]\nbucket_view.sizes() = [8, 4, 3, 3], strides() = [36, 9, 3, 1]",
+                 "\ngrad.sizes() = [8, 4, 1, 1], strides() = [1, 8, 8, 8]\nbucket_view.sizes() = [8, 4, 1, 1], strides() = [4, 1, 1, 1]"):
+        assert not spurious.match(head + real), real
