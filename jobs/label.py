@@ -16,35 +16,13 @@ import argparse
 import sys
 import uuid
 
-from jobs.common import JobError, init_ray, run_main, shutdown_ray
+from jobs.common import JobError, check_output_writable, init_ray, run_main, shutdown_ray
 from jobs.options import check_tta, parse_storage_options
 from jobs.labeling.lease import Lease
 from jobs.labeling.options import build_parser, check_args
 from jobs.labeling.plan import PLAN_DIR, plan_for_run, read_plan
 from jobs.labeling.resources import actor_resources, threads_note
 from jobs.labeling.shards import PIECES_DIR, PREVIEW_DIR, finished_shards
-
-
-def _check_output_writable(output_uri: str, storage_options: dict | None) -> None:
-    from maskrcnn.storage import filesystem, is_local
-
-    probe = f"{PLAN_DIR}/.write-probe-{uuid.uuid4().hex}"
-    try:
-        fs, root = filesystem(output_uri, storage_options)
-        path = f"{root.rstrip('/')}/{probe}"
-        if fs.exists(root) and fs.isfile(root):
-            raise JobError(f"--output {output_uri} is a file; give a folder or prefix")
-        if is_local(fs):
-            fs.makedirs(fs._parent(path), exist_ok=True)
-        with fs.open(path, "wb") as f:
-            f.write(b"probe")
-        fs.rm(path)
-    except JobError:
-        raise
-    except Exception as exc:
-        from maskrcnn.storage import explain_storage_error
-
-        raise JobError(f"cannot write to --output {output_uri}: {explain_storage_error(exc)}") from None
 
 
 def _name_option(message: str) -> str:
@@ -94,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     check_output_apart(args.input, args.output, storage_options)
     loaded, config, load_kwargs = load_model_for_labeling(args, storage_options)
     tta = check_tta(args.tta, loaded.model)
-    _check_output_writable(args.output, storage_options)
+    check_output_writable(args.output, storage_options, PLAN_DIR)
     settings_fingerprint = {
         "model": loaded.model_hash,
         "min_size": config.input.min_size,

@@ -36,7 +36,7 @@ import shlex
 import sys
 import time
 
-from jobs.common import JobError, run_main, shutdown_ray
+from jobs.common import JobError, check_output_writable, run_main, shutdown_ray
 from jobs.options import parse_storage_options
 from jobs.selftraining.options import build_parser, parse_args, resolve_thresholds, settings_of, shown, train_argv
 from jobs.selftraining.state import REPORT_FILE, Layout, State, read_json_or_none
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     storage_options = parse_storage_options(args.storage_options)
     labelled = check_inputs(args, storage_options)
     thresholds = resolve_thresholds(args.score_threshold, labelled.categories)
+    check_output_writable(args.output, storage_options, "")  # the inputs are right: the output is made
     run = SelfTraining(args, storage_options, labelled, thresholds)
     # One Ray for every stage: the first job that needs Ray connects this process (init_ray, by
     # --address, RAY_ADDRESS, a `ray start` head, else a private one), the next ones keep using

@@ -173,6 +173,9 @@ def test_wrong_input_stops_the_job_before_any_work(sample, tmp_path):
     with pytest.raises(JobError, match="inside --unlabeled"):
         main([*sample["args"], "--unlabeled", str(tmp_path), "--output", str(tmp_path / "run"), *FAST])
     assert not (tmp_path / "run").exists()
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(JobError, match="--output .*taken is a file"):
+        main([*sample["args"], *unlabeled, "--output", str(tmp_path / "taken"), *FAST])
     # from the command line: one line, no traceback
     result = subprocess.run([sys.executable, "-m", "jobs.selftrain", *base, *unlabeled, "--score-threshold", "2"],
                             cwd=REPO, capture_output=True, text=True)

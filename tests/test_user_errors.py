@@ -238,6 +238,21 @@ def test_s3_bucket_that_does_not_exist(which, s3_server, inputs, tmp_path):
     assert files_under(out) == []
 
 
+@pytest.mark.parametrize("where", ["a file", "a bucket that does not exist"])
+def test_train_output_that_cannot_take_the_run_stops_before_training(where, s3_server, inputs, tmp_path):
+    """jobs.train writes checkpoints, metrics and model.pt to --output: one it cannot write to is
+    named in one line before Ray starts, not in Ray Train's traceback (or at the first checkpoint)."""
+    output = tmp_path / "run.txt" if where == "a file" else "s3://no-such-bucket/runs/r1"
+    if where == "a file":
+        output.write_text("not a folder")
+    args = ["--annotations", inputs / "coco.json", "--images", inputs / "images", "--output", output, "--arch", "small",
+            "--num-workers", "1", "--max-steps", "1"]
+    proc, _ = run_job("train", args)
+    assert_user_error(proc, "--output", str(output), "is a file" if where == "a file" else "")
+    assert "ray:" not in proc.stdout + proc.stderr  # no Ray started
+    assert files_under(tmp_path) == ([output] if where == "a file" else [])
+
+
 @pytest.mark.parametrize("which", ["--checkpoint", "--input", "--output"])
 def test_s3_wrong_credentials(which, checking_s3_server, inputs, tmp_path):
     uri = {"--checkpoint": "s3://bucket/model.pt", "--input": "s3://bucket/images", "--output": "s3://bucket/labels"}[which]

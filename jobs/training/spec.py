@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.common import JobError
+from jobs.common import JobError, check_output_writable
 from jobs.training.inputs import check_dataset, resolve_model
 from maskrcnn.engine import default_lr, default_warmup_steps, milestone_steps
 
@@ -107,6 +107,8 @@ def plan_run(args: argparse.Namespace, storage_options: dict | None) -> TrainPla
     if args.weights is None and model_config["backbone"]["norm"] == "frozen_bn":
         print(f"warning: training a {model_config['backbone']['name']} trunk with frozen BatchNorm from random weights; "
               "start from --weights (e.g. torchvision's COCO checkpoint) for useful results", file=sys.stderr)
+
+    check_output_writable(args.output, storage_options, RUN_NAME)  # the inputs are right: the output is made
 
     per_epoch = steps_per_epoch(len(train_set), args.num_workers, args.batch_size)
     total_steps = args.max_steps or per_epoch * (args.epochs or 12)
