@@ -33,7 +33,8 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 class AtomicOutput:
     """A text file that appears at ``uri`` whole when the ``with`` block ends without an error,
     else not at all: written to a temporary file (locally beside ``uri``, then renamed; for an
-    object store in the local temp folder, then uploaded in one put)."""
+    object store in the local temp folder, then uploaded in one put). Entering it fails, as a
+    JobError naming the option, where ``uri`` cannot be written: enter it before the work."""
 
     def __init__(self, uri: str, storage_options: dict | None, option: str = "--output"):
         self.uri, self.storage_options, self.option = uri, storage_options, option
@@ -51,7 +52,11 @@ class AtomicOutput:
                 parent = os.path.dirname(os.path.abspath(self.path))
                 os.makedirs(parent, exist_ok=True)
                 self.temporary = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(self.path)}")
-            else:
+            else:  # a file put beside it and removed: no credentials or bucket fails at the start, not after the work
+                probe = f"{self.path.rsplit('/', 1)[0]}/.write-probe-{uuid.uuid4().hex}"
+                with self.fs.open(probe, "wb") as f:
+                    f.write(b"probe")
+                self.fs.rm(probe)
                 handle, self.temporary = tempfile.mkstemp(suffix=".json")
                 os.close(handle)
             self.file = open(self.temporary, "w", encoding="utf-8")

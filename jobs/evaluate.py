@@ -17,6 +17,7 @@ torchvision: the class index is the category id (then ``--arch`` names its archi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from jobs.atomic import AtomicOutput
 from jobs.common import JobError, run_main
 from jobs.options import add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, parse_storage_options
 
@@ -174,9 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # an unknown --arch preset
         raise JobError(str(exc)) from None
     tta = check_tta(args.tta, loaded.model)
-    from maskrcnn.evaluation import evaluate_model
-
     class_map = class_map_for(loaded.label_map, {c["id"] for c in dataset.categories}, args.checkpoint, args.annotations)
+
+    with contextlib.ExitStack() as stack:  # an --output that cannot be written fails here, before the evaluation
+        out = stack.enter_context(AtomicOutput(output_json_uri(args.output), storage_options)) if args.output else None
+        report = _evaluate(args, loaded, dataset, device, class_map, tta)
+        if out is not None:
+            json.dump(report, out, indent=2)
+    if args.output:
+        print(f"wrote {output_json_uri(args.output)}")
+    sys.stdout.flush()
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, loaded, dataset, device, class_map, tta: str) -> dict:
+    """The evaluation of ``main``, its AP table printed; returns the report --output holds."""
+    from maskrcnn.evaluation import evaluate_model
 
     started = time.perf_counter()
     # the fast path unless --reference-path: what jobs.label runs, so the AP is that of its labels
@@ -212,15 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"({metrics['num_images']} images, {metrics['num_detections']} detections, {seconds:.1f} s on {device}"
         + (f", --tta {tta}" if tta else "") + ")"
     )
-    if args.output:
-        from maskrcnn.storage import open_uri
-
-        uri = output_json_uri(args.output)
-        with open_uri(uri, "w", storage_options) as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {uri}")
-    sys.stdout.flush()
-    return 0
+    return report
 
 
 if __name__ == "__main__":

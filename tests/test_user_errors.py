@@ -253,6 +253,19 @@ def test_train_output_that_cannot_take_the_run_stops_before_training(where, s3_s
     assert files_under(tmp_path) == ([output] if where == "a file" else [])
 
 
+@pytest.mark.parametrize("where", ["under a file", "a bucket that does not exist"])
+def test_evaluate_output_that_cannot_be_written_stops_before_evaluating(where, s3_server, inputs, tmp_path):
+    """jobs.evaluate's --output is written at the end: one it cannot write is named in one line
+    before the evaluation runs (which on COCO takes minutes), not in a traceback after it."""
+    (tmp_path / "taken").write_text("a file")
+    output = str(tmp_path / "taken" / "eval.json") if where == "under a file" else "s3://no-such-bucket/eval.json"
+    args = ["--checkpoint", inputs / "model.pt", "--annotations", inputs / "coco.json", "--images", inputs / "images", "--output", output]
+    proc, _ = run_job("evaluate", args)
+    assert_user_error(proc, "--output", output)
+    assert "mask AP" not in proc.stdout  # not evaluated
+    assert files_under(tmp_path) == [tmp_path / "taken"]
+
+
 @pytest.mark.parametrize("which", ["--checkpoint", "--input", "--output"])
 def test_s3_wrong_credentials(which, checking_s3_server, inputs, tmp_path):
     uri = {"--checkpoint": "s3://bucket/model.pt", "--input": "s3://bucket/images", "--output": "s3://bucket/labels"}[which]
