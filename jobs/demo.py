@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from jobs.common import JobError, run_main
+
 
 def _run(step: str, argv: list[str]) -> None:
     command = [sys.executable, "-m", *argv]
@@ -38,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=48, help="sample training images (default 48)")
     parser.add_argument("--val-images", type=int, default=16, help="held-out sample images (default 16)")
     args = parser.parse_args(argv)
+    for name in ("steps", "train_images", "val_images"):
+        if getattr(args, name) < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
     out = os.path.abspath(args.output)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise JobError(f"--output {args.output} is a file; give a folder")
     data, run, labels, report = (os.path.join(out, p) for p in ("data", "train", "labels", "eval.json"))
     # The demo starts over: a previous demo's run (another code version, other settings) would
     # otherwise be resumed, or refused by jobs.train as another model config.
@@ -76,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

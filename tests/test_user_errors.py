@@ -325,6 +325,24 @@ def test_export_to_an_unwritable_output_writes_nothing(tmp_path):
     assert (tmp_path / "a-file").read_text() == "x"
 
 
+# -- jobs.demo -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, needle", [(["--steps", "0"], "--steps must be at least 1"),
+                                          (["--val-images", "-1"], "--val-images must be at least 1"),
+                                          (["--output", "{file}"], "is a file")])
+def test_demo_options_out_of_range_stop_it_before_any_step(args, needle, tmp_path):
+    """The demo's own options, named as the user gave them (not as the jobs it runs name theirs),
+    before it makes any data."""
+    (tmp_path / "taken").write_text("a file")
+    args = [a.format(file=tmp_path / "taken") for a in args]
+    output = [] if "--output" in args else ["--output", str(tmp_path / "demo")]
+    proc, _ = run_job("demo", [*args, *output])
+    assert_user_error(proc, needle)
+    assert "==" not in proc.stdout  # no step began
+    assert files_under(tmp_path) == [tmp_path / "taken"]
+
+
 # -- make clean ------------------------------------------------------------------------------------
 
 
