@@ -174,6 +174,8 @@ def export(
     listed before, left out)."""
     if fmt not in ("results", "annotations"):
         raise JobError(f"--format must be 'results' or 'annotations', got {fmt!r}")
+    if not 0.0 <= min_score <= 1.0:  # scores are probabilities: above 1 every detection would be left out
+        raise JobError(f"--min-score must be in [0, 1], got {min_score:g}")
     list_parts(label_output, storage_options)  # a bad --input fails before any output exists
     if images_root is None:
         images_root = _default_images_root(label_output, storage_options)

@@ -306,7 +306,8 @@ def test_export_of_something_else_writes_nothing(tmp_path):
         assert files_under(out) == []
 
 
-def test_export_to_an_unwritable_output_writes_nothing(tmp_path):
+def _one_row_labels(tmp_path: Path) -> Path:
+    """A jobs.label output of one part file, one image without detections."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -317,12 +318,26 @@ def test_export_to_an_unwritable_output_writes_nothing(tmp_path):
     labels.mkdir()
     row = {"image_uri": "/images/a.png", "width": 8, "height": 6, "instances": [], "error": None, "model": "sha256:x"}
     pq.write_table(pa.Table.from_pylist([row], schema=OUTPUT_SCHEMA), labels / part_name(0))
+    return labels
+
+
+def test_export_to_an_unwritable_output_writes_nothing(tmp_path):
+    labels = _one_row_labels(tmp_path)
     (tmp_path / "a-file").write_text("x")
     for output in (tmp_path / "a-file" / "results.json", tmp_path):  # under a file; a folder
         proc, _ = run_job("export_coco", ["--input", labels, "--output", output])
         assert_user_error(proc, "--output", str(output))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "labels"]
     assert (tmp_path / "a-file").read_text() == "x"
+
+
+@pytest.mark.parametrize("score", ["2", "-0.5"])
+def test_export_min_score_outside_zero_one(score, tmp_path):
+    """Above 1 every detection would be left out, silently."""
+    labels = _one_row_labels(tmp_path)
+    proc, _ = run_job("export_coco", ["--input", labels, "--output", tmp_path / "out.json", "--min-score", score])
+    assert_user_error(proc, "--min-score", "[0, 1]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels"]
 
 
 # -- jobs.demo -------------------------------------------------------------------------------------
