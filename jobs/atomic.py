@@ -1,4 +1,5 @@
-"""Writes that readers see whole or not at all, on a local disk or an object store."""
+"""Writes that readers see whole or not at all, on a local disk or an object store, and the
+check, before any work, that an output takes them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,41 @@ import fsspec
 
 from jobs.common import JobError
 from maskrcnn.storage import explain_storage_error, filesystem, is_local
+
+
+def probe_write(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """Puts a small file in ``folder`` and removes it: an unwritable place (no bucket, no
+    credentials, a file in the way) raises here, before the work that would write there."""
+    path = f"{folder.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
+    with fs.open(path, "wb") as f:
+        f.write(b"probe")
+    fs.rm(path)
+
+
+def check_output_writable(output_uri: str, storage_options: dict | None, probe_dir: str) -> None:
+    """Raises JobError unless the folder or prefix --output ``output_uri`` (with
+    ``storage_options``) takes a file: one is written in it (in its folder ``probe_dir``, or
+    at its top with "") and removed, with the local folders made for it.
+    Before any work, so that a run does not fail at its first write."""
+    try:
+        fs, root = filesystem(output_uri, storage_options)
+        folder = "/".join(part for part in (root.rstrip("/"), probe_dir) if part)
+        if fs.exists(root) and fs.isfile(root):
+            raise JobError(f"--output {output_uri} is a file; give a folder or prefix")
+        made = []  # the local folders the probe needs that do not exist, deepest first: removed after it
+        if is_local(fs):
+            missing = folder
+            while not os.path.exists(missing):
+                made.append(missing)
+                missing = os.path.dirname(missing)
+            fs.makedirs(folder, exist_ok=True)
+        probe_write(fs, folder)
+        for made_folder in made:
+            os.rmdir(made_folder)
+    except JobError:
+        raise
+    except Exception as exc:
+        raise JobError(f"cannot write to --output {output_uri}: {explain_storage_error(exc)}") from None
 
 
 def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -52,11 +88,8 @@ class AtomicOutput:
                 parent = os.path.dirname(os.path.abspath(self.path))
                 os.makedirs(parent, exist_ok=True)
                 self.temporary = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(self.path)}")
-            else:  # a file put beside it and removed: no credentials or bucket fails at the start, not after the work
-                probe = f"{self.path.rsplit('/', 1)[0]}/.write-probe-{uuid.uuid4().hex}"
-                with self.fs.open(probe, "wb") as f:
-                    f.write(b"probe")
-                self.fs.rm(probe)
+            else:  # no credentials or bucket fails at the start, not after the work
+                probe_write(self.fs, self.path.rsplit("/", 1)[0])
                 handle, self.temporary = tempfile.mkstemp(suffix=".json")
                 os.close(handle)
             self.file = open(self.temporary, "w", encoding="utf-8")

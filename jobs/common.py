@@ -23,40 +23,6 @@ class JobError(Exception):
     """A problem with the job's input or environment, reported to the user without a traceback."""
 
 
-def check_output_writable(output_uri: str, storage_options: dict | None, probe_dir: str) -> None:
-    """Raises JobError unless the folder or prefix --output ``output_uri`` (with
-    ``storage_options``) takes a file: one is written in it (in its folder ``probe_dir``, or
-    at its top with "") and removed, with the local folders made for it.
-    Before any work, so that a run does not fail at its first write."""
-    import uuid
-
-    from maskrcnn.storage import filesystem, is_local
-
-    try:
-        fs, root = filesystem(output_uri, storage_options)
-        path = "/".join(part for part in (root.rstrip("/"), probe_dir, f".write-probe-{uuid.uuid4().hex}") if part)
-        if fs.exists(root) and fs.isfile(root):
-            raise JobError(f"--output {output_uri} is a file; give a folder or prefix")
-        made = []  # the local folders the probe needs that do not exist, deepest first: removed after it
-        if is_local(fs):
-            folder = os.path.dirname(path)
-            while not os.path.exists(folder):
-                made.append(folder)
-                folder = os.path.dirname(folder)
-            fs.makedirs(os.path.dirname(path), exist_ok=True)
-        with fs.open(path, "wb") as f:
-            f.write(b"probe")
-        fs.rm(path)
-        for folder in made:
-            os.rmdir(folder)
-    except JobError:
-        raise
-    except Exception as exc:
-        from maskrcnn.storage import explain_storage_error
-
-        raise JobError(f"cannot write to --output {output_uri}: {explain_storage_error(exc)}") from None
-
-
 def add_wait_for_gpus(parser) -> None:
     parser.add_argument(
         "--wait-for-gpus",

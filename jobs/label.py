@@ -16,7 +16,8 @@ import argparse
 import sys
 import uuid
 
-from jobs.common import JobError, check_output_writable, init_ray, run_main, shutdown_ray
+from jobs.atomic import check_output_writable
+from jobs.common import JobError, init_ray, run_main, shutdown_ray
 from jobs.options import check_tta, parse_storage_options
 from jobs.labeling.lease import Lease
 from jobs.labeling.options import build_parser, check_args

@@ -36,7 +36,8 @@ import shlex
 import sys
 import time
 
-from jobs.common import JobError, check_output_writable, run_main, shutdown_ray
+from jobs.atomic import check_output_writable
+from jobs.common import JobError, run_main, shutdown_ray
 from jobs.options import parse_storage_options
 from jobs.selftraining.options import build_parser, parse_args, resolve_thresholds, settings_of, shown, train_argv
 from jobs.selftraining.state import REPORT_FILE, Layout, State, read_json_or_none

@@ -10,7 +10,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.common import JobError, check_output_writable
+from jobs.atomic import check_output_writable
+from jobs.common import JobError
 from jobs.training.inputs import check_dataset, resolve_model
 from maskrcnn.engine import default_lr, default_warmup_steps, milestone_steps
 
