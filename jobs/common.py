@@ -62,7 +62,12 @@ def ask_autoscaler(ray, resource: str, needed: float, bundles: list[dict], secon
     """The cluster's resources once they hold ``needed`` of ``resource`` ("GPU", "CPU"), else
     after ``seconds``: says ``note``, asks the autoscaler for ``bundles`` (what the job needs in
     all; ``ray.autoscaler.sdk.request_resources``), polls each second, and withdraws the request
-    either way (the job's own use keeps the nodes up). The caller checks what came."""
+    either way (the job's own use keeps the nodes up). The caller checks what came.
+
+    The request is sent again at each poll: the autoscaler holds one request for the whole
+    cluster, and whoever asks last replaces it. Ray Data's AutoscalingCoordinator (a detached
+    actor that any Ray Data job leaves on the cluster) sends its own merged requests every 20 s,
+    often none, which would otherwise withdraw ours for the rest of the wait."""
     from ray.autoscaler.sdk import request_resources
 
     print(note, flush=True)
@@ -77,6 +82,7 @@ def ask_autoscaler(ray, resource: str, needed: float, bundles: list[dict], secon
             if resources.get(resource, 0) >= needed - 1e-9:
                 print(f"the Ray cluster has {resources[resource]:g} {resource}s after {time.monotonic() - started:.0f} s", flush=True)
                 return resources
+            request_resources(bundles=bundles)
             if time.monotonic() - last_report >= 30:
                 last_report = time.monotonic()
                 print(

@@ -218,8 +218,11 @@ def test_bad_arguments_stop_before_any_work(tmp_path, checkpoint, capsys):
 
 
 def test_wait_for_gpus_asks_the_autoscaler_then_gives_up_naming_the_option(tmp_path, checkpoint, ray_local, capsys):
-    """On this CPU-only Ray, a job that asks for GPUs with --wait-for-gpus 2 requests them from the
-    autoscaler, waits 2 s, withdraws the request and stops with a reason that names the option."""
+    """On this CPU-only Ray, a job that asks for GPUs with --wait-for-gpus 3 requests them from the
+    autoscaler, waits 3 s, withdraws the request and stops with a reason that names the option.
+    Its request is replaced once during the wait, as Ray Data's AutoscalingCoordinator (left on
+    the cluster by any Ray Data job) replaces it every 20 s: the job must ask again."""
+    from ray.autoscaler.sdk import request_resources
     from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
     from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
@@ -244,11 +247,15 @@ def test_wait_for_gpus_asks_the_autoscaler_then_gives_up_naming_the_option(tmp_p
     }
     for extra, (needs, bundles) in cases.items():
         seen: list = []
+        replaced_at: list = []  # len(seen) when the request was replaced
         done = threading.Event()
 
-        def watch() -> None:
+        def watch(seen=seen, replaced_at=replaced_at, done=done) -> None:
             while not done.is_set():
                 seen.append(asked())
+                if seen[-1] == bundles and not replaced_at:
+                    request_resources(bundles=[])  # what the coordinator's tick sends when it has no requests
+                    replaced_at.append(len(seen))
                 time.sleep(0.1)
 
         watcher = threading.Thread(target=watch, daemon=True)
@@ -258,7 +265,7 @@ def test_wait_for_gpus_asks_the_autoscaler_then_gives_up_naming_the_option(tmp_p
             with pytest.raises(SystemExit) as exit_info:
                 run_main(
                     label_main,
-                    ["--input", str(images), "--output", str(tmp_path / "out"), "--checkpoint", checkpoint, *extra, "--wait-for-gpus", "2"],
+                    ["--input", str(images), "--output", str(tmp_path / "out"), "--checkpoint", checkpoint, *extra, "--wait-for-gpus", "3"],
                 )
         finally:
             elapsed = time.monotonic() - started
@@ -266,10 +273,11 @@ def test_wait_for_gpus_asks_the_autoscaler_then_gives_up_naming_the_option(tmp_p
             watcher.join(5)
         captured = capsys.readouterr()
         assert exit_info.value.code == 2, captured
-        assert f"error: {needs}, but the Ray cluster has 0 after --wait-for-gpus 2 s" in captured.err, captured.err
-        assert "waiting up to 2 s (--wait-for-gpus)" in captured.out, captured.out
-        assert 2 <= elapsed < 60, elapsed
-        assert bundles in seen, (len(seen), sorted({json.dumps(s) for s in seen}))  # every distinct request seen
+        assert f"error: {needs}, but the Ray cluster has 0 after --wait-for-gpus 3 s" in captured.err, captured.err
+        assert "waiting up to 3 s (--wait-for-gpus)" in captured.out, captured.out
+        assert 3 <= elapsed < 60, elapsed
+        assert replaced_at, ("the request was never seen", len(seen), sorted({json.dumps(s) for s in seen}))
+        assert bundles in seen[replaced_at[0]:], ("not asked again after being replaced", seen[replaced_at[0]:])
         assert asked() == [], "the request must be withdrawn when the wait ends"
     assert not list((tmp_path / "out").glob("part-*")), "no work may have been done"
 
