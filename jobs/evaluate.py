@@ -27,7 +27,8 @@ import torch
 
 from jobs.atomic import AtomicOutput
 from jobs.common import JobError, run_main
-from jobs.options import add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, parse_storage_options
+from jobs.options import (add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, parse_storage_options,
+                          warn_slow_cpu_precision)
 
 __all__ = ["main", "build_parser", "class_map_for"]
 
@@ -193,6 +194,7 @@ def _evaluate(args: argparse.Namespace, loaded, dataset, device, class_map, tta:
     """The evaluation of ``main``, its AP table printed; returns the report --output holds."""
     from maskrcnn.evaluation import evaluate_model
 
+    warn_slow_cpu_precision(args.precision, on_cpu=device.type == "cpu")
     started = time.perf_counter()
     # the fast path unless --reference-path: what jobs.label runs, so the AP is that of its labels
     metrics = evaluate_model(

@@ -18,7 +18,7 @@ import uuid
 
 from jobs.atomic import check_output_writable
 from jobs.common import JobError, init_ray, run_main, shutdown_ray
-from jobs.options import check_tta, parse_storage_options
+from jobs.options import check_tta, parse_storage_options, warn_slow_cpu_precision
 from jobs.labeling.lease import Lease
 from jobs.labeling.options import build_parser, check_args
 from jobs.labeling.plan import PLAN_DIR, plan_for_run, read_plan
@@ -159,6 +159,7 @@ def _label(args, storage_options, loaded, config, load_kwargs, settings_fingerpr
         f"{settings.batches_in_flight} batch(es) in flight per actor",
         flush=True,
     )
+    warn_slow_cpu_precision(args.precision, on_cpu=gpus_per_actor == 0)
     try:
         totals = run_pipeline(plan, pending, settings)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (jobs.common.run_main): stop, then count what is committed

@@ -5,7 +5,9 @@ A seeded training step's five losses and a seeded inference's detections, for ``
 ``maskrcnn/`` must leave them as they are; a change on purpose updates them in its own commit and
 says why. Tolerances are float rounding across thread counts and CPUs (measured: losses within
 4e-4 relative, scores within 3e-5 between 1 and 2 threads), far below what a changed computation
-moves.
+moves. One loss is looser: r50_fpn's classifier loss, whose random-init box head gives large
+logits that amplify rounding (pinned on an AVX512 CPU; on an AVX2 one, with the same RoIs and
+every other loss within 1e-6, it was 0.850409 on 1 thread and 0.850735 on 2: 1.8e-3 relative).
 """
 
 import pytest
@@ -22,6 +24,7 @@ EXPECTED_LOSSES = {
     "r50_fpn": {"loss_objectness": 0.745987, "loss_rpn_box_reg": 0.028992, "loss_classifier": 0.851907,
                 "loss_box_reg": 0.212995, "loss_mask": 9.74693},
 }
+LOSS_TOLERANCE = {("r50_fpn", "loss_classifier"): 5e-3}  # relative; 1e-3 for the others
 
 # per image: detections, the 8 best scores, their labels, the sum of their boxes, their mask pixels
 EXPECTED_DETECTIONS = {
@@ -63,7 +66,7 @@ def test_a_seeded_training_step_gives_the_pinned_losses(preset):
     losses = model(images, targets)
     assert set(losses) == set(EXPECTED_LOSSES[preset])
     for name, expected in EXPECTED_LOSSES[preset].items():
-        assert float(losses[name].detach()) == pytest.approx(expected, rel=1e-3, abs=1e-5), name
+        assert float(losses[name].detach()) == pytest.approx(expected, rel=LOSS_TOLERANCE.get((preset, name), 1e-3), abs=1e-5), name
 
 
 @pytest.mark.parametrize("preset", ["small", "r50_fpn"])
