@@ -284,9 +284,16 @@ def _check_job_rows(reference, images, uris, rows, min_confident):
         confident += int((exp["scores"] >= 0.3).sum())
         masks = torch.from_numpy(decode_masks([instances[j]["mask"] for _, j in pairs], *image.shape[-2:])).bool()
         for (i, _), mask in zip(pairs, masks):
-            ious.append(_mask_iou(mask[None], (exp["masks"][i, 0] >= 0.5)[None]).item())
+            ious.append((float(exp["scores"][i]), _mask_iou(mask[None], (exp["masks"][i, 0] >= 0.5)[None]).item()))
     assert confident >= min_confident, "the reference weights must give confident detections, or the test proves little"
-    assert min(ious) >= 0.8 and sorted(ious)[len(ious) // 2] >= 0.99, sorted(ious)[:5]
+    # Every confident twin's mask agrees (pasting truncates a box to whole pixels, so a mask may
+    # move by a pixel), and most masks are the same. A weak detection's mask can be uncertain
+    # throughout: on an AVX2 CPU one of score 0.09 had 1292 of its 2794 pixels within 0.05 of the
+    # 0.5 threshold, and rounding flipped enough of them for an IoU of 0.79.
+    confident_ious = sorted(iou for score, iou in ious if score >= 0.3)
+    assert len(confident_ious) >= min_confident and confident_ious[0] >= 0.8, confident_ious[:5]
+    all_ious = sorted(iou for _, iou in ious)
+    assert all_ious[len(all_ious) // 2] >= 0.99, all_ious[:5]
 
 
 def test_an_images_labels_do_not_depend_on_its_batch(labelled):
