@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 
 from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray, wait_for_gpus
+from jobs.options import warn_slow_cpu_precision
 from jobs.training.metrics import log, summarize_run
 from jobs.training.spec import MODEL_FILE, RUN_NAME, Hidden, TrainPlan
 from jobs.training.worker import train_loop_per_worker
@@ -70,6 +71,7 @@ def check_cluster(ray, args: argparse.Namespace) -> None:
     """Raises JobError when the cluster of ``ray`` cannot give ``args.num_workers`` workers
     their CPUs or GPUs (after --wait-for-gpus), and with --ingest ray-data their loader actors
     their CPUs; warns when an autoscaler must add them first."""
+    warn_slow_cpu_precision(args.precision, on_cpu=not args.use_gpu)
     loaders = args.num_workers * args.loader_workers if args.ingest == "ray-data" else 0
     if args.use_gpu:
         resources = _check_gpus(ray, args)
