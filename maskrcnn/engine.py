@@ -114,9 +114,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def cpu_runs_bf16() -> bool:
-    """Whether torch runs bf16 convolutions on this CPU with oneDNN's bf16 kernels (AVX512 with
-    BF16 or AMX); elsewhere (AVX2) it falls back to slower generic code: ``small``'s inference
-    took 3.3x fp32's time on a 2-core AMD EPYC without AVX512, with other rounding."""
+    """Whether torch runs bf16 convolutions on this CPU with oneDNN's bf16 kernels (torch asks for
+    AVX512 BW/VL/DQ; AVX512-BF16 and AMX speed them up); elsewhere (AVX2) it falls back to slower
+    generic code: ``small``'s inference took 3.3x fp32's time on a 2-core AMD EPYC without
+    AVX512, with other rounding."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch built without oneDNN
