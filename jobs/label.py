@@ -23,7 +23,6 @@ from jobs.labeling.lease import Lease
 from jobs.labeling.options import build_parser, check_args
 from jobs.labeling.plan import PLAN_DIR, plan_for_run, read_plan
 from jobs.labeling.resources import actor_resources, threads_note
-from jobs.labeling.shards import PIECES_DIR, PREVIEW_DIR, finished_shards
 
 
 def _name_option(message: str) -> str:
@@ -99,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _label(args, storage_options, loaded, config, load_kwargs, settings_fingerprint, run_id: str, lease: Lease) -> int:
     """Plan, label the pending shards, report: the run, holding the output's lease."""
+    from jobs.labeling.shards import PIECES_DIR, finished_shards  # Ray Data: imported once the arguments hold
+
     earlier = read_plan(args.output, storage_options)
     tta = settings_fingerprint.get("tta", "")
     if earlier is not None and earlier.settings.get("tta", "") != tta:  # a plan records --tta only when it was on
@@ -193,6 +194,7 @@ def _label(args, storage_options, loaded, config, load_kwargs, settings_fingerpr
 def _write_preview(args, storage_options) -> None:
     if args.preview:
         from jobs.labeling.preview import write_previews
+        from jobs.labeling.shards import PREVIEW_DIR
 
         written = write_previews(args.output, args.preview, storage_options, min_score=args.preview_min_score)
         print(

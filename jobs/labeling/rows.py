@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import torch
-from torchvision.ops import box_convert
-
-from maskrcnn.inference import Detections
 
 MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 KEYPOINTS_TYPE = pa.list_(pa.list_(pa.float32(), 3))
@@ -105,10 +101,12 @@ def rows_table(table: pa.Table, *, label_map: dict[int, dict], model_hash: str) 
     """Detections (``predict.DETECTION_SCHEMA``) -> rows of ``PIECE_SCHEMA``: boxes as COCO xywh,
     class indices as categories (``label_map``: class index -> {"id", "name"}; an index it lacks
     is "class K", id K), masks (crops or runs) as COCO RLE in the image (``Detections.mask_rles``)."""
+    from maskrcnn.inference import Detections  # torch: imported where rows are made, not by readers of the schema
+
     per_row = list_lengths(table.column("scores"))
     total = int(per_row.sum())
     boxes = flat(table.column("boxes"), np.float32).reshape(total, 4)
-    xywh = box_convert(torch.from_numpy(boxes), "xyxy", "xywh").numpy()
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
     labels = flat(table.column("labels"), np.int64)
     categories = {int(k): label_map.get(int(k)) or {"id": int(k), "name": f"class {int(k)}"} for k in np.unique(labels)}
     has_masks = table.column("mask_extents").null_count < table.num_rows or total == 0
