@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.labeling.inputs import check_output_apart
 
     check_output_apart(args.input, args.output, storage_options)
+    check_output_writable(args.output, storage_options, PLAN_DIR)  # before reading the checkpoint, which may be large
     loaded, config, load_kwargs = load_model_for_labeling(args, storage_options)
     tta = check_tta(args.tta, loaded.model)
-    check_output_writable(args.output, storage_options, PLAN_DIR)
     settings_fingerprint = {
         "model": loaded.model_hash,
         "min_size": config.input.min_size,

@@ -72,6 +72,8 @@ def add_tta_option(group, what: str = "the views' detections are merged") -> Non
 def check_tta(spec: str | None, model=None) -> str:
     """--tta in canonical form ("" when off); a JobError naming it when the spec is wrong, or when
     ``model`` (given once loaded) cannot run it."""
+    if spec is None:  # off: no need to import the model's code (torch) to say so
+        return ""
     from maskrcnn.tta import check_model, parse_tta
 
     try:

@@ -172,26 +172,37 @@ def test_a_stale_ray_start_record_is_warned_about_and_skipped(tmp_path, checkpoi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
-def test_an_interrupted_job_says_how_far_it_got_and_resumes(tmp_path, checkpoint, many_images, ray_tmpdir, ray_local, capsys, sig, code):
+def test_an_interrupted_job_says_how_far_it_got_and_resumes(tmp_path, checkpoint, many_images, ray_local, capsys):
+    """Ctrl-C, then SIGTERM to the rerun, then a rerun to the end (one output: each job start
+    costs a Ray start-up): each interrupted job stops within a minute with its exit status (130,
+    143) and one line saying how many shards are committed, takes its private Ray with it, and
+    the next run labels only the rest; in the end each image is labelled once."""
     output = tmp_path / "out"
     args = _label_args(many_images, output, checkpoint, "--shard-size", "2", "--batch-size", "1")
-    job = Job("jobs.label", args, environ=_env(ray_tmpdir))
-    assert job.wait_for(lambda: local_parts(str(output)), 240), job.output[-3000:]
-    job.process.send_signal(sig)
-    sent = time.monotonic()
-    assert job.wait(120) == code, job.output[-3000:]
-    assert time.monotonic() - sent < 60
-    committed = len(local_parts(str(output)))
-    assert 1 <= committed < 30, job.output[-3000:]
-    assert f"interrupted: {committed} of 30 shards committed; run the same command again to resume" in job.lines, job.output[-3000:]
-    assert "Traceback" not in job.output, job.output[-5000:]
-    # its private Ray went with it
-    deadline = time.monotonic() + 30
-    while _processes_under(ray_tmpdir) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _processes_under(ray_tmpdir)
+    committed = 0
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        ray_tmpdir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+        try:
+            job = Job("jobs.label", args, environ=_env(ray_tmpdir))
+            assert job.wait_for(lambda: len(local_parts(str(output))) > committed, 240), job.output[-3000:]
+            job.process.send_signal(sig)
+            sent = time.monotonic()
+            assert job.wait(120) == code, (sig, job.output[-3000:])
+            assert time.monotonic() - sent < 60, sig
+            before, committed = committed, len(local_parts(str(output)))
+            assert before < committed < 30, (sig, job.output[-3000:])
+            assert f"interrupted: {committed} of 30 shards committed; run the same command again to resume" in job.lines, job.output[-3000:]
+            assert "Traceback" not in job.output, job.output[-5000:]
+            if before:  # the rerun labelled only the shards not yet committed
+                assert f"labelling {30 - before} of 30 shards" in job.output, job.output[-3000:]
+            # its private Ray went with it
+            deadline = time.monotonic() + 30
+            while _processes_under(ray_tmpdir) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not _processes_under(ray_tmpdir), sig
+        finally:
+            shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
-    assert label_main(args) == 0  # the rerun (in this process, on the session's Ray)
+    assert label_main(args) == 0  # the last rerun (in this process, on the session's Ray)
     assert f"{30 - committed} labelled this run, {committed} already done" in capsys.readouterr().out
     _assert_each_image_once(output, many_images)
