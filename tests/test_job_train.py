@@ -367,6 +367,34 @@ def test_ray_data_ingestion_needs_its_loaders_and_their_cpus(shapes, tmp_path, r
     assert not (tmp_path / "run").exists()
 
 
+def test_loader_workers_default_to_four_at_most_the_cpus_of_the_worker(shapes, tmp_path, ray_local, monkeypatch):
+    """By default a worker reads with 4 DataLoader processes, at most the CPUs its process may run
+    on: torch's DataLoader then has no warning that they may run slow or freeze (on a 2-CPU
+    machine 4 gave it, once per worker). A given --loader-workers is kept; with --ingest ray-data
+    the default is 4 actors a worker, which the driver counts."""
+    import types
+    import warnings
+
+    from jobs.training.worker import dataloader_processes
+
+    cpus = len(os.sched_getaffinity(0))
+    default = dataloader_processes(types.SimpleNamespace(loader_workers=None))
+    assert default == min(4, cpus)
+    assert dataloader_processes(types.SimpleNamespace(loader_workers=7)) == 7
+    assert build_parser().parse_args(["--annotations", "a", "--images", "i", "--output", "o"]).loader_workers is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns (UserWarning) when the processes outnumber the CPUs
+        assert sorted(torch.utils.data.DataLoader(range(8), num_workers=default, batch_size=None)) == list(range(8))
+
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ann, images = shapes["train"]
+    base = ["--annotations", ann, "--images", images, "--output", str(tmp_path / "run"), "--arch", "small", "--ingest", "ray-data"]
+    workers = int(ray_local.cluster_resources()["CPU"]) // 5 + 1  # 1 + 4 CPUs each: more than the local Ray has
+    with pytest.raises(JobError, match=rf"^--num-workers {workers} x --cpus-per-worker 1 CPUs plus {workers} x --loader-workers 4 CPUs"):
+        main([*base, "--num-workers", str(workers)])
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_rejects_bad_input(shapes, tmp_path):
     from jobs.evaluate import main as evaluate_main
     from maskrcnn.checkpoint import save_checkpoint

@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--use-gpu", action="store_true", help="train on GPUs; labeling takes the cluster's GPUs by itself")
     cluster.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="F", help="CPUs Ray reserves for each training worker")
     cluster.add_argument(
-        "--loader-workers", type=int, default=4, metavar="N",
-        help="processes per training worker that read and decode images (jobs.train's --loader-workers)",
+        "--loader-workers", type=int, default=None, metavar="N",
+        help="processes per training worker that read and decode images (jobs.train's --loader-workers; default: its default)",
     )
     cluster.add_argument(
         "--ingest", choices=("dataloader", "ray-data"), default="dataloader",

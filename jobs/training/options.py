@@ -7,7 +7,7 @@ import argparse
 
 from jobs.common import HelpFormatter, JobError, add_ray_options, add_wait_for_gpus
 from jobs.options import add_precision_options, add_size_options, add_storage_options
-from jobs.training.spec import MAX_EPOCH_END_EVALS
+from jobs.training.spec import DEFAULT_LOADER_WORKERS, MAX_EPOCH_END_EVALS
 from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM
 
 
@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_size_options(data, "the preset's or the --weights checkpoint's")
     data.add_argument("--flip-prob", type=float, default=0.5, metavar="P", help="probability of a horizontal flip of a training image")
     data.add_argument(
-        "--loader-workers", type=int, default=4, metavar="N",
-        help="processes per training worker that read and decode images: DataLoader processes on the worker's node (0: in the "
-        "worker itself), or with --ingest ray-data Ray Data actors of 1 CPU each anywhere in the cluster",
+        "--loader-workers", type=int, default=None, metavar="N",
+        help=f"processes per training worker that read and decode images: DataLoader processes on the worker's node (0: in the "
+        f"worker itself; default {DEFAULT_LOADER_WORKERS}, at most the CPUs the worker's process may run on), or with --ingest "
+        f"ray-data Ray Data actors of 1 CPU each anywhere in the cluster (default {DEFAULT_LOADER_WORKERS})",
     )
     data.add_argument(
         "--ingest", choices=("dataloader", "ray-data"), default="dataloader",
@@ -167,8 +168,10 @@ def validate_args(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     for name in ("loader_workers", "checkpoint_every", "eval_every"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise JobError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.ingest == "ray-data" and args.loader_workers is None:
+        args.loader_workers = DEFAULT_LOADER_WORKERS  # actors anywhere in the cluster: the driver counts their CPUs
     if args.ingest == "ray-data" and args.loader_workers < 1:
         raise JobError("--ingest ray-data needs --loader-workers 1 or more (the Ray Data actors that read each worker's images)")
     if args.lr is not None and not args.lr > 0:

@@ -20,6 +20,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint folder
+DEFAULT_LOADER_WORKERS = 4  # --loader-workers
 
 
 class Hidden:
@@ -57,7 +58,7 @@ class TrainPlan:
     clip_grad_norm: float | None
     seed: int
     flip_prob: float
-    loader_workers: int
+    loader_workers: int | None  # None: DEFAULT_LOADER_WORKERS, at most the CPUs of the worker (worker.dataloader_processes)
     precision: str
     checkpoint_every: int
     log_every: int

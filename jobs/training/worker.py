@@ -11,7 +11,7 @@ import time
 
 from jobs.training.metrics import Pace, ap_text, log, step_text
 from jobs.training.resume import WorkerRun, resume_or_start
-from jobs.training.spec import CHECKPOINT_FILE, MODEL_FILE, TrainPlan
+from jobs.training.spec import CHECKPOINT_FILE, DEFAULT_LOADER_WORKERS, MODEL_FILE, TrainPlan
 
 
 def shard_indices(num_items: int, world_size: int, rank: int, epoch: int, seed: int) -> list[int]:
@@ -171,9 +171,18 @@ def remaining_batches(run: WorkerRun):
     # its own generator: the worker processes' seeds drawn from it leave the step's (the samplers')
     # random numbers as they are with --loader-workers 0 or --ingest ray-data
     return torch.utils.data.DataLoader(
-        batches, batch_size=None, num_workers=plan.loader_workers, collate_fn=_as_is, pin_memory=run.device.type == "cuda",
+        batches, batch_size=None, num_workers=dataloader_processes(plan), collate_fn=_as_is, pin_memory=run.device.type == "cuda",
         generator=torch.Generator(),
     )
+
+
+def dataloader_processes(plan: TrainPlan) -> int:
+    """--loader-workers; by default DEFAULT_LOADER_WORKERS, at most the CPUs this process may run
+    on (where torch's DataLoader would warn that more may run slow or freeze)."""
+    if plan.loader_workers is not None:
+        return plan.loader_workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(DEFAULT_LOADER_WORKERS, cpus)
 
 
 def _as_is(item):
@@ -288,7 +297,8 @@ def evaluate(run: WorkerRun) -> dict:
     plan, step = run.plan, run.step
     epoch = int(step // plan.steps_per_epoch)
     started = time.perf_counter()
-    result = evaluate_model(run.bare_model, run.val_dataset, plan.eval_batch_size, run.device, loader_workers=min(plan.loader_workers, 2))
+    loaders = min(dataloader_processes(plan), 2)
+    result = evaluate_model(run.bare_model, run.val_dataset, plan.eval_batch_size, run.device, loader_workers=loaders)
     summary = {k: v for k, v in result.items() if not k.endswith("_stats")}
     run.metrics_log.add({"event": "eval", "step": step, "epoch": epoch, **result, "seconds": round(time.perf_counter() - started, 2)})
     run.metrics_log.flush()
