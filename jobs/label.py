@@ -67,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, name, absolute_uri(getattr(args, name)))
     storage_options = parse_storage_options(args.storage_options)
     # Everything that can be wrong with the arguments fails here, before any work.
-    from jobs.labeling.inputs import check_output_apart
+    from jobs.labeling.inputs import check_output_apart, input_kind
 
     check_output_apart(args.input, args.output, storage_options)
-    check_output_writable(args.output, storage_options, PLAN_DIR)  # before reading the checkpoint, which may be large
+    if not args.no_new_inputs:  # a run that only finishes its plan needs no listing of --input
+        input_kind(args.input, storage_options)
+    check_output_writable(args.output, storage_options, PLAN_DIR)  # both before reading the checkpoint, which may be large
     loaded, config, load_kwargs = load_model_for_labeling(args, storage_options)
     tta = check_tta(args.tta, loaded.model)
     settings_fingerprint = {

@@ -129,6 +129,10 @@ def test_missing_files(inputs, tmp_path):
                                    "--output", out / "eval.json"])
     assert_user_error(proc, "--checkpoint", "no.pt", "does not exist")
     assert not out.exists()
+    # jobs.label checks --input and --output before it reads the checkpoint (which may be large)
+    proc, _ = run_job("label", ["--input", tmp_path / "no_photos", "--output", out, "--checkpoint", tmp_path / "no.pt"])
+    assert_user_error(proc, "--input", "no_photos", "does not exist")
+    assert not out.exists()
 
 
 # -- manifests -------------------------------------------------------------------------------------

@@ -42,27 +42,18 @@ def iter_input_uris(input_uri: str, storage_options: dict | None = None, exclude
     output, when it lies inside the input). Raises JobError when the input does not exist.
     """
     fs, path = filesystem(input_uri, storage_options)
-    lowered = path.lower()
-    try:
-        if lowered.endswith(MANIFEST_EXTENSIONS) and fs.isfile(path):
+    kind = input_kind(input_uri, storage_options)
+    if kind == "manifest":
+        try:
             yield from _iter_manifest(fs, path, input_uri)
-            return
-        if fs.isfile(path):
-            if not is_image_name(path):
-                raise JobError(
-                    f"--input {input_uri} is a file but neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a manifest "
-                    "(.txt with one URI per line, or .parquet with an image_uri column)"
-                )
-            yield input_uri
-            return
-        if not fs.isdir(path):
-            raise JobError(f"--input {input_uri} does not exist (no such folder, prefix or manifest)")
-    except JobError:
-        raise
-    except Exception as exc:  # permission, network, credentials (botocore's errors are no OSError)
-        if isinstance(exc, FileNotFoundError):
-            raise JobError(f"--input {input_uri} does not exist") from None
-        raise JobError(f"cannot read --input {input_uri}: {explain_storage_error(exc)}") from None
+        except JobError:
+            raise
+        except Exception as exc:  # permission, network, credentials; a file that is no Parquet
+            raise JobError(f"cannot read --input {input_uri}: {explain_storage_error(exc)}") from None
+        return
+    if kind == "image":
+        yield input_uri
+        return
     exclude = None
     if exclude_uri:
         exclude_fs, exclude_path = filesystem(exclude_uri, storage_options)
@@ -75,6 +66,31 @@ def iter_input_uris(input_uri: str, storage_options: dict | None = None, exclude
             continue
         if is_image_name(found) and not (exclude and found.startswith(exclude)):
             yield _as_uri(fs, found, input_uri)
+
+
+def input_kind(input_uri: str, storage_options: dict | None = None) -> str:
+    """What --input ``input_uri`` is: "manifest", "image" or "folder" (a folder or prefix).
+    Raises JobError when it does not exist, cannot be read, or is another kind of file."""
+    fs, path = filesystem(input_uri, storage_options)
+    try:
+        if path.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(path):
+            return "manifest"
+        if fs.isfile(path):
+            if not is_image_name(path):
+                raise JobError(
+                    f"--input {input_uri} is a file but neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a manifest "
+                    "(.txt with one URI per line, or .parquet with an image_uri column)"
+                )
+            return "image"
+        if not fs.isdir(path):
+            raise JobError(f"--input {input_uri} does not exist (no such folder, prefix or manifest)")
+    except JobError:
+        raise
+    except Exception as exc:  # permission, network, credentials (botocore's errors are no OSError)
+        if isinstance(exc, FileNotFoundError):
+            raise JobError(f"--input {input_uri} does not exist") from None
+        raise JobError(f"cannot read --input {input_uri}: {explain_storage_error(exc)}") from None
+    return "folder"
 
 
 def check_output_apart(input_uri: str, output_uri: str, storage_options: dict | None = None) -> None:
