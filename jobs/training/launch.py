@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray, wait_for_gpus
+from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray, start_autoscaling_coordinator, wait_for_gpus
 from jobs.options import warn_slow_cpu_precision
 from jobs.training.metrics import log, summarize_run
 from jobs.training.spec import MODEL_FILE, RUN_NAME, Hidden, TrainPlan
@@ -33,6 +33,7 @@ def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dic
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray = init_ray(args.address)
     check_cluster(ray, args)
+    start_autoscaling_coordinator()
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
