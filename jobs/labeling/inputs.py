@@ -7,6 +7,7 @@ prefix is listed page by page, in S3's key order), a ``.txt`` manifest is read l
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import fsspec
@@ -44,12 +45,8 @@ def iter_input_uris(input_uri: str, storage_options: dict | None = None, exclude
     fs, path = filesystem(input_uri, storage_options)
     kind = input_kind(input_uri, storage_options)
     if kind == "manifest":
-        try:
+        with _input_errors(input_uri):
             yield from _iter_manifest(fs, path, input_uri)
-        except JobError:
-            raise
-        except Exception as exc:  # permission, network, credentials; a file that is no Parquet
-            raise JobError(f"cannot read --input {input_uri}: {explain_storage_error(exc)}") from None
         return
     if kind == "image":
         yield input_uri
@@ -72,7 +69,7 @@ def input_kind(input_uri: str, storage_options: dict | None = None) -> str:
     """What --input ``input_uri`` is: "manifest", "image" or "folder" (a folder or prefix).
     Raises JobError when it does not exist, cannot be read, or is another kind of file."""
     fs, path = filesystem(input_uri, storage_options)
-    try:
+    with _input_errors(input_uri):
         if path.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(path):
             return "manifest"
         if fs.isfile(path):
@@ -84,13 +81,20 @@ def input_kind(input_uri: str, storage_options: dict | None = None) -> str:
             return "image"
         if not fs.isdir(path):
             raise JobError(f"--input {input_uri} does not exist (no such folder, prefix or manifest)")
+    return "folder"
+
+
+@contextlib.contextmanager
+def _input_errors(input_uri: str) -> Iterator[None]:
+    """Storage errors while reading --input ``input_uri`` as one JobError naming it."""
+    try:
+        yield
     except JobError:
         raise
-    except Exception as exc:  # permission, network, credentials (botocore's errors are no OSError)
+    except Exception as exc:  # permission, network, credentials (botocore's errors are no OSError); a file that is no Parquet
         if isinstance(exc, FileNotFoundError):
             raise JobError(f"--input {input_uri} does not exist") from None
         raise JobError(f"cannot read --input {input_uri}: {explain_storage_error(exc)}") from None
-    return "folder"
 
 
 def check_output_apart(input_uri: str, output_uri: str, storage_options: dict | None = None) -> None:
