@@ -94,25 +94,6 @@ def ask_autoscaler(ray, resource: str, needed: float, bundles: list[dict], secon
     return resources
 
 
-def start_autoscaling_coordinator(timeout: float = 60.0) -> None:
-    """Starts Ray's AutoscalingCoordinator (the detached actor through which Ray Train's
-    controller and Ray Data ask the autoscaler for resources) and waits up to ``timeout`` s for
-    it to answer. Ray Train's controller would create it itself, but waits only 5 s for its first
-    answer: on a fresh Ray on a busy small machine the actor's process takes longer to start, and
-    the controller logs a warning with a traceback ("safe to ignore") in the job's output.
-    Without that actor in this Ray version, nothing happens."""
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import get_or_create_autoscaling_coordinator
-    except ImportError:
-        return
-    import ray
-
-    try:
-        ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote(), timeout=timeout)
-    except Exception:  # slow to start or gone: the controller's own request says so, as it did
-        pass
-
-
 def add_ray_options(parser) -> None:
     parser.add_argument(
         "--address",

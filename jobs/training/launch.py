@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray, start_autoscaling_coordinator, wait_for_gpus
+from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray, wait_for_gpus
 from jobs.options import warn_slow_cpu_precision
 from jobs.training.metrics import log, summarize_run
 from jobs.training.spec import MODEL_FILE, RUN_NAME, Hidden, TrainPlan
@@ -66,6 +66,25 @@ def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dic
     summarize_run(plan.output, storage_options)
     log(f"done in {time.perf_counter() - started:.0f} s: {join_uri(plan.output, MODEL_FILE)}")
     return 0
+
+
+def start_autoscaling_coordinator(timeout: float = 60.0) -> None:
+    """Starts Ray's AutoscalingCoordinator (the detached actor through which Ray Train's
+    controller and Ray Data ask the autoscaler for resources) and waits up to ``timeout`` s for
+    it to answer. Ray Train's controller would create it itself, but waits only 5 s for its first
+    answer: on a fresh Ray on a busy small machine the actor's process takes longer to start, and
+    the controller logs a warning with a traceback ("safe to ignore") in the job's output.
+    Without that actor in this Ray version, nothing happens."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import get_or_create_autoscaling_coordinator
+    except ImportError:
+        return
+    import ray
+
+    try:
+        ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote(), timeout=timeout)
+    except Exception:  # slow to start or gone: the controller's own request says so, as it did
+        pass
 
 
 def check_cluster(ray, args: argparse.Namespace) -> None:
