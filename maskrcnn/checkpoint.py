@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import pickle
 import re
 from dataclasses import dataclass
 
@@ -94,6 +95,25 @@ def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
         raise CheckpointError(f"checkpoint {uri} cannot be read: {explain_storage_error(exc)}") from None
 
 
+def _unreadable(uri: str, exc: Exception, empty: bool) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refused. torch's own message advises
+    ``weights_only=False``, which would let the file run code: a pickled object (``torch.save(model)``)
+    is named as such, anything else is not a PyTorch file."""
+    found = re.search(r"Unsupported (?:global: GLOBAL |class )(\S+)", str(exc))
+    if found:
+        return (f"checkpoint {uri} holds a pickled Python object ({found.group(1)}), not only tensors, and is not "
+                "unpickled, since that could run code from the file: save model.state_dict() instead of the model, "
+                "or point to a model.pt written by jobs.train")
+    if empty:
+        reason = "the file is empty"
+    elif isinstance(exc, pickle.UnpicklingError):
+        reason = "neither torch.save's zip format nor its legacy one"
+    else:
+        reason = str(exc).split(". ")[0].split("\n")[0][:120]
+    return (f"checkpoint {uri} is not a readable PyTorch file ({reason}); is it truncated or corrupt? "
+            "Re-copy it, or point to a model.pt written by jobs.train or a torchvision state dict")
+
+
 def read_checkpoint(uri: str, storage_options: dict | None = None) -> tuple[dict, str]:
     """The raw checkpoint object and its content hash (``sha256:`` + 16 hex digits)."""
     data = _read_bytes(uri, storage_options)
@@ -101,10 +121,7 @@ def read_checkpoint(uri: str, storage_options: dict | None = None) -> tuple[dict
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {uri} is not a readable PyTorch file ({type(exc).__name__}: {str(exc)[:200]}); "
-            "is it truncated or corrupt? Re-copy it, or point to a model.pt written by jobs.train"
-        ) from None
+        raise CheckpointError(_unreadable(uri, exc, not data)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {uri} holds a {type(obj).__name__}, not a checkpoint dict or a state dict")
     return obj, digest

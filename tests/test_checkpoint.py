@@ -109,6 +109,15 @@ def test_corrupt_and_missing_files(tmp_path, small_model):
         load_checkpoint(str(tmp_path / "empty.pt"))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(str(tmp_path / "nope.pt"))
+    # not a PyTorch file at all, and a whole model pickled (torch.save(model)): one line each, and
+    # never torch's advice to load with weights_only=False, which would run the file's code
+    (tmp_path / "labels.json").write_text('{"images": []}')
+    torch.save(model, tmp_path / "whole.pt")
+    for name, says in (("labels.json", r"labels\.json is not a readable PyTorch file \(neither torch\.save's zip format"),
+                       ("whole.pt", r"whole\.pt holds a pickled Python object \(maskrcnn\.modeling\..*save model\.state_dict\(\)")):
+        with pytest.raises(CheckpointError, match=says) as raised:
+            load_checkpoint(str(tmp_path / name))
+        assert "weights_only" not in str(raised.value) and "\n" not in str(raised.value), str(raised.value)
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="neither"):
         load_checkpoint(str(tmp_path / "other.pt"))
