@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+import uuid
 from dataclasses import asdict
 
 from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray, wait_for_gpus
@@ -38,10 +39,11 @@ def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dic
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_filesystem = _ray_storage(plan.output, storage_options)
+    mistake_key = f"mistake-{uuid.uuid4().hex}"  # where a worker leaves a mistake no retry can fix (worker.mistake_in)
     resources = {"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": asdict(plan), "storage_options": Hidden(storage_options)},
+        train_loop_config={"plan": asdict(plan), "storage_options": Hidden(storage_options), "mistake_key": mistake_key},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=RUN_NAME,
@@ -55,10 +57,12 @@ def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dic
     )
     started = time.perf_counter()
     try:
-        _fit(trainer)
+        _fit(trainer, mistake_key)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (jobs.common.run_main)
         shutdown_ray()
         exc.args = (f"a rerun of the same command resumes from the last checkpoint in {plan.output}",)
+        raise
+    except JobError:  # a worker's mistake (_fit)
         raise
     except Exception as exc:  # ray.train.TrainingFailedError: the workers' errors, retries spent
         print(f"error: training failed: {exc}", file=sys.stderr)
@@ -147,11 +151,18 @@ def _ray_storage(output: str, storage_options: dict | None):
     return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def _fit(trainer) -> None:
+def _fit(trainer, mistake_key: str) -> None:
     """``trainer.fit()`` in a thread, so that Ctrl-C and SIGTERM reach this (main) thread as
     KeyboardInterrupt (jobs.common.run_main: one line, exit 130 or 143) instead of Ray Train's
-    own SIGINT handler, which it installs only on the main thread."""
+    own SIGINT handler, which it installs only on the main thread. A mistake a worker left under
+    ``mistake_key`` (``jobs.training.worker.publish_mistake``: bad annotations or images, a
+    diverged loss) ends the run as a JobError with its line, before Ray Train restarts the
+    workers into it again."""
     import threading
+
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
+
+    from jobs.training.worker import MISTAKES_NAMESPACE
 
     outcome: dict = {}
 
@@ -163,7 +174,14 @@ def _fit(trainer) -> None:
 
     thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
+    while True:
         thread.join(timeout=0.5)
+        mistake = _internal_kv_get(mistake_key, namespace=MISTAKES_NAMESPACE)  # a worker leaves it before it fails
+        if mistake:
+            _internal_kv_del(mistake_key, namespace=MISTAKES_NAMESPACE)
+            shutdown_ray()  # ends the run's workers (a cluster's: the driver's actors go with it)
+            raise JobError(f"training stopped: {mistake.decode()}")
+        if not thread.is_alive():
+            break
     if "error" in outcome:
         raise outcome["error"]

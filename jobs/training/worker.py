@@ -5,6 +5,7 @@ ship ``train_loop_per_worker`` to the workers by reference."""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -57,8 +58,53 @@ def train_loop_per_worker(config: dict) -> None:
 
     try:
         _train(config)
+    except Exception as exc:
+        message = mistake_in(exc)
+        if message is not None and config.get("mistake_key"):
+            publish_mistake(config["mistake_key"], message)
+            # the driver prints the one line; Ray Train would log the traceback beside it
+            logging.getLogger("ray.train.v2._internal.util").disabled = True
+        raise
     finally:  # the retries of this worker's DataLoader processes, counted in memory they share with it
         report_s3_retries()
+
+
+# --------------------------------------------------------------------------------------------
+# Mistakes a retry cannot fix
+
+
+MISTAKES_NAMESPACE = "maskrcnn-train"
+
+
+def mistake_in(exc: BaseException) -> str | None:
+    """The one-line message of ``exc`` when it is a mistake in the run's inputs or settings that
+    a restart from the last checkpoint would meet again (a COCO file whose width/height do not
+    fit its image, an image that does not decode, a loss that diverged), else None. Such an
+    error may arrive re-raised by a DataLoader process (torch's message: the original traceback,
+    whose last line is the error) or by a Ray task (``cause``)."""
+    from maskrcnn.data import AnnotationError, ImageDecodeError
+
+    mistakes = (AnnotationError, ImageDecodeError, FloatingPointError)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, mistakes):
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            if len(lines) > 1 and lines[0].startswith("Caught "):  # torch.utils.data's ExceptionWrapper
+                last = lines[-1]
+                return last.split(": ", 1)[1] if ": " in last else last
+            return lines[0] if lines else type(exc).__name__
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def publish_mistake(key: str, message: str) -> None:
+    """Leaves ``message`` in the cluster's key-value store under ``key``, where the job's driver
+    (jobs.training.launch) looks for it while the run lasts: it ends the run with that line
+    instead of letting Ray Train restart the workers (--max-failures) into the same error."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, message.encode(), overwrite=False, namespace=MISTAKES_NAMESPACE)
 
 
 def _train(config: dict) -> None:
