@@ -36,6 +36,51 @@ def _with_a_wider_image(annotations: str, images: str, out) -> tuple[str, str]:
     return str(out), name
 
 
+def test_mistakes_are_told_from_other_errors_however_they_arrive():
+    """jobs.training.worker.mistake_in: the mistake's own line, raised in the worker, re-raised by
+    a DataLoader process (torch's ExceptionWrapper) or by a Ray task (--ingest ray-data); None
+    for errors a restart may fix."""
+    import ray.exceptions
+    from torch._utils import ExceptionWrapper
+
+    from jobs.training.worker import mistake_in
+    from maskrcnn.data import AnnotationError, ImageDecodeError
+
+    line = "a.json: image id 8 (8.png) decodes to 223x273 (after EXIF orientation) but the file says 216x273; fix its width/height"
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception as exc:
+            return exc
+
+    def annotation_error():
+        raise AnnotationError(line)
+
+    def reraised_by_torch():
+        try:
+            annotation_error()
+        except AnnotationError:
+            wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+        wrapper.reraise()
+
+    from_torch = raised(reraised_by_torch)
+    assert "Traceback" in str(from_torch)
+    from_ray = ray.exceptions.RayTaskError("Map(BatchLoader)", "Traceback (most recent call last): ...",
+                                           raised(annotation_error)).as_instanceof_cause()
+    chained = raised(lambda: _chain(from_ray))  # as Ray Data raises it: from the task's error
+    for exc in (raised(annotation_error), from_torch, from_ray, chained):
+        assert mistake_in(exc) == line, (type(exc), str(exc)[:300])
+    assert mistake_in(ImageDecodeError("b.jpg: truncated or corrupt image")) == "b.jpg: truncated or corrupt image"
+    assert mistake_in(FloatingPointError("the loss is nan at step 9 (rank 0); lower --lr")).startswith("the loss is nan")
+    assert mistake_in(RuntimeError("connection reset")) is None
+    assert mistake_in(ConnectionError("S3")) is None
+
+
+def _chain(cause):
+    raise RuntimeError("a Ray Data pipeline failed") from cause
+
+
 @pytest.mark.parametrize("where", ["train", "val"])
 def test_annotations_that_do_not_fit_their_image_stop_the_run_at_once_in_one_line(where, sample, tmp_path):
     (train_ann, train_images), (val_ann, val_images) = sample["train"], sample["val"]

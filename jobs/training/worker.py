@@ -88,13 +88,17 @@ def mistake_in(exc: BaseException) -> str | None:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):  # ray.exceptions.RayTaskError: the task's own error
+            exc = cause
+            continue
         if isinstance(exc, mistakes):
             lines = [line for line in str(exc).splitlines() if line.strip()]
             if len(lines) > 1 and lines[0].startswith("Caught "):  # torch.utils.data's ExceptionWrapper
                 last = lines[-1]
                 return last.split(": ", 1)[1] if ": " in last else last
             return lines[0] if lines else type(exc).__name__
-        exc = getattr(exc, "cause", None) or exc.__cause__
+        exc = exc.__cause__
     return None
 
 
