@@ -335,8 +335,8 @@ def format_duration(seconds: float) -> str:
 
 def run_main(main, argv=None) -> None:
     """Runs ``main(argv)`` so that every way it ends is one clear line, never a traceback:
-    a JobError or a ValueError (bad input) exits 2 with ``error: ...`` on stderr, so schedulers
-    and ``ray job logs`` show the reason; Ctrl-C exits 130 and SIGTERM 143 with ``interrupted: ...``
+    a JobError, a ValueError or a mistake in the data (``mistake_in``: bad input) exits 2 with
+    ``error: ...`` on stderr, so schedulers and ``ray job logs`` show the reason; Ctrl-C exits 130 and SIGTERM 143 with ``interrupted: ...``
     (the exception's message, when ``main`` gave it one), after Ray is shut down cleanly. A job
     whose S3 requests were retried says how many in its last line (``S3: 41 requests retried``)."""
     import signal
@@ -352,8 +352,12 @@ def run_main(main, argv=None) -> None:
     retries_before = s3_retries()
     try:
         code = main(argv)
-    except (JobError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:
+        # bad input: a JobError, a ValueError, or a mistake in the data however it arrived (mistake_in)
+        mistake = mistake_in(exc) if not isinstance(exc, JobError) else None
+        if mistake is None and not isinstance(exc, (JobError, ValueError)):
+            raise
+        print(f"error: {mistake or exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:
         code = 143 if isinstance(exc, Terminated) else 130
@@ -370,6 +374,32 @@ def run_main(main, argv=None) -> None:
     if line:
         print(line, flush=True)
     sys.exit(code or 0)
+
+
+def mistake_in(exc: BaseException) -> str | None:
+    """The one-line message of ``exc`` when it is a mistake in a job's inputs or settings that a
+    retry would meet again (a COCO file whose width/height do not fit its image, an image that
+    does not decode, a loss that diverged), else None. Such an error may arrive re-raised by a
+    DataLoader process (torch's message: the original traceback, whose last line is the error)
+    or by a Ray task (``cause``)."""
+    from maskrcnn.data import AnnotationError, ImageDecodeError
+
+    mistakes = (AnnotationError, ImageDecodeError, FloatingPointError)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):  # ray.exceptions.RayTaskError: the task's own error
+            exc = cause
+            continue
+        if isinstance(exc, mistakes):
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            if len(lines) > 1 and lines[0].startswith("Caught "):  # torch.utils.data's ExceptionWrapper
+                last = lines[-1]
+                return last.split(": ", 1)[1] if ": " in last else last
+            return lines[0] if lines else type(exc).__name__
+        exc = exc.__cause__
+    return None
 
 
 def _quietly(fn) -> None:

@@ -80,15 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def class_map_for(label_map: dict[int, dict], gt_category_ids: set[int], checkpoint_uri: str, annotations_uri: str) -> dict[int, int]:
+def class_map_for(label_map: dict[int, dict], gt_categories: list[dict], checkpoint_uri: str, annotations_uri: str) -> dict[int, int]:
     """Class index -> category id, from a checkpoint's label map; refuses a model whose
-    categories share nothing with the ground truth, where AP would be a silent 0."""
+    categories share no id with the ground truth's, or share ids under other names only, where AP
+    would be a silent 0; warns of the shared ids whose names differ when others agree."""
     class_map = {k: int(c["id"]) for k, c in label_map.items()}
-    if not set(class_map.values()) & gt_category_ids:
+    gt_names = {int(c["id"]): str(c["name"]) for c in gt_categories}
+    shared = sorted(set(class_map.values()) & set(gt_names))
+    if not shared:
         raise JobError(
             f"the categories of {checkpoint_uri} (ids {sorted(class_map.values())[:10]}) share no id with those of {annotations_uri} "
-            f"(ids {sorted(gt_category_ids)[:10]}); evaluate a checkpoint trained on these categories"
+            f"(ids {sorted(gt_names)[:10]}); evaluate a checkpoint trained on these categories"
         )
+    names = {int(c["id"]): str(c["name"]) for c in label_map.values()}
+    renamed = [i for i in shared if names[i].strip().lower() != gt_names[i].strip().lower()]
+    if renamed:
+        pairs = ", ".join(f"{i}: {names[i]!r} vs {gt_names[i]!r}" for i in renamed[:3])
+        if len(renamed) == len(shared):
+            raise JobError(
+                f"the categories of {checkpoint_uri} and of {annotations_uri} share ids but none of their names ({pairs}); "
+                "evaluate a checkpoint trained on these categories"
+            )
+        print(f"warning: {len(renamed)} of the {len(shared)} category ids of {checkpoint_uri} have other names in "
+              f"{annotations_uri} ({pairs}); they are scored as the same class", file=sys.stderr)
     return class_map
 
 
@@ -138,27 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     check_tta(args.tta)
     device = _resolve_device(args.device)
 
+    from jobs.training.inputs import check_dataset
     from maskrcnn.checkpoint import CheckpointError, categories_from_coco, load_checkpoint
-    from maskrcnn.data import AnnotationError, CocoDataset, missing_images
 
-    try:
-        dataset = CocoDataset(args.annotations, args.images, storage_options=storage_options)
-    except FileNotFoundError:
-        raise JobError(f"--annotations {args.annotations} does not exist") from None
-    except AnnotationError as exc:
-        raise JobError(f"--annotations: {exc}") from None
-    except Exception as exc:  # permission, network, credentials
-        from maskrcnn.storage import explain_storage_error
-
-        raise JobError(f"cannot read --annotations {args.annotations}: {explain_storage_error(exc)}") from None
-    if len(dataset) == 0:
-        raise JobError(f"--annotations {args.annotations} lists no images; nothing to evaluate")
-    missing = missing_images(dataset)
-    if missing:
-        raise JobError(
-            f"{len(missing)} of the {len(dataset)} images named in {args.annotations} are missing under --images {args.images} "
-            f"(e.g. {', '.join(missing[:3])}); fix --images or the file_names"
-        )
+    dataset = check_dataset(args.annotations, args.images, storage_options, "")
 
     try:
         categories = None
@@ -177,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # an unknown --arch preset
         raise JobError(str(exc)) from None
     tta = check_tta(args.tta, loaded.model)
-    class_map = class_map_for(loaded.label_map, {c["id"] for c in dataset.categories}, args.checkpoint, args.annotations)
+    class_map = class_map_for(loaded.label_map, dataset.categories, args.checkpoint, args.annotations)
 
     with contextlib.ExitStack() as stack:  # an --output that cannot be written fails here, before the evaluation
         out = stack.enter_context(AtomicOutput(output_json_uri(args.output), storage_options)) if args.output else None

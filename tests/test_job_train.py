@@ -410,6 +410,16 @@ def test_evaluate_rejects_bad_input(shapes, tmp_path):
     save_checkpoint(str(tmp_path / "dogs.pt"), build_model(config), config, [{"id": 77, "name": "dog"}])
     with pytest.raises(JobError, match="share no id"):
         evaluate_main(["--checkpoint", str(tmp_path / "dogs.pt"), "--annotations", ann, "--images", images])
+    # the same ids under other names: another dataset's categories, AP a silent 0
+    data = json.loads(Path(ann).read_text())
+    config = get_preset("small", num_classes=len(data["categories"]) + 1)
+    save_checkpoint(str(tmp_path / "others.pt"), build_model(config), config,
+                    [{"id": c["id"], "name": f"not {c['name']}"} for c in data["categories"]])
+    with pytest.raises(JobError, match=r"share ids but none of their names \(\d+: 'not .*' vs '.*'"):
+        evaluate_main(["--checkpoint", str(tmp_path / "others.pt"), "--annotations", ann, "--images", images])
+    unlabelled = _write_json(tmp_path / "unlabelled.json", {**data, "annotations": []})
+    with pytest.raises(JobError, match=r"has no \(non-crowd\) annotations"):
+        evaluate_main(["--checkpoint", str(tmp_path / "others.pt"), "--annotations", unlabelled, "--images", images])
 
 
 def test_evaluate_with_tta_scores_what_the_predictor_predicts_from_the_views(shapes, tmp_path, capsys):

@@ -1,8 +1,8 @@
-"""jobs.train meets a mistake in its inputs only once training reads them: a COCO file whose
-width/height do not fit an image (found when the image is decoded, in a DataLoader process or in
-an evaluation). A restart from the last checkpoint (--max-failures) would meet it again, so the
-job ends at the first with one line naming it, exit 2, no traceback, and no second attempt.
-``python -m jobs.train`` subprocesses, each with its own local Ray, as users run them."""
+"""jobs.train and jobs.evaluate meet some mistakes in their inputs only once they read them: an
+image whose size is not the one its COCO file gives (found when it is decoded, in a DataLoader
+process or in an evaluation). A restart from the last checkpoint (--max-failures) would meet it
+again, so the job ends at the first with one line naming it, exit 2, no traceback, and no
+second attempt. ``python -m jobs.X`` subprocesses, each with its own local Ray, as users run them."""
 
 from __future__ import annotations
 
@@ -37,13 +37,13 @@ def _with_a_wider_image(annotations: str, images: str, out) -> tuple[str, str]:
 
 
 def test_mistakes_are_told_from_other_errors_however_they_arrive():
-    """jobs.training.worker.mistake_in: the mistake's own line, raised in the worker, re-raised by
+    """jobs.common.mistake_in: the mistake's own line, raised in the worker, re-raised by
     a DataLoader process (torch's ExceptionWrapper) or by a Ray task (--ingest ray-data); None
     for errors a restart may fix."""
     import ray.exceptions
     from torch._utils import ExceptionWrapper
 
-    from jobs.training.worker import mistake_in
+    from jobs.common import mistake_in
     from maskrcnn.data import AnnotationError, ImageDecodeError
 
     line = "a.json: image id 8 (8.png) decodes to 223x273 (after EXIF orientation) but the file says 216x273; fix its width/height"
@@ -98,3 +98,21 @@ def test_annotations_that_do_not_fit_their_image_stop_the_run_at_once_in_one_lin
     assert len(errors) == 1 and errors[0].startswith("error: training stopped: ") and wrong in errors[0], job.output[-4000:]
     assert "fix its width/height" in errors[0] and "Traceback" not in job.output, job.output[-4000:]
     assert start_steps(job.output) == [0], job.output[-4000:]  # one attempt: no restart into the same error
+
+
+def test_jobs_evaluate_says_the_same_mistake_in_one_line(sample, tmp_path):
+    """jobs.evaluate reads its images in DataLoader processes too: the same one line, exit 2."""
+    val_ann, val_images = sample["val"]
+    val_images, wrong = _with_a_wider_image(val_ann, val_images, tmp_path / "val")
+    from maskrcnn.checkpoint import save_checkpoint
+    from maskrcnn.config import get_preset
+    from maskrcnn.modeling import build_model
+
+    categories = json.loads(open(val_ann).read())["categories"]
+    config = get_preset("small", num_classes=len(categories) + 1)
+    save_checkpoint(str(tmp_path / "model.pt"), build_model(config), config, categories)
+    job = Job("jobs.evaluate", ["--checkpoint", tmp_path / "model.pt", "--annotations", val_ann, "--images", val_images,
+                                "--loader-workers", "1"])
+    assert job.wait(120) == 2, job.output[-4000:]
+    assert job.lines[-1].startswith("error: ") and wrong in job.lines[-1] and "fix its width/height" in job.lines[-1], job.output
+    assert "Traceback" not in job.output, job.output[-4000:]

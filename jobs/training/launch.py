@@ -39,7 +39,7 @@ def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dic
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_filesystem = _ray_storage(plan.output, storage_options)
-    mistake_key = f"mistake-{uuid.uuid4().hex}"  # where a worker leaves a mistake no retry can fix (worker.mistake_in)
+    mistake_key = f"mistake-{uuid.uuid4().hex}"  # where a worker leaves a mistake no retry can fix (jobs.common.mistake_in)
     resources = {"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

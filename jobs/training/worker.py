@@ -54,6 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train's loop on each worker. ``config``: ``plan``, a ``TrainPlan`` as a dict, and
     ``storage_options``, a ``Hidden`` dict or None. Trains from the latest checkpoint (or the
     start) to ``plan.total_steps``; rank 0 then writes ``model.pt``."""
+    from jobs.common import mistake_in
     from jobs.retries import report_s3_retries
 
     try:
@@ -70,36 +71,10 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Mistakes a retry cannot fix
+# Mistakes a retry cannot fix (jobs.common.mistake_in)
 
 
 MISTAKES_NAMESPACE = "maskrcnn-train"
-
-
-def mistake_in(exc: BaseException) -> str | None:
-    """The one-line message of ``exc`` when it is a mistake in the run's inputs or settings that
-    a restart from the last checkpoint would meet again (a COCO file whose width/height do not
-    fit its image, an image that does not decode, a loss that diverged), else None. Such an
-    error may arrive re-raised by a DataLoader process (torch's message: the original traceback,
-    whose last line is the error) or by a Ray task (``cause``)."""
-    from maskrcnn.data import AnnotationError, ImageDecodeError
-
-    mistakes = (AnnotationError, ImageDecodeError, FloatingPointError)
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, BaseException):  # ray.exceptions.RayTaskError: the task's own error
-            exc = cause
-            continue
-        if isinstance(exc, mistakes):
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            if len(lines) > 1 and lines[0].startswith("Caught "):  # torch.utils.data's ExceptionWrapper
-                last = lines[-1]
-                return last.split(": ", 1)[1] if ": " in last else last
-            return lines[0] if lines else type(exc).__name__
-        exc = exc.__cause__
-    return None
 
 
 def publish_mistake(key: str, message: str) -> None:
