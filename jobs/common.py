@@ -382,9 +382,9 @@ def mistake_in(exc: BaseException) -> str | None:
     does not decode, a loss that diverged), else None. Such an error may arrive re-raised by a
     DataLoader process (torch's message: the original traceback, whose last line is the error)
     or by a Ray task (``cause``)."""
-    from maskrcnn.data import AnnotationError, ImageDecodeError
-
-    mistakes = (AnnotationError, ImageDecodeError, FloatingPointError)
+    # only modules already imported: such an error was made by one (a job's early mistakes stay fast)
+    checks, images = sys.modules.get("maskrcnn.data.coco_checks"), sys.modules.get("maskrcnn.data.images")
+    mistakes = (FloatingPointError, *([checks.AnnotationError] if checks else []), *([images.ImageDecodeError] if images else []))
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
