@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -376,29 +377,30 @@ def run_main(main, argv=None) -> None:
     sys.exit(code or 0)
 
 
+# The errors a retry would meet again, as a traceback names them (module-qualified but builtins).
+MISTAKES = ("maskrcnn.data.coco_checks.AnnotationError", "maskrcnn.data.images.ImageDecodeError", "FloatingPointError")
+_MISTAKE_LINE = re.compile(r"^(?:%s): (.+)$" % "|".join(re.escape(name) for name in MISTAKES), re.M)
+
+
 def mistake_in(exc: BaseException) -> str | None:
     """The one-line message of ``exc`` when it is a mistake in a job's inputs or settings that a
-    retry would meet again (a COCO file whose width/height do not fit its image, an image that
-    does not decode, a loss that diverged), else None. Such an error may arrive re-raised by a
-    DataLoader process (torch's message: the original traceback, whose last line is the error)
-    or by a Ray task (``cause``)."""
-    # only modules already imported: such an error was made by one (a job's early mistakes stay fast)
-    checks, images = sys.modules.get("maskrcnn.data.coco_checks"), sys.modules.get("maskrcnn.data.images")
-    mistakes = (FloatingPointError, *([checks.AnnotationError] if checks else []), *([images.ImageDecodeError] if images else []))
+    retry would meet again (``MISTAKES``: a COCO file whose width/height do not fit its image, an
+    image that does not decode, a loss that diverged), else None. Such an error may arrive raised
+    here, or re-raised from another process with its traceback as text, the chain of exceptions
+    lost: by a DataLoader process (torch's ExceptionWrapper) or a Ray task (a RayTaskError, whose
+    ``cause`` is Ray Data's UserCodeException when a pipeline's function raised it)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        named = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
+        if named in MISTAKES and text.strip() and "\n" not in text.strip():
+            return text.strip()
+        found = _MISTAKE_LINE.search(text)  # the first: a chain prints its root cause first
+        if found:
+            return found.group(1).strip()
         cause = getattr(exc, "cause", None)
-        if isinstance(cause, BaseException):  # ray.exceptions.RayTaskError: the task's own error
-            exc = cause
-            continue
-        if isinstance(exc, mistakes):
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            if len(lines) > 1 and lines[0].startswith("Caught "):  # torch.utils.data's ExceptionWrapper
-                last = lines[-1]
-                return last.split(": ", 1)[1] if ": " in last else last
-            return lines[0] if lines else type(exc).__name__
-        exc = exc.__cause__
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
     return None
 
 

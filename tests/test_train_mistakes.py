@@ -77,6 +77,24 @@ def test_mistakes_are_told_from_other_errors_however_they_arrive():
     assert mistake_in(ConnectionError("S3")) is None
 
 
+def test_a_mistake_in_a_ray_data_pipeline_is_told_from_the_traceback_it_arrives_as(ray_local):
+    """--ingest ray-data: Ray Data raises a loader's error as a RayTaskError of its
+    UserCodeException, the original exception's chain lost in pickling; only the traceback
+    text names it."""
+    from jobs.common import mistake_in
+
+    line = "a.json: image id 8 (8.png) decodes to 223x273 (after EXIF orientation) but the file says 216x273; fix its width/height"
+
+    def load(batch):
+        from maskrcnn.data import AnnotationError
+
+        raise AnnotationError(line)
+
+    with pytest.raises(Exception) as raised:
+        ray_local.data.range(2).map_batches(load, batch_size=1).take_all()
+    assert mistake_in(raised.value) == line, str(raised.value)[-2000:]
+
+
 def _chain(cause):
     raise RuntimeError("a Ray Data pipeline failed") from cause
 
