@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import re
 import sys
 import time
 
@@ -336,10 +336,11 @@ def format_duration(seconds: float) -> str:
 
 def run_main(main, argv=None) -> None:
     """Runs ``main(argv)`` so that every way it ends is one clear line, never a traceback:
-    a JobError, a ValueError or a mistake in the data (``mistake_in``: bad input) exits 2 with
-    ``error: ...`` on stderr, so schedulers and ``ray job logs`` show the reason; Ctrl-C exits 130 and SIGTERM 143 with ``interrupted: ...``
-    (the exception's message, when ``main`` gave it one), after Ray is shut down cleanly. A job
-    whose S3 requests were retried says how many in its last line (``S3: 41 requests retried``)."""
+    a JobError, a ValueError or a mistake in the data (``jobs.mistakes.mistake_in``: bad input)
+    exits 2 with ``error: ...`` on stderr, so schedulers and ``ray job logs`` show the reason;
+    Ctrl-C exits 130 and SIGTERM 143 with ``interrupted: ...`` (the exception's message, when
+    ``main`` gave it one), after Ray is shut down cleanly. A job whose S3 requests were retried
+    says how many in its last line (``S3: 41 requests retried``)."""
     import signal
 
     from jobs.retries import s3_retries_line
@@ -354,7 +355,8 @@ def run_main(main, argv=None) -> None:
     try:
         code = main(argv)
     except Exception as exc:
-        # bad input: a JobError, a ValueError, or a mistake in the data however it arrived (mistake_in)
+        from jobs.mistakes import mistake_in
+
         mistake = mistake_in(exc) if not isinstance(exc, JobError) else None
         if mistake is None and not isinstance(exc, (JobError, ValueError)):
             raise
@@ -365,7 +367,8 @@ def run_main(main, argv=None) -> None:
         # A second signal while shutting down ends the process at once, still without a traceback.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: os._exit(code))
-        _quietly(shutdown_ray)
+        with contextlib.suppress(Exception):
+            shutdown_ray()
         print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr, flush=True)
         sys.exit(code)
     try:
@@ -375,40 +378,6 @@ def run_main(main, argv=None) -> None:
     if line:
         print(line, flush=True)
     sys.exit(code or 0)
-
-
-# The errors a retry would meet again, as a traceback names them (module-qualified but builtins).
-MISTAKES = ("maskrcnn.data.coco_checks.AnnotationError", "maskrcnn.data.images.ImageDecodeError", "FloatingPointError")
-_MISTAKE_LINE = re.compile(r"^(?:%s): (.+)$" % "|".join(re.escape(name) for name in MISTAKES), re.M)
-
-
-def mistake_in(exc: BaseException) -> str | None:
-    """The one-line message of ``exc`` when it is a mistake in a job's inputs or settings that a
-    retry would meet again (``MISTAKES``: a COCO file whose width/height do not fit its image, an
-    image that does not decode, a loss that diverged), else None. Such an error may arrive raised
-    here, or re-raised from another process with its traceback as text, the chain of exceptions
-    lost: by a DataLoader process (torch's ExceptionWrapper) or a Ray task (a RayTaskError, whose
-    ``cause`` is Ray Data's UserCodeException when a pipeline's function raised it)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-        named = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
-        if named in MISTAKES and text.strip() and "\n" not in text.strip():
-            return text.strip()
-        found = _MISTAKE_LINE.search(text)  # the first: a chain prints its root cause first
-        if found:
-            return found.group(1).strip()
-        cause = getattr(exc, "cause", None)
-        exc = cause if isinstance(cause, BaseException) else exc.__cause__
-    return None
-
-
-def _quietly(fn) -> None:
-    try:
-        fn()
-    except Exception:
-        pass
 
 
 def configure_data_context(ctx) -> None:

@@ -37,13 +37,13 @@ def _with_a_wider_image(annotations: str, images: str, out) -> tuple[str, str]:
 
 
 def test_mistakes_are_told_from_other_errors_however_they_arrive():
-    """jobs.common.mistake_in: the mistake's own line, raised in the worker, re-raised by
+    """jobs.mistakes.mistake_in: the mistake's own line, raised in the worker, re-raised by
     a DataLoader process (torch's ExceptionWrapper) or by a Ray task (--ingest ray-data); None
     for errors a restart may fix."""
     import ray.exceptions
     from torch._utils import ExceptionWrapper
 
-    from jobs.common import mistake_in
+    from jobs.mistakes import mistake_in
     from maskrcnn.data import AnnotationError, ImageDecodeError
 
     line = "a.json: image id 8 (8.png) decodes to 223x273 (after EXIF orientation) but the file says 216x273; fix its width/height"
@@ -81,7 +81,7 @@ def test_a_mistake_in_a_ray_data_pipeline_is_told_from_the_traceback_it_arrives_
     """--ingest ray-data: Ray Data raises a loader's error as a RayTaskError of its
     UserCodeException, the original exception's chain lost in pickling; only the traceback
     text names it."""
-    from jobs.common import mistake_in
+    from jobs.mistakes import mistake_in
 
     line = "a.json: image id 8 (8.png) decodes to 223x273 (after EXIF orientation) but the file says 216x273; fix its width/height"
 

@@ -39,7 +39,7 @@ def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dic
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_filesystem = _ray_storage(plan.output, storage_options)
-    mistake_key = f"mistake-{uuid.uuid4().hex}"  # where a worker leaves a mistake no retry can fix (jobs.common.mistake_in)
+    mistake_key = f"mistake-{uuid.uuid4().hex}"  # where a worker leaves a mistake no retry can fix (jobs.mistakes)
     resources = {"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -155,14 +155,12 @@ def _fit(trainer, mistake_key: str) -> None:
     """``trainer.fit()`` in a thread, so that Ctrl-C and SIGTERM reach this (main) thread as
     KeyboardInterrupt (jobs.common.run_main: one line, exit 130 or 143) instead of Ray Train's
     own SIGINT handler, which it installs only on the main thread. A mistake a worker left under
-    ``mistake_key`` (``jobs.training.worker.publish_mistake``: bad annotations or images, a
+    ``mistake_key`` (``jobs.mistakes.publish_mistake``: bad annotations or images, a
     diverged loss) ends the run as a JobError with its line, before Ray Train restarts the
     workers into it again."""
     import threading
 
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
-
-    from jobs.training.worker import MISTAKES_NAMESPACE
+    from jobs.mistakes import take_mistake
 
     outcome: dict = {}
 
@@ -176,11 +174,10 @@ def _fit(trainer, mistake_key: str) -> None:
     thread.start()
     while True:
         thread.join(timeout=0.5)
-        mistake = _internal_kv_get(mistake_key, namespace=MISTAKES_NAMESPACE)  # a worker leaves it before it fails
+        mistake = take_mistake(mistake_key)  # a worker leaves it before it fails
         if mistake:
-            _internal_kv_del(mistake_key, namespace=MISTAKES_NAMESPACE)
             shutdown_ray()  # ends the run's workers (a cluster's: the driver's actors go with it)
-            raise JobError(f"training stopped: {mistake.decode()}")
+            raise JobError(f"training stopped: {mistake}")
         if not thread.is_alive():
             break
     if "error" in outcome:

@@ -54,7 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train's loop on each worker. ``config``: ``plan``, a ``TrainPlan`` as a dict, and
     ``storage_options``, a ``Hidden`` dict or None. Trains from the latest checkpoint (or the
     start) to ``plan.total_steps``; rank 0 then writes ``model.pt``."""
-    from jobs.common import mistake_in
+    from jobs.mistakes import mistake_in, publish_mistake
     from jobs.retries import report_s3_retries
 
     try:
@@ -68,22 +68,6 @@ def train_loop_per_worker(config: dict) -> None:
         raise
     finally:  # the retries of this worker's DataLoader processes, counted in memory they share with it
         report_s3_retries()
-
-
-# --------------------------------------------------------------------------------------------
-# Mistakes a retry cannot fix (jobs.common.mistake_in)
-
-
-MISTAKES_NAMESPACE = "maskrcnn-train"
-
-
-def publish_mistake(key: str, message: str) -> None:
-    """Leaves ``message`` in the cluster's key-value store under ``key``, where the job's driver
-    (jobs.training.launch) looks for it while the run lasts: it ends the run with that line
-    instead of letting Ray Train restart the workers (--max-failures) into the same error."""
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    _internal_kv_put(key, message.encode(), overwrite=False, namespace=MISTAKES_NAMESPACE)
 
 
 def _train(config: dict) -> None:

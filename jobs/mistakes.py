@@ -1,0 +1,57 @@
+"""Mistakes a retry would meet again: an image whose size is not its COCO file's, one that does
+not decode, a diverged loss. ``mistake_in`` tells them from other errors however they arrive, so
+that every job ends on one in one line (``jobs.common.run_main``); a Ray Train worker hands its
+mistake to the job's driver (``publish_mistake``, ``take_mistake``), which ends the run instead
+of letting Ray Train restart the workers (--max-failures) into it again."""
+
+from __future__ import annotations
+
+import re
+
+# The errors a retry would meet again, as a traceback names them (module-qualified but builtins).
+MISTAKES = ("maskrcnn.data.coco_checks.AnnotationError", "maskrcnn.data.images.ImageDecodeError", "FloatingPointError")
+_MISTAKE_LINE = re.compile(r"^(?:%s): (.+)$" % "|".join(re.escape(name) for name in MISTAKES), re.M)
+
+
+def mistake_in(exc: BaseException) -> str | None:
+    """The one-line message of ``exc`` when it is a mistake in a job's inputs or settings that a
+    retry would meet again (``MISTAKES``: a COCO file whose width/height do not fit its image, an
+    image that does not decode, a loss that diverged), else None. Such an error may arrive raised
+    here, or re-raised from another process with its traceback as text, the chain of exceptions
+    lost: by a DataLoader process (torch's ExceptionWrapper) or a Ray task (a RayTaskError, whose
+    ``cause`` is Ray Data's UserCodeException when a pipeline's function raised it)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        named = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
+        if named in MISTAKES and text.strip() and "\n" not in text.strip():
+            return text.strip()
+        found = _MISTAKE_LINE.search(text)  # the first: a chain prints its root cause first
+        if found:
+            return found.group(1).strip()
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    return None
+
+
+NAMESPACE = "maskrcnn-train"  # of the keys in Ray's key-value store
+
+
+def publish_mistake(key: str, message: str) -> None:
+    """Leaves ``message`` in the cluster's key-value store under ``key`` (a run's own), where
+    ``take_mistake`` finds it; the first of the workers' mistakes stays."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, message.encode(), overwrite=False, namespace=NAMESPACE)
+
+
+def take_mistake(key: str) -> str | None:
+    """The mistake a worker left under ``key``, removed from the store; None while there is none."""
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
+
+    message = _internal_kv_get(key, namespace=NAMESPACE)
+    if not message:
+        return None
+    _internal_kv_del(key, namespace=NAMESPACE)
+    return message.decode()
