@@ -209,8 +209,7 @@ def init_ray(address: str | None = None, **kwargs):
             # "Token authentication is enabled for this Ray cluster": news to nobody on a Ray
             # that serves this job alone
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            _name_private_ray_for_its_workers(ray)
-            context = ray.init(address="local", **kwargs)
+            context = _start_private_ray(ray, kwargs)
             _STARTED_PRIVATE_RAY = True
             where = "private local Ray"
     _CONNECTED = True
@@ -230,6 +229,36 @@ def _start_s3_retry_tally() -> None:
     from jobs.retries import start_s3_retry_tally
 
     start_s3_retry_tally()
+
+
+# Ray gives a local node 30 s (a constant in ray._private.node) to register its raylet; on a
+# machine busy with other work its Python agents can take longer to start, and ray.init raises.
+_PRIVATE_RAY_STARTS = 3
+
+
+def _start_private_ray(ray, kwargs: dict):
+    """``ray.init(address="local")``, tried again (``_PRIVATE_RAY_STARTS`` times in all) when the
+    node times out during its start, the processes of the attempt that failed killed first."""
+    import psutil  # Ray's own copy (ray/thirdparty_files), on the path once ray is imported
+
+    for attempt in range(1, _PRIVATE_RAY_STARTS + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        _name_private_ray_for_its_workers(ray)
+        try:
+            return ray.init(address="local", **kwargs)
+        except Exception as exc:  # Ray raises a bare Exception for it
+            if "timed out during startup" not in str(exc):
+                raise
+            started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            for process in started:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            psutil.wait_procs(started, timeout=10)
+            _forget_private_ray()
+            if attempt == _PRIVATE_RAY_STARTS:
+                raise JobError(f"the private local Ray did not start, {attempt} times in a row: {exc} Is the machine overloaded?") from None
+            print(f"warning: the private local Ray did not start in time (attempt {attempt} of {_PRIVATE_RAY_STARTS}); starting it again",
+                  file=sys.stderr, flush=True)
 
 
 def _name_private_ray_for_its_workers(ray) -> None:

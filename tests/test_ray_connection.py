@@ -168,6 +168,35 @@ def test_a_stale_ray_start_record_is_warned_about_and_skipped(tmp_path, checkpoi
     _assert_each_image_once(output, few_images)
 
 
+def test_a_private_ray_that_does_not_start_in_time_is_started_again(tmp_path, checkpoint, few_images, ray_tmpdir):
+    """Ray gives a local node 30 s to register its raylet, and on a machine busy with other work
+    ``ray.init`` can give up. Here the first raylet is stopped (SIGSTOP) as it starts: the job
+    says so in a warning, kills what that start left, starts its Ray again and labels every
+    image once; once it ends, no process of either Ray is left."""
+    output = tmp_path / "out"
+    job = Job("jobs.label", _label_args(few_images, output, checkpoint), environ=_env(ray_tmpdir))
+    stopped = []
+    try:
+        def stop_the_first_raylet() -> bool:
+            for pid, (_, cmdline) in process_table().items():
+                if "/raylet" in cmdline.split("\0", 1)[0] and ray_tmpdir in cmdline:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+                    return True
+            return False
+
+        assert job.wait_for(stop_the_first_raylet, 120), job.output[-3000:]
+        assert job.wait(300) == 0, job.output[-3000:]
+    finally:
+        job.kill()
+    assert any(s.startswith("warning: the private local Ray did not start in time (attempt 1 of 3)") for s in job.lines), job.output[-3000:]
+    _assert_each_image_once(output, few_images)
+    deadline = time.monotonic() + 30
+    while _processes_under(ray_tmpdir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_under(ray_tmpdir), [process_table()[pid] for pid in _processes_under(ray_tmpdir)]
+
+
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM
 
 
