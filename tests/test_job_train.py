@@ -626,6 +626,9 @@ def test_ray_data_ingestion_trains_on_the_same_batches_as_the_dataloader(s3_buck
     run_job("jobs.train", [*common, "--output", f"{s3_bucket}/loader"], timeout=300, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "20"})
     job = run_job("jobs.train", [*common, "--output", f"{s3_bucket}/ray-data", "--ingest", "ray-data"], timeout=300)
     assert "Traceback" not in job.output and "Progress bars" not in job.output, job.output[-3000:]
+    # Ray Train's preemption watcher (off on a private Ray) logged a core-worker error at its start
+    # (Ray Data's actor pool still logs one: github.com/ray-project/ray/issues/57733)
+    assert "'PreemptionWatcher'" not in job.output, job.output[-3000:]
     expected = losses(f"{s3_bucket}/loader")
     assert [r["step"] for r in expected] == list(range(1, 9))
     assert losses(f"{s3_bucket}/ray-data") == expected

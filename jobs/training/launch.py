@@ -34,6 +34,11 @@ def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dic
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray = init_ray(args.address)
     check_cluster(ray, args)
+    if ray_is_fixed(ray):
+        # One machine that no cloud takes back: Ray Train's preemption watcher (an actor of its
+        # own, polling every 5 s) has nothing to watch, and its start logs a core-worker error
+        # line about its restarts on every run. Ray Train propagates this variable to its actors.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     start_autoscaling_coordinator()
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
