@@ -57,6 +57,10 @@ def train_loop_per_worker(config: dict) -> None:
     from jobs.mistakes import mistake_in, publish_mistake
     from jobs.retries import report_s3_retries
 
+    # Ray Train sends the worker's root logger to the console at INFO; the job prints its own
+    # lines, and libraries' INFO (aiobotocore's "Found credentials in environment variables."
+    # at each new S3 client) is no news to a user.
+    logging.getLogger().setLevel(logging.WARNING)
     try:
         _train(config)
     except Exception as exc:
