@@ -38,7 +38,7 @@ def test_the_student_beats_its_teacher_on_held_out_images(tmp_path):
         "--batch-size", "2", "--loader-workers", "0", "--log-every", "100", "--seed", "0",
         "--tta", "flip", "--score-threshold", "0.8",
     ])
-    assert job.wait(900) == 0, job.output[-4000:]
+    assert job.wait(1500) == 0, job.output[-4000:]  # 10-13 min in a loaded suite run on the 2-core AVX2 CPU
 
     report = json.loads((out / "selftrain.json").read_text())
     teacher, student = report["teacher"], report["student"]
