@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import HelpFormatter, JobError, add_ray_options, add_wait_for_gpus
+from jobs.autoscaling import add_wait_for_gpus
+from jobs.common import HelpFormatter, JobError, add_ray_options
 from jobs.options import add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta
 from jobs.labeling.plan import DEFAULT_SHARD_SIZE
 

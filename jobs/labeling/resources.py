@@ -3,7 +3,8 @@ has them, else one actor per node whose torch threads use the node's CPUs."""
 
 from __future__ import annotations
 
-from jobs.common import JobError, ask_autoscaler, ray_is_fixed, wait_for_gpus
+from jobs.autoscaling import ask_autoscaler, wait_for_gpus
+from jobs.common import JobError, ray_is_fixed
 
 # How long a job on a cluster that may grow waits for the CPU that decoding needs beside the
 # model actors (asking the autoscaler for it) before it stops; tests shorten it.

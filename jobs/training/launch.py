@@ -10,7 +10,8 @@ import time
 import uuid
 from dataclasses import asdict
 
-from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray, wait_for_gpus
+from jobs.autoscaling import wait_for_gpus
+from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray
 from jobs.options import warn_slow_cpu_precision
 from jobs.training.metrics import log, summarize_run
 from jobs.training.spec import MODEL_FILE, RUN_NAME, Hidden, TrainPlan

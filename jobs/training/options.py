@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import HelpFormatter, JobError, add_ray_options, add_wait_for_gpus
+from jobs.autoscaling import add_wait_for_gpus
+from jobs.common import HelpFormatter, JobError, add_ray_options
 from jobs.options import add_precision_options, add_size_options, add_storage_options
 from jobs.training.spec import DEFAULT_LOADER_WORKERS, MAX_EPOCH_END_EVALS
 from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM
