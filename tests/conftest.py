@@ -87,19 +87,28 @@ def short_dir():
 
 @pytest.fixture(scope="session")
 def ray_local(short_dir):
-    """A real local Ray with 2 CPUs, shared by every test of the session that needs one."""
+    """A real local Ray with 2 CPUs, shared by every test of the session that needs one: started
+    as the jobs start their private one (never another program's Ray; started again when a busy
+    machine keeps it from registering in time), without naming it in this process's environment,
+    which the tests' job subprocesses inherit."""
     import ray
+
+    from jobs.common import _start_private_ray
 
     if ray.is_initialized():
         yield ray
         return
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        _temp_dir=str(short_dir("ray")),
-    )
+    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    try:
+        _start_private_ray(
+            ray, dict(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _temp_dir=str(short_dir("ray")))
+        )
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     try:
         yield ray
     finally:
