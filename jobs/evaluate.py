@@ -21,9 +21,10 @@ import contextlib
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from jobs.atomic import AtomicOutput
 from jobs.common import JobError, run_main
@@ -107,6 +108,8 @@ def class_map_for(label_map: dict[int, dict], gt_categories: list[dict], checkpo
 
 
 def _resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -9,15 +9,20 @@ for models trained from scratch on a CPU-sized batch: a GroupNorm trunk (the ``s
 takes a floor under the scaled lr; and gradients are clipped at a total norm of
 ``DEFAULT_CLIP_GRAD_NORM`` (for every model; the references do not clip).
 ``docs/performance.md`` has what the defaults gave against the alternatives.
+
+The recipe's numbers import nothing: each function that needs torch imports it, so that the jobs
+build their options from them (``--help``, an option's mistake) without torch's seconds of import.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 REFERENCE_LR = 0.02  # the paper's lr ...
 REFERENCE_BATCH = 16  # ... at its 8 GPUs x 2 images
@@ -50,6 +55,8 @@ def sgd_kernel(device: torch.device) -> dict[str, bool | None]:
     fused kernel (the whole update in one multi-tensor kernel, instead of foreach's 3-4 or the
     loop's several launches per parameter), where this torch has it; else torch's default
     (foreach on a GPU, the per-parameter loop on the CPU, as the pinned and overfit runs use)."""
+    import torch
+
     if device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters:
         return {"fused": True, "foreach": None}
     return {"fused": None, "foreach": None}
@@ -59,6 +66,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, momentum: float = 0.9, wei
     """SGD over the trainable parameters; no weight decay on norm layers' affine parameters and
     biases. Fused on a GPU (``sgd_kernel`` of the device the parameters are on, so build the
     optimizer after moving the model)."""
+    import torch
+
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:
@@ -92,6 +101,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
                    milestones=DEFAULT_MILESTONES, warmup_factor: float = 0.001, gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup over ``warmup_steps`` (default: ``default_warmup_steps``), then decay by ``gamma``
     at ``milestones`` (fractions of the run below 1, steps otherwise); stepped once per step."""
+    import torch
+
     if warmup_steps is None:
         warmup_steps = default_warmup_steps(total_steps)
     steps = milestone_steps(milestones, total_steps)
@@ -104,6 +115,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     ``auto``: bf16 on GPUs that have it, fp16 on older ones, fp32 on CPUs. A CPU with AVX512-BF16
     or AMX runs bf16 about twice as fast (docs/performance.md), but bf16 moves detections beyond
     rounding, and a CPU's labels keep matching torchvision's fp32 ones unless bf16 is asked for."""
+    import torch
+
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
@@ -118,6 +131,8 @@ def cpu_runs_bf16() -> bool:
     AVX512 BW/VL/DQ; AVX512-BF16 and AMX speed them up); elsewhere (AVX2) it falls back to slower
     generic code: ``small``'s inference took 3.3x fp32's time on a 2-core AMD EPYC without
     AVX512, with other rounding."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch built without oneDNN
@@ -126,6 +141,8 @@ def cpu_runs_bf16() -> bool:
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` to ``dtype`` on the device's type, or nothing when ``dtype`` is None."""
+    import torch
+
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -145,6 +162,8 @@ def train_step(
     """One optimisation step: forward (under autocast to ``autocast_dtype`` when set; fp16 wants
     a ``scaler``), backward, step. Returns the loss terms and their sum ``loss``, detached and
     still on the device: no host sync here; the caller decides when to read them."""
+    import torch
+
     device = images[0].device
     with autocast_context(device, autocast_dtype):
         losses = model(images, targets)

@@ -362,6 +362,29 @@ def test_demo_options_out_of_range_stop_it_before_any_step(args, needle, tmp_pat
     assert files_under(tmp_path) == [tmp_path / "taken"]
 
 
+# -- every job: --help and a mistake in its options answer at once --------------------------------
+
+_WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    print(f"exit {exc.code}; torch imported: {'torch' in sys.modules}")
+"""
+
+
+@pytest.mark.parametrize("job", ["label", "train", "evaluate", "export_coco", "selftrain", "demo"])
+@pytest.mark.parametrize("args", [["--help"], ["--no-such-option"]])
+def test_help_and_option_mistakes_answer_without_importing_torch(job, args):
+    """torch's import takes seconds (3-5 s here): a job's --help, and a mistake its parser
+    catches, answer before it."""
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, f"jobs.{job}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    status = 0 if args == ["--help"] else 2
+    assert proc.stdout.strip().splitlines()[-1] == f"exit {status}; torch imported: False", proc.stdout + proc.stderr
+
+
 # -- make clean ------------------------------------------------------------------------------------
 
 
