@@ -401,3 +401,23 @@ def test_decode_image_scales_16_bit_instead_of_clipping():
     decoded = decode_image(buffer.getvalue())
     assert decoded.shape == (3, 1, 4)
     torch.testing.assert_close(decoded[0, 0], torch.tensor([0, 1000, 30000, 65535]) / 65535.0)
+
+
+def test_decode_image_float_pixels_that_are_not_numbers_do_not_spoil_the_image():
+    """A float TIFF's NaN ("no data") pixels are black and its infinities the range's ends; the
+    other pixels keep the scale of the finite values (one NaN made every pixel NaN, and the model
+    then found nothing in the image)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    values = np.array([[0.0, 0.25, np.nan, 1.0, np.inf, -np.inf, 0.5]], dtype=np.float32)
+    buffer = io.BytesIO()
+    Image.fromarray(values, "F").save(buffer, "TIFF")
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.shape == (3, 1, 7)
+    torch.testing.assert_close(decoded[1, 0], torch.tensor([0.0, 0.25, 0.0, 1.0, 1.0, 0.0, 0.5]))
+    buffer = io.BytesIO()
+    Image.fromarray(values * 1000, "F").save(buffer, "TIFF")  # finite values up to 1000: 16-bit's range
+    torch.testing.assert_close(decode_image(buffer.getvalue())[2, 0], torch.tensor([0, 250, 0, 1000, 65535, 0, 500]) / 65535.0)

@@ -78,7 +78,8 @@ def to_rgb_float(image: Image.Image) -> torch.Tensor:
 
     8-bit modes go through Pillow's conversions (palette, CMYK, YCbCr, 1-bit, L, LA); alpha is
     dropped as Pillow and torchvision drop it, after resolving a palette's transparency. 16- and
-    32-bit grey levels are scaled to their range instead of clipped at 255.
+    32-bit grey levels are scaled to their range instead of clipped at 255; a float image's NaN
+    pixels are black, its infinities 0 and 1.
     """
     return as_float(to_rgb_tensor(image))
 
@@ -97,10 +98,13 @@ def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
         grey = np.asarray(image).astype(np.float32)
         if mode in _SIXTEEN_BIT:
             scale = 65535.0
-        else:  # 32-bit int or float: the range the values use
-            peak = float(grey.max()) if grey.size else 0.0
+        else:  # 32-bit int or float: the range the (finite) values use
+            finite = grey[np.isfinite(grey)]
+            peak = float(finite.max()) if finite.size else 0.0
             scale = 1.0 if (mode == "F" and peak <= 1.0) else 255.0 if peak <= 255.0 else 65535.0 if peak <= 65535.0 else peak
-        grey = np.clip(grey / scale, 0.0, 1.0)
+        # a float image's NaN (often "no data") is black and its infinities the range's ends: one
+        # NaN pixel would otherwise spread through every convolution, and the image find nothing
+        grey = np.clip(np.nan_to_num(grey / scale, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
         return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape))))
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
