@@ -10,6 +10,10 @@ Every request is classified by its kind (``list``, ``get``, ``head``, ``put``, `
   be cut off while still sending it);
 - ``drop_after_body``: the body read, then the connection closed without any response.
 
+``conditional_writes`` models S3-compatible stores without AWS's conditional PUT
+(``If-None-Match: *``): ``"rejected"`` answers such a PUT ``501 NotImplemented``, as stores that
+do not implement a header answer; ``"ignored"`` forwards it without the header, so it overwrites.
+
 A faulted request never reaches the server, so a retry meets the store as it was (this proxy
 does not model a request that took effect but whose answer was lost). Everything else is
 forwarded as it came (headers, body, query) and the server's answer sent back whole.
@@ -35,6 +39,12 @@ _HOP_BY_HOP = {
 _SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message><RequestId>FAULTYPROXY</RequestId><HostId>faulty</HostId></Error>"
+)
+
+_NOT_IMPLEMENTED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotImplemented</Code>'
+    b"<Message>A header you provided implies functionality that is not implemented</Message>"
+    b"<Header>If-None-Match</Header><RequestId>FAULTYPROXY</RequestId><HostId>faulty</HostId></Error>"
 )
 
 
@@ -71,7 +81,11 @@ class FaultyS3Proxy:
     stop() it. ``rate`` and ``enabled`` may change while it runs (e.g. faults off while a test
     uploads its inputs)."""
 
-    def __init__(self, upstream: str, rate: float = 0.15, seed: int = 0, faults: tuple[str, ...] = FAULTS):
+    def __init__(self, upstream: str, rate: float = 0.15, seed: int = 0, faults: tuple[str, ...] = FAULTS,
+                 conditional_writes: str = "supported"):
+        if conditional_writes not in ("supported", "rejected", "ignored"):
+            raise ValueError(f"conditional_writes must be supported, rejected or ignored, got {conditional_writes!r}")
+        self.conditional_writes = conditional_writes
         target = urllib.parse.urlsplit(upstream)
         self.upstream_host, self.upstream_port = target.hostname, target.port or 80
         self.rate, self.faults, self.enabled = rate, faults, True
@@ -167,6 +181,12 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self._drop()
             return
         body = self._read_body()
+        conditional = self.command in ("PUT", "POST") and "If-None-Match" in self.headers
+        if fault is None and conditional and self.owner.conditional_writes == "rejected":
+            self._answer(501, [("Content-Type", "application/xml"), ("x-amz-request-id", "FAULTYPROXY")], _NOT_IMPLEMENTED)
+            return
+        if conditional and self.owner.conditional_writes == "ignored":
+            del self.headers["If-None-Match"]
         if fault == "drop_after_body":
             self._drop()
         elif fault == "slowdown":

@@ -128,19 +128,35 @@ def test_two_runs_at_once_one_refuses_one_waits_and_every_image_is_labelled_once
     assert len(uris) == len(set(uris)) == 12
 
 
-def test_on_s3_the_lease_is_created_exclusively_with_a_conditional_put(s3_bucket):
+@pytest.mark.parametrize("conditional_writes", ["supported", "rejected", "ignored"])
+def test_on_s3_the_lease_is_created_exclusively_with_a_conditional_put(conditional_writes, s3_server, s3_bucket, capsys):
     """S3's If-None-Match: * (moto honours it): of two runs creating the same lease number one
-    wins; the other is refused naming the holder, and takes the next number once it is released."""
+    wins; the other is refused naming the holder, and takes the next number once it is released.
+    The same on S3-compatible stores without the conditional put (tests/s3_faults.py's proxy in
+    front of moto): one that answers it 501 NotImplemented (a warning, then write-then-check),
+    and one that ignores the condition."""
     from jobs.labeling.lease import Lease
+    from tests.s3_faults import FaultyS3Proxy
 
-    output = f"{s3_bucket}/labels"
-    first = Lease(output, "_plan", "run-a")
-    first.acquire()
-    second = Lease(output, "_plan", "run-b")
-    assert second._create(first.number) is False
-    with pytest.raises(JobError, match="is being labelled by run run-a"):
-        second.acquire(wait=0)
-    first.release()
-    second.acquire()
-    assert second.number == 2
-    second.release()
+    proxy = FaultyS3Proxy(s3_server, rate=0.0, conditional_writes=conditional_writes).start()
+    options = {"client_kwargs": {"endpoint_url": proxy.endpoint}, "key": "testing", "secret": "testing"}
+    try:
+        output = f"{s3_bucket}/labels"
+        first = Lease(output, "_plan", "run-a", options)
+        first.acquire()
+        second = Lease(output, "_plan", "run-b", options)
+        if conditional_writes != "ignored":  # a store that ignores the condition overwrites (the renewal then finds out)
+            assert second._create(first.number) is False
+        with pytest.raises(JobError, match="is being labelled by run run-a"):
+            second.acquire(wait=0)
+        first.release()
+        second.acquire()
+        assert second.number == 2 and second.current().owner == "run-b"
+        second.release()
+    finally:
+        proxy.stop()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    if conditional_writes == "rejected":  # once a run
+        assert len(warnings) == 2 and all("does not implement conditional writes (If-None-Match)" in w for w in warnings), warnings
+    else:
+        assert warnings == []

@@ -8,16 +8,21 @@ lease has ended: released, expired, or held by a process of this host that is go
 run on the same machine is taken over at once; one on another machine when its lease expires). The holder renews its expiry every
 ``ttl / 4`` seconds and releases it at the end (expiry 0); a holder that finds a higher number
 than its own has lost the lease and stops. Stores without a conditional create (where fsspec
-offers none) fall back to write-then-check, which two runs starting within the same second can
-both pass; commits stay atomic and per shard, so even then every image is written once.
+offers none, and S3-compatible stores that answer the conditional put "not implemented", with a
+warning) fall back to write-then-check, which two runs starting within the same second can both
+pass, as they can on a store that ignores the condition; then the run whose lease file is not
+its own any more (the other wrote last) stops at its next renewal. Commits stay atomic and per
+shard, so even then every image is written once.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -55,6 +60,13 @@ class LeaseRecord:
         return f"run {self.owner} (host {self.host}, pid {self.pid}), lease expires in {max(left, 0):.0f} s"
 
 
+def _not_implemented(exc: OSError) -> bool:
+    """Whether an S3 error says the store has no conditional put: ``501 NotImplemented`` (s3fs
+    raises it as ENOSYS), or a store's 400 naming the header it does not take."""
+    text = str(exc)
+    return exc.errno == errno.ENOSYS or "NotImplemented" in text or "not implemented" in text.lower() or "If-None-Match" in text
+
+
 def lease_name(number: int) -> str:
     return f"lease-{number:06d}.json"
 
@@ -67,6 +79,7 @@ class Lease:
         self.folder = f"{root.rstrip('/')}/{plan_dir}"
         self.output_uri, self.owner, self.ttl = output_uri, owner, ttl
         self.number: int | None = None
+        self.conditional = True  # whether the store has a conditional create (False once it said it has not)
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -145,8 +158,18 @@ class Lease:
                 self.fs.makedirs(self.folder, exist_ok=True)
                 with open(path, "xb") as f:
                     f.write(data)
-            elif hasattr(self.fs, "_pipe_file") and "s3" in self.fs.protocol:
-                self.fs.pipe_file(path, data, mode="create")
+            elif self.conditional and hasattr(self.fs, "_pipe_file") and "s3" in self.fs.protocol:
+                try:
+                    self.fs.pipe_file(path, data, mode="create")
+                except OSError as exc:
+                    if isinstance(exc, FileExistsError) or not _not_implemented(exc):
+                        raise
+                    self.conditional = False
+                    print(f"warning: the store of --output {self.output_uri} does not implement conditional writes "
+                          f"(If-None-Match); its lease is written, then read back: two runs started within a second of "
+                          f"each other could both start, and the one that wrote first stops at its next renewal",
+                          file=sys.stderr, flush=True)
+                    return self._create(number)
             else:  # no conditional create: write, then check that ours is the file there
                 if self.fs.exists(path):
                     return False
@@ -168,8 +191,10 @@ class Lease:
         while not self._stop.wait(self.ttl / 4):
             try:
                 held = self.current()
-                if held is not None and held.number != self.number:
-                    self.lost.set()  # another run took over: our lease had expired (a long pause, a partition)
+                if held is not None and (held.number != self.number or held.owner != self.owner):
+                    # another run took over: our lease had expired (a long pause, a partition), or a
+                    # store without a conditional create let it write the same lease after us
+                    self.lost.set()
                     import _thread
 
                     _thread.interrupt_main()  # stop this run: jobs.label reports it and exits
