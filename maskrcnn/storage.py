@@ -71,12 +71,35 @@ S3_CONNECT_TIMEOUT_S = 10
 S3_RETRIES = {"max_attempts": 3, "mode": "standard"}
 
 
+# botocore >= 1.36 adds CRC32 checksum headers to every upload ("when_supported"), which many
+# S3-compatible stores refuse (Backblaze B2: "Unsupported header 'x-amz-sdk-checksum-algorithm'",
+# Ceph, GCS and older MinIO: signature errors). For an endpoint that is not AWS's, uploads carry
+# them only where the operation requires one, as before botocore 1.36.
+# AWS_REQUEST_CHECKSUM_CALCULATION / AWS_RESPONSE_CHECKSUM_VALIDATION or config_kwargs win.
+_CHECKSUM_SETTINGS = {"request_checksum_calculation": "AWS_REQUEST_CHECKSUM_CALCULATION",
+                      "response_checksum_validation": "AWS_RESPONSE_CHECKSUM_VALIDATION"}
+
+
 def _s3_client_defaults(options: dict[str, Any]) -> dict[str, Any]:
     config_kwargs = dict(options.get("config_kwargs") or {})
     config_kwargs.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
     if "retries" not in config_kwargs and not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
         config_kwargs["retries"] = _RetrySettings(S3_RETRIES)
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+    if endpoint and not _is_aws_endpoint(endpoint):
+        from botocore.config import Config
+
+        for name, variable in _CHECKSUM_SETTINGS.items():
+            if name in Config.OPTION_DEFAULTS and not os.environ.get(variable):  # botocore < 1.36 has neither
+                config_kwargs.setdefault(name, "when_required")
     return {**options, "config_kwargs": config_kwargs}
+
+
+def _is_aws_endpoint(endpoint: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}").hostname or "").lower()
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
 class _RetrySettings(dict):

@@ -13,6 +13,9 @@ Every request is classified by its kind (``list``, ``get``, ``head``, ``put``, `
 ``conditional_writes`` models S3-compatible stores without AWS's conditional PUT
 (``If-None-Match: *``): ``"rejected"`` answers such a PUT ``501 NotImplemented``, as stores that
 do not implement a header answer; ``"ignored"`` forwards it without the header, so it overwrites.
+``checksum_headers="rejected"`` models stores that refuse botocore's default upload checksums
+(``x-amz-sdk-checksum-algorithm``, ``x-amz-checksum-*`` on a PUT: ``400 InvalidArgument``, as
+Backblaze B2 answers).
 
 A faulted request never reaches the server, so a retry meets the store as it was (this proxy
 does not model a request that took effect but whose answer was lost). Everything else is
@@ -46,6 +49,11 @@ _NOT_IMPLEMENTED = (
     b"<Message>A header you provided implies functionality that is not implemented</Message>"
     b"<Header>If-None-Match</Header><RequestId>FAULTYPROXY</RequestId><HostId>faulty</HostId></Error>"
 )
+
+
+def _unsupported_header(name: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidArgument</Code><Message>Unsupported header '
+            f"'{name}' received for this API call.</Message><RequestId>FAULTYPROXY</RequestId></Error>").encode()
 
 
 def request_kind(method: str, target: str, headers) -> str:
@@ -82,10 +90,12 @@ class FaultyS3Proxy:
     uploads its inputs)."""
 
     def __init__(self, upstream: str, rate: float = 0.15, seed: int = 0, faults: tuple[str, ...] = FAULTS,
-                 conditional_writes: str = "supported"):
+                 conditional_writes: str = "supported", checksum_headers: str = "accepted"):
         if conditional_writes not in ("supported", "rejected", "ignored"):
             raise ValueError(f"conditional_writes must be supported, rejected or ignored, got {conditional_writes!r}")
-        self.conditional_writes = conditional_writes
+        if checksum_headers not in ("accepted", "rejected"):
+            raise ValueError(f"checksum_headers must be accepted or rejected, got {checksum_headers!r}")
+        self.conditional_writes, self.checksum_headers = conditional_writes, checksum_headers
         target = urllib.parse.urlsplit(upstream)
         self.upstream_host, self.upstream_port = target.hostname, target.port or 80
         self.rate, self.faults, self.enabled = rate, faults, True
@@ -184,6 +194,11 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         conditional = self.command in ("PUT", "POST") and "If-None-Match" in self.headers
         if fault is None and conditional and self.owner.conditional_writes == "rejected":
             self._answer(501, [("Content-Type", "application/xml"), ("x-amz-request-id", "FAULTYPROXY")], _NOT_IMPLEMENTED)
+            return
+        checksummed = [k for k in self.headers if k.lower().startswith(("x-amz-checksum-", "x-amz-sdk-checksum-"))]
+        if fault is None and self.command == "PUT" and checksummed and self.owner.checksum_headers == "rejected":
+            refusal = _unsupported_header(checksummed[0])
+            self._answer(400, [("Content-Type", "application/xml"), ("x-amz-request-id", "FAULTYPROXY")], refusal)
             return
         if conditional and self.owner.conditional_writes == "ignored":
             del self.headers["If-None-Match"]

@@ -188,6 +188,43 @@ def test_label_on_a_faulty_s3_labels_every_image_once(s3_server, s3_bucket, faul
     assert retried > 0  # counted on the driver and in the Ray workers
 
 
+def test_label_on_an_s3_compatible_store_without_conditional_puts_or_upload_checksums(s3_server, s3_bucket, ray_local, capsys):
+    """A store as many S3-compatible ones are (Backblaze B2, older MinIO and Ceph): it refuses
+    botocore's default upload checksums (400 on ``x-amz-sdk-checksum-algorithm``) and answers the
+    lease's conditional put ``501 NotImplemented`` (tests/s3_faults.py's proxy, no faults). Uploads
+    large and small go up, and jobs.label labels every image once, with one warning line a run."""
+    from jobs.common import run_main
+    from jobs.label import main as label_main
+
+    direct = _options(s3_server)
+    images = f"{s3_bucket}/images"
+    for k in range(3):
+        with open_uri(f"{images}/p{k}.jpg", "wb", direct) as f:
+            f.write(encode(rgb_noise(72 + 8 * k, 64, seed=k), "JPEG"))
+    make_checkpoint(f"{s3_bucket}/model.pt", storage_options=direct)
+    store = FaultyS3Proxy(s3_server, rate=0.0, conditional_writes="rejected", checksum_headers="rejected").start()
+    try:
+        options = _options(store.endpoint)
+        fs, root = filesystem(f"{s3_bucket}/big", {**options, "default_block_size": 5 * 2**20})
+        with fs.open(f"{root}/big", "wb") as f:  # a multipart upload, as a checkpoint's
+            f.write(b"x" * (11 * 2**20))
+        assert store.forwarded["multipart_complete"] == 1 and fs.size(f"{root}/big") == 11 * 2**20
+        for _ in range(2):  # the second run finds every shard done
+            with pytest.raises(SystemExit) as exit_info:
+                run_main(label_main, ["--input", images, "--output", f"{s3_bucket}/labels", "--checkpoint", f"{s3_bucket}/model.pt",
+                                      "--storage-options", json.dumps(options)])
+            captured = capsys.readouterr()
+            assert exit_info.value.code == 0, captured.out[-3000:] + captured.err[-3000:]
+            warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+            assert len(warnings) == 1 and "does not implement conditional writes" in warnings[0], captured.err[-3000:]
+    finally:
+        store.stop()
+    table = read_output(f"{s3_bucket}/labels", direct)
+    assert sorted(table.column("image_uri").to_pylist()) == [f"{images}/p{k}.jpg" for k in range(3)]
+    assert table.column("error").to_pylist() == [None] * 3
+    assert "nothing to do" in captured.out
+
+
 @pytest.mark.slow
 def test_train_on_a_faulty_s3_writes_the_model(s3_server, s3_bucket, faulty_s3):
     """A 1-worker run of a few steps, annotations, images and --output on S3 through the proxy
