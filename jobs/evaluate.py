@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 from jobs.atomic import AtomicOutput
 from jobs.common import JobError, run_main
 from jobs.options import (add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, parse_storage_options,
-                          warn_slow_cpu_precision)
+                          resolve_uri_options, warn_slow_cpu_precision)
 
 __all__ = ["main", "build_parser", "class_map_for"]
 
@@ -140,7 +140,9 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve_uri_options(parser, args)
     storage_options = parse_storage_options(args.storage_options)
     from maskrcnn.config import PRESETS
 

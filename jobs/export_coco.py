@@ -45,7 +45,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from jobs.common import JobError, run_main
-from jobs.options import add_storage_options, parse_storage_options
+from jobs.options import add_storage_options, parse_storage_options, resolve_uri_options
 from jobs.common import HelpFormatter
 from jobs.atomic import AtomicOutput
 from jobs.labeling.plan import read_plan
@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_storage_options(parser)
     args = parser.parse_args(argv)
+    resolve_uri_options(parser, args)
     storage_options = parse_storage_options(args.storage_options)
     counts = export(
         args.input, args.output, args.format, args.images_root, args.annotations, args.min_score, storage_options, args.categories

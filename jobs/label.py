@@ -18,7 +18,7 @@ import uuid
 
 from jobs.atomic import check_output_writable
 from jobs.common import JobError, init_ray, run_main, shutdown_ray
-from jobs.options import check_tta, parse_storage_options, warn_slow_cpu_precision
+from jobs.options import check_tta, parse_storage_options, resolve_uri_options, warn_slow_cpu_precision
 from jobs.labeling.lease import Lease
 from jobs.labeling.options import build_parser, check_args
 from jobs.labeling.plan import PLAN_DIR, plan_for_run, read_plan
@@ -59,12 +59,10 @@ def load_model_for_labeling(args: argparse.Namespace, storage_options: dict | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     check_args(args)
-    from maskrcnn.storage import absolute_uri
-
-    for name in ("input", "output", "checkpoint", "categories"):  # Ray's workers may run in another directory
-        setattr(args, name, absolute_uri(getattr(args, name)))
+    resolve_uri_options(parser, args)
     storage_options = parse_storage_options(args.storage_options)
     # Everything that can be wrong with the arguments fails here, before any work.
     from jobs.labeling.inputs import check_output_apart, input_kind

@@ -18,6 +18,24 @@ def add_storage_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def resolve_uri_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each URI option of ``parser`` (metavar ``URI``) that ``args`` sets: a JobError naming it
+    when this machine cannot open its storage (an unknown protocol, or one whose package is not
+    installed, as gcsfs for gs://); a local path made absolute, for Ray's workers, which may run
+    in another directory."""
+    from maskrcnn.storage import absolute_uri, check_protocol
+
+    for action in parser._actions:
+        uri = getattr(args, action.dest, None) if action.metavar == "URI" else None
+        if not uri:
+            continue
+        try:
+            check_protocol(uri)
+        except ValueError as exc:
+            raise JobError(f"{action.option_strings[0]} {exc}") from None
+        setattr(args, action.dest, absolute_uri(uri))
+
+
 def add_size_options(group, default: str = "the checkpoint's or the preset's") -> None:
     """--min-size and --max-size, the model's resize, for every job that runs a model."""
     group.add_argument(

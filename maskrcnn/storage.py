@@ -28,7 +28,7 @@ import fsspec
 from fsspec.utils import get_protocol
 
 __all__ = [
-    "filesystem", "open_uri", "join_uri", "absolute_uri", "is_local", "explain_storage_error",
+    "filesystem", "check_protocol", "open_uri", "join_uri", "absolute_uri", "is_local", "explain_storage_error",
     "count_s3_retry", "s3_retries", "on_s3_retry", "s3_in_use", "in_forked_child",
 ]
 
@@ -320,8 +320,24 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
     """The fsspec filesystem that serves ``uri`` and the path of ``uri`` on it (no protocol).
 
     >>> fs, path = filesystem("/tmp/data")   # (LocalFileSystem, "/tmp/data")
+
+    A protocol fsspec does not know, or one whose package is not installed, is a ValueError
+    naming ``uri`` (``check_protocol``).
     """
+    check_protocol(uri)
     return fsspec.core.url_to_fs(uri, **_options_for(uri, storage_options))
+
+
+def check_protocol(uri: str) -> None:
+    """A ValueError naming ``uri`` when its protocol is not one fsspec knows, or its package is
+    not installed here (gcsfs for gs://, adlfs for az://)."""
+    protocol = get_protocol(uri)
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        raise ValueError(f"{uri}: {protocol}:// needs a package that is not installed here: {exc}") from None
+    except ValueError:
+        raise ValueError(f"{uri}: unknown storage protocol {protocol}:// (a local path, s3://, or another fsspec protocol)") from None
 
 
 def open_uri(uri: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> IO:

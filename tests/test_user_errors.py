@@ -362,6 +362,30 @@ def test_demo_options_out_of_range_stop_it_before_any_step(args, needle, tmp_pat
     assert files_under(tmp_path) == [tmp_path / "taken"]
 
 
+# -- every job: a URI whose storage this machine cannot open ---------------------------------------
+
+
+@pytest.mark.parametrize("job, args, needles", [
+    ("label", ["--input", "gs://photos/", "--output", "{tmp}/out", "--checkpoint", "{tmp}/model.pt"],
+     ["--input gs://photos/", "gcsfs"]),
+    ("label", ["--input", "{tmp}", "--output", "foo://labels/", "--checkpoint", "{tmp}/model.pt"],
+     ["--output foo://labels/", "unknown storage protocol foo://"]),
+    ("train", ["--annotations", "{tmp}/a.json", "--images", "{tmp}", "--output", "{tmp}/run", "--weights", "az://models/w.pt"],
+     ["--weights az://models/w.pt", "adlfs"]),
+    ("evaluate", ["--checkpoint", "gs://models/m.pt", "--annotations", "{tmp}/a.json", "--images", "{tmp}"],
+     ["--checkpoint gs://models/m.pt", "gcsfs"]),
+    ("export_coco", ["--input", "{tmp}/labels", "--output", "gs://out/labels.json"], ["--output gs://out/labels.json", "gcsfs"]),
+    ("selftrain", ["--annotations", "{tmp}/a.json", "--images", "{tmp}", "--unlabeled", "gs://unlabeled/", "--val-annotations",
+                   "{tmp}/v.json", "--val-images", "{tmp}", "--output", "{tmp}/st"], ["--unlabeled gs://unlabeled/", "gcsfs"]),
+])
+def test_a_uri_of_storage_this_machine_cannot_open_is_named(job, args, needles, tmp_path):
+    """gs:// without gcsfs, az:// without adlfs, a protocol fsspec does not know: one line naming
+    the option, before anything is read or written (it was a traceback, or a line without the option)."""
+    proc, _ = run_job(job, [a.format(tmp=tmp_path) for a in args])
+    assert_user_error(proc, *needles)
+    assert files_under(tmp_path) == []
+
+
 # -- every job: --help and a mistake in its options answer at once --------------------------------
 
 _WITHOUT_TORCH = """

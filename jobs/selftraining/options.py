@@ -7,7 +7,7 @@ import argparse
 import json
 
 from jobs.common import HelpFormatter, JobError, add_ray_options
-from jobs.options import add_size_options, add_storage_options, add_tta_option, check_tta
+from jobs.options import add_size_options, add_storage_options, add_tta_option, check_tta, resolve_uri_options
 
 DEFAULT_THRESHOLD = 0.7
 # Options passed on to every jobs.train run as they are (dest names); None or False: not passed.
@@ -108,12 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, checked, local paths made absolute. Raises JobError naming a bad value."""
-    from maskrcnn.storage import absolute_uri
-
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     check_args(args)
-    for name in ("annotations", "images", "unlabeled", "val_annotations", "val_images", "output", "weights"):
-        setattr(args, name, absolute_uri(getattr(args, name)))
+    resolve_uri_options(parser, args)
     return args
 
 

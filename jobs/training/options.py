@@ -7,7 +7,7 @@ import argparse
 
 from jobs.autoscaling import add_wait_for_gpus
 from jobs.common import HelpFormatter, JobError, add_ray_options
-from jobs.options import add_precision_options, add_size_options, add_storage_options
+from jobs.options import add_precision_options, add_size_options, add_storage_options, resolve_uri_options
 from jobs.training.spec import DEFAULT_LOADER_WORKERS, MAX_EPOCH_END_EVALS
 from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM
 
@@ -147,12 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line ``argv`` (default: ``sys.argv[1:]``), checked, with its local paths made
     absolute (Ray Train workers run elsewhere). Raises JobError naming a bad value."""
-    from maskrcnn.storage import absolute_uri
-
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     validate_args(args)
-    for name in ("annotations", "images", "val_annotations", "val_images", "output", "weights"):
-        setattr(args, name, absolute_uri(getattr(args, name)))
+    resolve_uri_options(parser, args)
     return args
 
 
