@@ -99,6 +99,8 @@ def test_manifests_txt_and_parquet(tmp_path):
 
     (tmp_path / "m.txt").write_text("# a comment\ns3://b/1.png\n\n/data/2.jpg\n")
     assert list(iter_input_uris(str(tmp_path / "m.txt"))) == ["s3://b/1.png", "/data/2.jpg"]
+    (tmp_path / "w.txt").write_bytes("s3://b/1.png\r\n/data/2 é.jpg\r\n".encode("utf-8-sig"))  # as Notepad saves it
+    assert list(iter_input_uris(str(tmp_path / "w.txt"))) == ["s3://b/1.png", "/data/2 é.jpg"]
     pq.write_table(pa.table({"image_uri": ["a.png", "b.png"], "other": [1, 2]}), tmp_path / "m.parquet")
     assert list(iter_input_uris(str(tmp_path / "m.parquet"))) == ["a.png", "b.png"]
 

@@ -168,9 +168,10 @@ def _walk_s3(fs, root: str) -> Iterator[str]:
 
 
 def _iter_manifest(fs: fsspec.AbstractFileSystem, path: str, input_uri: str) -> Iterator[str]:
-    """A manifest's URIs: a ``.txt`` one's lines (blank and ``#`` lines skipped), a ``.parquet``
-    one's ``image_uri`` column of strings (null and empty values skipped, as blank lines are, and
-    counted in a note). Every line or row is a request: one listed twice is labelled twice."""
+    """A manifest's URIs: a ``.txt`` one's lines (UTF-8, with or without a BOM, any line ends;
+    blank and ``#`` lines skipped), a ``.parquet`` one's ``image_uri`` column of strings (null and
+    empty values skipped, as blank lines are, and counted in a note). Every line or row is a
+    request: one listed twice is labelled twice."""
     if path.lower().endswith(".parquet"):
         skipped = 0
         with fs.open(path, "rb") as f:
@@ -212,7 +213,7 @@ def _iter_manifest(fs: fsspec.AbstractFileSystem, path: str, input_uri: str) -> 
     with fs.open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8").strip()
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()  # a BOM, as Windows editors write
             except UnicodeDecodeError:
                 raise JobError(f"manifest {input_uri} line {number} is not UTF-8 text: is it a text list of URIs?") from None
             if line and not line.startswith("#"):
