@@ -160,3 +160,34 @@ def test_on_s3_the_lease_is_created_exclusively_with_a_conditional_put(condition
         assert len(warnings) == 2 and all("does not implement conditional writes (If-None-Match)" in w for w in warnings), warnings
     else:
         assert warnings == []
+
+
+def test_a_local_lease_is_never_read_half_written(tmp_path):
+    """Another run reads the lease while its holder renews it (--wait-for-lease polls it): a
+    renewal written in place could be read empty or cut, taken for an expired lease, and the
+    live run's output taken over. Renewals and creations are whole files, read whole."""
+    import threading
+
+    from jobs.labeling.lease import Lease
+
+    output = str(tmp_path / "labels")
+    holder = Lease(output, "_plan", "run-a")
+    holder.acquire()
+    reader = Lease(output, "_plan", "run-b")
+    stop, seen = threading.Event(), set()
+
+    def read():
+        while not stop.is_set():
+            seen.add(reader.current().owner)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        for _ in range(3000):
+            holder._write(holder.number, time.time() + holder.ttl)
+    finally:
+        stop.set()
+        thread.join()
+    holder.release()
+    assert seen == {"run-a"}
+    assert sorted(p.name for p in (tmp_path / "labels" / "_plan").iterdir()) == [lease_name(1)]  # nothing left aside

@@ -2,10 +2,12 @@
 
 Leases are numbered files ``<output>/_plan/lease-<n>.json`` (owner, host, pid, expiry); the
 current lease is the highest number. A run takes the lease by creating the next number
-exclusively, which exactly one run can do: on a local disk with ``O_EXCL``, on S3 with a
-conditional put (``If-None-Match: *``). It may do so when there is none, or when the current
-lease has ended: released, expired, or held by a process of this host that is gone (a killed
-run on the same machine is taken over at once; one on another machine when its lease expires). The holder renews its expiry every
+exclusively, which exactly one run can do: on a local disk as a hard link to a file written
+aside (``O_EXCL`` where links are not to be had), on S3 with a conditional put
+(``If-None-Match: *``); renewals replace it whole, so no run reads a lease half-written. It
+may do so when there is none, or when the current lease has ended: released, expired, or held
+by a process of this host that is gone (a killed run on the same machine is taken over at once;
+one on another machine when its lease expires). The holder renews its expiry every
 ``ttl / 4`` seconds and releases it at the end (expiry 0); a holder that finds a higher number
 than its own has lost the lease and stops. Stores without a conditional create (where fsspec
 offers none, and S3-compatible stores that answer the conditional put "not implemented", with a
@@ -27,6 +29,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from jobs.atomic import put_atomic
 from jobs.common import JobError
 from maskrcnn.storage import filesystem, is_local
 
@@ -154,10 +157,20 @@ class Lease:
         path = f"{self.folder}/{lease_name(number)}"
         data = self._record(number, time.time() + self.ttl)
         try:
-            if is_local(self.fs):
+            if is_local(self.fs):  # written aside, then linked: exclusive, and never seen half-written
                 self.fs.makedirs(self.folder, exist_ok=True)
-                with open(path, "xb") as f:
+                aside = f"{self.folder}/.tmp-{self.owner}-{lease_name(number)}"
+                with open(aside, "wb") as f:
                     f.write(data)
+                try:
+                    os.link(aside, path)  # FileExistsError when another run's is there
+                except FileExistsError:
+                    raise
+                except OSError:  # a file system without hard links
+                    with open(path, "xb") as f:
+                        f.write(data)
+                finally:
+                    os.unlink(aside)
             elif self.conditional and hasattr(self.fs, "_pipe_file") and "s3" in self.fs.protocol:
                 try:
                     self.fs.pipe_file(path, data, mode="create")
@@ -185,7 +198,8 @@ class Lease:
         return True
 
     def _write(self, number: int, expires: float) -> None:
-        self.fs.pipe_file(f"{self.folder}/{lease_name(number)}", self._record(number, expires))
+        # whole or not at all: a run reading a half-written renewal would take it for expired
+        put_atomic(self.fs, f"{self.folder}/{lease_name(number)}", self._record(number, expires))
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
