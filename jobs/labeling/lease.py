@@ -157,20 +157,8 @@ class Lease:
         path = f"{self.folder}/{lease_name(number)}"
         data = self._record(number, time.time() + self.ttl)
         try:
-            if is_local(self.fs):  # written aside, then linked: exclusive, and never seen half-written
-                self.fs.makedirs(self.folder, exist_ok=True)
-                aside = f"{self.folder}/.tmp-{self.owner}-{lease_name(number)}"
-                with open(aside, "wb") as f:
-                    f.write(data)
-                try:
-                    os.link(aside, path)  # FileExistsError when another run's is there
-                except FileExistsError:
-                    raise
-                except OSError:  # a file system without hard links
-                    with open(path, "xb") as f:
-                        f.write(data)
-                finally:
-                    os.unlink(aside)
+            if is_local(self.fs):  # exclusive, and never seen half-written
+                put_atomic(self.fs, path, data, exclusive=True)
             elif self.conditional and hasattr(self.fs, "_pipe_file") and "s3" in self.fs.protocol:
                 try:
                     self.fs.pipe_file(path, data, mode="create")
