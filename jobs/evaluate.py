@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Every URI may be a local path or s3:// (any fsspec URI).",
     )
     parser.add_argument(
-        "--checkpoint", required=True, metavar="URI", help="model.pt written by jobs.train, or a bare torchvision Mask R-CNN state dict"
+        "--checkpoint", required=True, metavar="URI",
+        help="model.pt written by jobs.train (or its --output folder), or a bare torchvision Mask R-CNN state dict",
     )
     parser.add_argument("--annotations", required=True, metavar="URI", help="COCO instances JSON, the ground truth")
     parser.add_argument("--images", required=True, metavar="URI", help="folder or prefix that the JSON's file_names are relative to")

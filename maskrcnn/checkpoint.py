@@ -15,6 +15,9 @@ shipped in ``maskrcnn/data/``: 91 classes (a Mask R-CNN) COCO's 80 categories at
 with ``arch="keypoint_r50_fpn"``; the number of keypoints is read from the state dict.
 torchvision's ``maskrcnn_resnet50_fpn_v2`` state dicts (BatchNorm in the trunk, FPN and heads, a
 ``box_head.0.0.*``..``box_head.5.*`` conv-fc box head) load with ``arch="r50_fpn_v2"``.
+
+A folder given as a checkpoint stands for the file in it: a jobs.train ``--output``'s
+``model.pt``, else a Ray Train checkpoint folder's ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -85,14 +88,51 @@ def to_torchvision_state_dict(model: MaskRCNN) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+# The file a folder given as a checkpoint stands for: a jobs.train --output's model.pt, else a Ray
+# Train checkpoint folder's checkpoint.pt (which loads as a model too).
+FOLDER_CHECKPOINTS = ("model.pt", "checkpoint.pt")
+
+
 def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
     try:
         with open_uri(uri, "rb", storage_options=storage_options) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {uri} does not exist") from None
+            data = f.read()
+        missing = False
+    except (FileNotFoundError, IsADirectoryError):
+        data, missing = b"", True
     except Exception as exc:  # permission, network, credentials
         raise CheckpointError(f"checkpoint {uri} cannot be read: {explain_storage_error(exc)}") from None
+    if data:
+        return data
+    # nothing read: a folder (s3fs opens a prefix as an empty file), or no such file
+    folder, inside = _checkpoint_in_folder(uri, storage_options)
+    if inside is not None:
+        return _read_bytes(inside, storage_options)
+    if folder:
+        raise CheckpointError(
+            f"checkpoint {uri} is a folder without {' or '.join(FOLDER_CHECKPOINTS)}: give the checkpoint file "
+            "(a jobs.train --output holds model.pt once its training has ended)"
+        )
+    if missing:
+        raise CheckpointError(f"checkpoint {uri} does not exist")
+    return data  # an empty file: read_checkpoint says so
+
+
+def _checkpoint_in_folder(uri: str, storage_options: dict | None) -> tuple[bool, str | None]:
+    """Whether ``uri`` is a folder (an object store's prefix), and its model.pt or checkpoint.pt
+    when it holds one."""
+    from maskrcnn.storage import filesystem, join_uri
+
+    try:
+        fs, path = filesystem(uri, storage_options)
+        if not fs.isdir(path):
+            return False, None
+        for name in FOLDER_CHECKPOINTS:
+            if fs.isfile(f"{path.rstrip('/')}/{name}"):
+                return True, join_uri(uri, name)
+    except Exception:  # the read's own error is the one to say
+        return False, None
+    return True, None
 
 
 def _unreadable(uri: str, exc: Exception, empty: bool) -> str:

@@ -70,6 +70,29 @@ def test_round_trip_s3(s3_bucket, small_model):
     assert loaded.config == cfg and loaded.uri == uri
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_folder_stands_for_its_model_pt(where, tmp_path, request, small_model):
+    """A jobs.train --output (or a Ray Train checkpoint folder) given as the checkpoint reads its
+    model.pt (checkpoint.pt); a folder without one, or before its training ended, is one line."""
+    model, cfg = small_model
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    save_checkpoint(f"{base}/run/model.pt", model, cfg, CATEGORIES)
+    save_checkpoint(f"{base}/run/ray_train/checkpoint_1/checkpoint.pt", model, cfg, CATEGORIES)
+    from maskrcnn.storage import open_uri
+
+    with open_uri(f"{base}/empty/notes.txt", "w") as f:
+        f.write("not a model")
+    file_hash = load_checkpoint(f"{base}/run/model.pt").model_hash
+    for folder in (f"{base}/run", f"{base}/run/", f"{base}/run/ray_train/checkpoint_1"):
+        loaded = load_checkpoint(folder)
+        assert loaded.config == cfg and loaded.model_hash == file_hash, folder
+    for folder in (f"{base}/empty", f"{base}/run/ray_train"):
+        with pytest.raises(CheckpointError, match=r"is a folder without model\.pt or checkpoint\.pt: give the checkpoint file"):
+            load_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(f"{base}/nowhere")
+
+
 def test_same_bytes_same_hash_other_bytes_other_hash(tmp_path, small_model):
     model, cfg = small_model
     save_checkpoint(str(tmp_path / "a.pt"), model, cfg, CATEGORIES)

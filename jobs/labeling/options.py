@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         metavar="URI",
-        help="a model.pt written by jobs.train, or a torchvision Mask R-CNN or Keypoint R-CNN state dict "
+        help="a model.pt written by jobs.train (or its --output folder), or a torchvision Mask R-CNN or Keypoint R-CNN state dict "
         "(then give --arch, and --categories unless it is torchvision's COCO one)",
     )
     io_group.add_argument(

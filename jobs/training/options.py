@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--weights", default=None, metavar="URI",
-        help="start from these weights: a jobs.train model.pt or a torchvision Mask R-CNN state dict (e.g. the COCO checkpoint); "
+        help="start from these weights: a jobs.train model.pt (or its --output folder) or a torchvision Mask R-CNN state dict "
+        "(e.g. the COCO checkpoint); "
         "when its classes differ from the annotations' categories, the class-specific layers are re-initialised (fine-tuning)",
     )
 
