@@ -313,6 +313,8 @@ def explain_storage_error(exc: BaseException) -> str:
         )
     if isinstance(exc, FileNotFoundError):
         return f"it does not exist ({first_line})"
+    if isinstance(exc, IsADirectoryError):
+        return "it is a folder; give the file"
     return f"{type(exc).__name__}: {first_line}"
 
 
@@ -345,13 +347,17 @@ def open_uri(uri: str, mode: str = "rb", storage_options: dict[str, Any] | None 
 
     Writing to a local path creates its missing parent folders, as writing to S3 needs none.
     Text modes (``"r"``, ``"w"``) read and write UTF-8.
+    An object store's prefix opened for reading is an IsADirectoryError, as a local folder is
+    (s3fs opens it as an empty file).
     """
     fs, path = filesystem(uri, storage_options)
     if any(flag in mode for flag in "wax") and is_local(fs):
         fs.makedirs(fs._parent(path), exist_ok=True)
-    if "b" in mode:
-        return fs.open(path, mode)
-    return fs.open(path, mode, encoding="utf-8")
+    opened = fs.open(path, mode) if "b" in mode else fs.open(path, mode, encoding="utf-8")
+    if "r" in mode and not is_local(fs) and getattr(getattr(opened, "buffer", opened), "size", None) == 0 and fs.isdir(path):
+        opened.close()
+        raise IsADirectoryError(f"{uri} is a folder (a prefix), not a file")
+    return opened
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -99,3 +99,31 @@ def test_errors_do_not_show_secrets(s3_bucket, s3_server):
         with open_uri(join_uri(s3_bucket, "missing.bin"), storage_options=options) as f:
             f.read()
     assert secret not in str(info.value) and secret not in repr(info.value)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_folder_given_for_a_file_is_named_as_a_folder(where, tmp_path, request):
+    """A folder (an object store's prefix, which s3fs opens as an empty file) given where a file is
+    read: IsADirectoryError from open_uri, and the jobs' one line says it is a folder; an empty
+    file stays an empty file."""
+    from jobs.common import JobError
+    from jobs.evaluate import main as evaluate_main
+    from jobs.train import main as train_main
+
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    with open_uri(f"{base}/data/annotations.json", "w") as f:
+        f.write("{}")
+    with open_uri(f"{base}/empty.json", "w") as f:
+        pass
+    with pytest.raises(IsADirectoryError):
+        open_uri(f"{base}/data")
+    with pytest.raises(IsADirectoryError):
+        open_uri(f"{base}/data/", "r")
+    with open_uri(f"{base}/empty.json") as f:
+        assert f.read() == b""
+    folder = f"{base}/data"
+    with pytest.raises(JobError, match=rf"^cannot read --annotations {folder}: it is a folder; give the file$"):
+        train_main(["--annotations", folder, "--images", folder, "--output", str(tmp_path / "run"), "--arch", "small"])
+    with pytest.raises(JobError, match=rf"^cannot read --annotations {folder}: it is a folder; give the file$"):
+        evaluate_main(["--checkpoint", str(tmp_path / "model.pt"), "--annotations", folder, "--images", folder])
+    assert not (tmp_path / "run").exists()
