@@ -48,39 +48,6 @@ def check_output_writable(output_uri: str, storage_options: dict | None, probe_d
         raise JobError(f"cannot write to --output {output_uri}: {explain_storage_error(exc)}") from None
 
 
-def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, exclusive: bool = False) -> None:
-    """Write ``data`` so that readers see the whole file or none of it.
-
-    Locally: a temporary name in the same folder, then a rename (atomic on POSIX); with
-    ``exclusive``, a hard link instead, which raises FileExistsError when ``path`` exists
-    (``O_EXCL`` on a file system without hard links). On object stores a single PUT (or a
-    completed multipart upload) is atomic by itself; ``exclusive`` is for local files only.
-    """
-    if is_local(fs):
-        parent = fs._parent(path)
-        fs.makedirs(parent, exist_ok=True)
-        temporary = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-        with fs.open(temporary, "wb") as f:
-            f.write(data)
-        if not exclusive:
-            fs.mv(temporary, path)
-            return
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            raise
-        except OSError:  # a file system without hard links
-            with open(path, "xb") as f:
-                f.write(data)
-        finally:
-            os.unlink(temporary)
-    else:
-        if exclusive:
-            raise ValueError("put_atomic(exclusive=True) is for local files; object stores have their own conditional writes")
-        with fs.open(path, "wb") as f:
-            f.write(data)
-
-
 class AtomicOutput:
     """A text file that appears at ``uri`` whole when the ``with`` block ends without an error,
     else not at all: written to a temporary file (locally beside ``uri``, then renamed; for an

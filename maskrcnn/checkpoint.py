@@ -33,7 +33,7 @@ import torch
 
 from maskrcnn.config import ModelConfig, get_preset
 from maskrcnn.modeling import MaskRCNN, build_model
-from maskrcnn.storage import explain_storage_error, open_uri
+from maskrcnn.storage import explain_storage_error, filesystem, open_uri, put_atomic
 
 FORMAT = "maskrcnn-ray/1"
 # Layers whose shape depends on the number of classes: re-initialised when fine-tuning.
@@ -121,7 +121,7 @@ def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
 def _checkpoint_in_folder(uri: str, storage_options: dict | None) -> tuple[bool, str | None]:
     """Whether ``uri`` is a folder (an object store's prefix), and its model.pt or checkpoint.pt
     when it holds one."""
-    from maskrcnn.storage import filesystem, join_uri
+    from maskrcnn.storage import join_uri
 
     try:
         fs, path = filesystem(uri, storage_options)
@@ -402,5 +402,5 @@ def save_checkpoint(uri: str, model: MaskRCNN, config: ModelConfig, categories: 
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    with open_uri(uri, "wb", storage_options=storage_options) as f:
-        f.write(buffer.getvalue())
+    fs, path = filesystem(uri, storage_options)
+    put_atomic(fs, path, buffer.getvalue())  # a reader (jobs.label on a run's model.pt) never sees it half-written

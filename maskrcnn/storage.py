@@ -22,6 +22,7 @@ import posixpath
 import selectors
 import sys
 import threading
+import uuid
 from typing import IO, Any
 
 import fsspec
@@ -29,7 +30,7 @@ from fsspec.utils import get_protocol
 
 __all__ = [
     "filesystem", "check_protocol", "open_uri", "join_uri", "absolute_uri", "is_local", "explain_storage_error",
-    "count_s3_retry", "s3_retries", "on_s3_retry", "s3_in_use", "in_forked_child",
+    "count_s3_retry", "s3_retries", "on_s3_retry", "s3_in_use", "in_forked_child", "put_atomic",
 ]
 
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -358,6 +359,39 @@ def open_uri(uri: str, mode: str = "rb", storage_options: dict[str, Any] | None 
         opened.close()
         raise IsADirectoryError(f"{uri} is a folder (a prefix), not a file")
     return opened
+
+
+def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, exclusive: bool = False) -> None:
+    """Write ``data`` so that readers see the whole file or none of it.
+
+    Locally: a temporary name in the same folder, then a rename (atomic on POSIX); with
+    ``exclusive``, a hard link instead, which raises FileExistsError when ``path`` exists
+    (``O_EXCL`` on a file system without hard links). On object stores a single PUT (or a
+    completed multipart upload) is atomic by itself; ``exclusive`` is for local files only.
+    """
+    if is_local(fs):
+        parent = fs._parent(path)
+        fs.makedirs(parent, exist_ok=True)
+        temporary = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
+        with fs.open(temporary, "wb") as f:
+            f.write(data)
+        if not exclusive:
+            fs.mv(temporary, path)
+            return
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links
+            with open(path, "xb") as f:
+                f.write(data)
+        finally:
+            os.unlink(temporary)
+    else:
+        if exclusive:
+            raise ValueError("put_atomic(exclusive=True) is for local files; object stores have their own conditional writes")
+        with fs.open(path, "wb") as f:
+            f.write(data)
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -93,6 +93,39 @@ def test_a_folder_stands_for_its_model_pt(where, tmp_path, request, small_model)
         load_checkpoint(f"{base}/nowhere")
 
 
+def test_a_checkpoint_being_rewritten_is_never_read_half_written(tmp_path, small_model):
+    """A run's model.pt rewritten (a finished jobs.train run again) while another job reads it:
+    each read is the whole file or the one before, never a truncated one."""
+    import threading
+
+    from maskrcnn.checkpoint import read_checkpoint
+
+    model, cfg = small_model
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(path, model, cfg, CATEGORIES)
+    stop, failures, reads = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            try:
+                read_checkpoint(path)
+                reads[0] += 1
+            except CheckpointError as exc:
+                failures.append(str(exc))
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(60):
+            save_checkpoint(path, model, cfg, CATEGORIES)
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures and reads[0] > 0, (failures[:1], reads)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
+
+
 def test_same_bytes_same_hash_other_bytes_other_hash(tmp_path, small_model):
     model, cfg = small_model
     save_checkpoint(str(tmp_path / "a.pt"), model, cfg, CATEGORIES)

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from jobs.atomic import put_atomic
+from maskrcnn.storage import put_atomic
 from jobs.common import JobError
 from maskrcnn.storage import filesystem, is_local
 

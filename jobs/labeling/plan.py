@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import JobError
-from jobs.atomic import put_atomic
+from maskrcnn.storage import put_atomic
 from maskrcnn.storage import filesystem
 
 PLAN_FORMAT = "maskrcnn-ray-label-plan/2"

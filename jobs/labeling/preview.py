@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from jobs.atomic import put_atomic
+from maskrcnn.storage import put_atomic
 from jobs.labeling.shards import PREVIEW_DIR, part_files
 from maskrcnn.data.images import ImageDecodeError, decode_image
 from maskrcnn.storage import filesystem, open_uri

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from jobs.atomic import put_atomic
+from maskrcnn.storage import put_atomic
 from jobs.labeling.plan import Plan, table_bytes
 from jobs.labeling.rows import OUTPUT_SCHEMA, PIECE_SCHEMA
 from maskrcnn.storage import filesystem
