@@ -130,6 +130,44 @@ def test_shards_are_disjoint_equal_and_cover_the_dataset(num_items, world_size):
     assert steps_per_epoch(25, 2, 2) == 7  # ceil(ceil(25 / 2) / 2)
 
 
+def test_the_run_record_is_never_read_half_written(tmp_path):
+    """metrics.jsonl is rewritten whole at each checkpoint (object stores cannot append): a kill
+    in the middle, or a reader at that moment (a resume, a dashboard), must find the whole file
+    or the one before, never a truncated record."""
+    import threading
+
+    from jobs.training.metrics import MetricsLog
+    from jobs.training.metrics import read_metrics as read_records
+
+    log = MetricsLog(str(tmp_path), None, start_step=0)
+    for step in range(1, 2001):
+        log.add({"step": step, "loss": 1.0 / step, "lr": 0.02, "images_per_s": 5.0, "time": 1e9 + step})
+    log.flush()
+    stop, failures, reads = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            try:
+                records = read_records(str(tmp_path), None)
+                assert len(records) >= 2000, len(records)
+                reads[0] += 1
+            except Exception as exc:  # a truncated last line, or a short file
+                failures.append(repr(exc))
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for step in range(2001, 2051):
+            log.add({"step": step, "loss": 1.0 / step, "lr": 0.02, "images_per_s": 5.0, "time": 1e9 + step})
+            log.flush()
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures and reads[0] > 0, (failures[:1], reads)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 def test_help_documents_every_option():
     parser = build_parser()
     text = parser.format_help()

@@ -89,11 +89,13 @@ class MetricsLog:
         self.records.append(record)
 
     def flush(self) -> None:
-        from maskrcnn.storage import join_uri, open_uri
+        """Rewrites the file whole or not at all: a kill in the middle must not leave a resume a
+        truncated record of the run to read."""
+        from maskrcnn.storage import filesystem, join_uri, put_atomic
 
         text = "".join(json.dumps(r) + "\n" for r in self.records)
-        with open_uri(join_uri(self.uri, METRICS_FILE), "w", self.storage_options) as f:
-            f.write(text)
+        fs, path = filesystem(join_uri(self.uri, METRICS_FILE), self.storage_options)
+        put_atomic(fs, path, text.encode("utf-8"))
 
 
 def plot_metrics(records: list[dict], uri: str, storage_options: dict | None) -> bool:
@@ -109,7 +111,7 @@ def plot_metrics(records: list[dict], uri: str, storage_options: dict | None) ->
         return False
     import io
 
-    from maskrcnn.storage import open_uri
+    from maskrcnn.storage import filesystem, put_atomic
 
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if r.get("event") == "eval"]
@@ -140,8 +142,8 @@ def plot_metrics(records: list[dict], uri: str, storage_options: dict | None) ->
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    with open_uri(uri, "wb", storage_options) as f:
-        f.write(buffer.getvalue())
+    fs, path = filesystem(uri, storage_options)
+    put_atomic(fs, path, buffer.getvalue())
     return True
 
 
