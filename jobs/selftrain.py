@@ -86,7 +86,9 @@ def model_ready(uri: str, storage_options: dict | None) -> bool:
 def check_inputs(args: argparse.Namespace, storage_options: dict | None):
     """The labelled set (``CocoDataset``), checked with the held-out set, --unlabeled and
     --weights before any work; JobError naming the first problem."""
-    from jobs.labeling.inputs import iter_input_uris
+    from collections import Counter
+
+    from jobs.labeling.inputs import iter_input_uris, not_images_note
     from jobs.training.inputs import check_dataset
 
     labelled = check_dataset(args.annotations, args.images, storage_options, "")
@@ -100,8 +102,10 @@ def check_inputs(args: argparse.Namespace, storage_options: dict | None):
         raise JobError(f"--output {args.output} is inside --unlabeled {args.unlabeled}: its models and plots would be labelled; "
                        "give an --output outside the unlabeled images")
     try:
-        if next(iter(iter_input_uris(args.unlabeled, storage_options)), None) is None:
-            raise JobError(f"--input {args.unlabeled} holds no images")
+        not_images = Counter()
+        if next(iter(iter_input_uris(args.unlabeled, storage_options, not_images=not_images)), None) is None:
+            note = not_images_note(args.unlabeled, not_images)
+            raise JobError(f"--input {args.unlabeled} holds no images" + (f"; {note.removeprefix('note: ')}" if note else ""))
     except JobError as exc:
         raise JobError(str(exc).replace("--input ", "--unlabeled ")) from None
     if args.weights:

@@ -59,6 +59,37 @@ def test_listing_is_recursive_sorted_and_skips_non_images(tmp_path):
     assert uris == [str(tmp_path / n) for n in ["a/0.webp", "a/x/1.JPG", "b/2.png", "c.tiff"]]
 
 
+def test_files_left_out_as_not_images_are_counted_and_named(tmp_path, capsys):
+    """Every still format Pillow decodes is an image (AVIF, GIF, JPEG 2000, the PNM family); a
+    folder's other files are left out, and planning says how many of which kind: a phone's HEIC
+    photos would otherwise go unlabelled in silence. A folder of HEIC photos alone says so in its
+    one-line error."""
+    from collections import Counter
+
+    from jobs.labeling.plan import plan_for_run
+
+    photos = tmp_path / "photos"
+    images = ["a.avif", "b.gif", "c.jp2", "d.pgm", "e.JFIF", "f.jpg"]
+    others = ["IMG_1.HEIC", "IMG_2.heic", "IMG_3.heic", "clip.MOV", "README", "_plan.heic", ".x.heic"]
+    for name in images + others:
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(b"x")
+    counted = Counter()
+    assert list(iter_input_uris(str(photos), not_images=counted)) == [str(photos / n) for n in images]
+    assert counted == {"heic": 3, "mov": 1, "": 1}  # hidden and bookkeeping names are no input at all
+
+    plan = plan_for_run(str(photos), str(tmp_path / "labels"), None, {}, None)
+    assert plan.num_images == len(images)
+    note = (f"note: 5 files in --input {photos} left out as not images by name (3 .heic, 1 without an extension, 1 .mov); "
+            "HEIC/HEIF photos cannot be decoded here: convert them (to JPEG, say) to label them")
+    assert note in capsys.readouterr().out.splitlines()
+
+    for name in images:
+        (photos / name).unlink()
+    with pytest.raises(JobError, match=r"^--input .*photos holds no images \(looked for jpg, jpeg, .*\); 5 files in --input .* left out"):
+        plan_for_run(str(photos), str(tmp_path / "other"), None, {}, None)
+
+
 SKIPPED_NAMES = ["_preview/0000-000001.png", ".thumbs/a.png", "a/.hidden.png", "a/_tmp/b.png",
                  "old_labels/_plan/plan.json", "old_labels/part-000000.parquet", "old_labels/keep.png"]
 

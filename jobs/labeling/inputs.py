@@ -7,6 +7,8 @@ prefix is listed page by page, in S3's key order), a ``.txt`` manifest is read l
 
 from __future__ import annotations
 
+from collections import Counter
+
 import contextlib
 from typing import Iterator
 
@@ -18,7 +20,10 @@ from jobs.common import JobError
 from jobs.labeling.plan import PLAN_DIR
 from maskrcnn.storage import explain_storage_error, filesystem
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# The still-image formats Pillow decodes (an animated GIF's first frame); a folder's other files
+# are left out and counted (``iter_input_uris``' ``not_images``)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif", ".jp2",
+                    ".ppm", ".pgm", ".pbm", ".pnm")
 MANIFEST_EXTENSIONS = (".txt", ".parquet")
 MANIFEST_COLUMN = "image_uri"
 
@@ -33,14 +38,17 @@ def is_skipped_name(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
-def iter_input_uris(input_uri: str, storage_options: dict | None = None, exclude_uri: str | None = None) -> Iterator[str]:
+def iter_input_uris(
+    input_uri: str, storage_options: dict | None = None, exclude_uri: str | None = None, not_images: Counter | None = None
+) -> Iterator[str]:
     """Every image URI of the input, in a deterministic order.
 
     A folder/prefix yields its images (by extension, any depth) in sorted path order, skipping
     hidden and bookkeeping names (``is_skipped_name``: a ``.`` or ``_`` start, as Hive, Spark
     and pyarrow skip them) and any folder that holds a labeling plan (another run's output); a
     manifest yields its lines/rows as written. ``exclude_uri``: a folder to skip (the job's
-    output, when it lies inside the input). Raises JobError when the input does not exist.
+    output, when it lies inside the input). ``not_images``: counts a folder's files left out for
+    their names, by extension (``not_images_note``). Raises JobError when the input does not exist.
     """
     fs, path = filesystem(input_uri, storage_options)
     kind = input_kind(input_uri, storage_options)
@@ -61,8 +69,28 @@ def iter_input_uris(input_uri: str, storage_options: dict | None = None, exclude
         below = found[len(root) + 1 :] if found.startswith(root + "/") else found.rsplit("/", 1)[-1]
         if any(is_skipped_name(part) for part in below.split("/")):
             continue
-        if is_image_name(found) and not (exclude and found.startswith(exclude)):
+        if exclude and found.startswith(exclude):
+            continue
+        if is_image_name(found):
             yield _as_uri(fs, found, input_uri)
+        elif not_images is not None:
+            name = found.rsplit("/", 1)[-1]
+            not_images[name.rsplit(".", 1)[-1].lower() if "." in name else ""] += 1
+
+
+def not_images_note(input_uri: str, not_images: Counter) -> str | None:
+    """A line saying which files of --input ``input_uri`` were left out as not images (None when
+    none were): a folder of phone photos in HEIC would otherwise go unlabelled in silence."""
+    if not not_images:
+        return None
+    total = sum(not_images.values())
+    most = sorted(not_images.items(), key=lambda kind: (-kind[1], kind[0]))[:5]
+    kinds = ", ".join(f"{count} .{ext}" if ext else f"{count} without an extension" for ext, count in most)
+    more = ", ..." if len(not_images) > 5 else ""
+    line = f"note: {total} file{'s' if total != 1 else ''} in --input {input_uri} left out as not images by name ({kinds}{more})"
+    if not_images.keys() & {"heic", "heif"}:
+        line += "; HEIC/HEIF photos cannot be decoded here: convert them (to JPEG, say) to label them"
+    return line
 
 
 def input_kind(input_uri: str, storage_options: dict | None = None) -> str:

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         required=True,
         metavar="URI",
-        help="a folder or prefix of images (JPEG, PNG, WebP, BMP, TIFF; searched recursively), or a manifest: "
+        help="a folder or prefix of images (JPEG, PNG, WebP, AVIF, TIFF, BMP, GIF, JPEG 2000, PNM; searched recursively), or a manifest: "
         "a .txt file with one image URI per line, or a .parquet file with an 'image_uri' column",
     )
     io_group.add_argument(

@@ -167,7 +167,9 @@ def write_plan(
     fs, plan_dir = _plan_dir(output_uri, storage_options)
     first = _write_generation(fs, plan_dir, uris, 0, shard_size, "gen-000001")
     if first.num_images == 0:
-        looked_for = ", ".join(("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"))
+        from jobs.labeling.inputs import IMAGE_EXTENSIONS
+
+        looked_for = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
         raise JobError(f"--input {input_uri} holds no images (looked for {looked_for})")
     plan = Plan(input=input_uri, shard_size=shard_size, settings=settings, generations=[first], created=first.created)
     put_atomic(fs, f"{plan_dir}/plan.json", plan.to_json())
@@ -249,16 +251,32 @@ def plan_for_run(
     """The plan this run labels: the first run's (shards of ``shard_size``, default
     ``DEFAULT_SHARD_SIZE``), or the output's own (same input and settings, else JobError) grown
     by the images listed since when ``new_inputs``. Says what it did."""
-    from jobs.labeling.inputs import iter_input_uris
+    from collections import Counter
+
+    from jobs.labeling.inputs import iter_input_uris, not_images_note
 
     started = time.perf_counter()
     plan = read_plan(output_uri, storage_options)
+    not_images: Counter = Counter()
+
+    def say_not_images() -> None:
+        note = not_images_note(input_uri, not_images)
+        if note:
+            print(note, flush=True)
+
     if plan is None:
         print(f"planning: listing {input_uri} ...", flush=True)
-        uris = iter_input_uris(input_uri, storage_options, exclude_uri=output_uri)
-        plan = write_plan(uris, output_uri, input_uri, shard_size or DEFAULT_SHARD_SIZE, settings, storage_options)
+        uris = iter_input_uris(input_uri, storage_options, exclude_uri=output_uri, not_images=not_images)
+        try:
+            plan = write_plan(uris, output_uri, input_uri, shard_size or DEFAULT_SHARD_SIZE, settings, storage_options)
+        except JobError as exc:
+            note = not_images_note(input_uri, not_images)
+            if note is None or "holds no images" not in str(exc):
+                raise
+            raise JobError(f"{exc}; {note.removeprefix('note: ')}") from None
         seconds = time.perf_counter() - started
         print(f"planned {plan.num_images} images in {plan.num_shards} shards of {plan.shard_size} ({seconds:.1f} s)", flush=True)
+        say_not_images()
         return plan
     if plan.input != input_uri:
         raise JobError(
@@ -275,7 +293,7 @@ def plan_for_run(
     if not new_inputs:
         return plan
     print(f"planning: listing {input_uri} for images added since ...", flush=True)
-    uris = iter_input_uris(input_uri, storage_options, exclude_uri=output_uri)
+    uris = iter_input_uris(input_uri, storage_options, exclude_uri=output_uri, not_images=not_images)
     plan, added, vanished = extend_plan(plan, uris, output_uri, storage_options)
     seconds = time.perf_counter() - started
     if added:
@@ -283,6 +301,7 @@ def plan_for_run(
         print(f"{added} new images planned in {shards} new shards ({seconds:.1f} s)", flush=True)
     else:
         print(f"no new images ({seconds:.1f} s)", flush=True)
+    say_not_images()
     if vanished:
         print(f"{vanished} planned image{' is' if vanished == 1 else 's are'} no longer in the input; "
               f"{'its row is' if vanished == 1 else 'their rows are'} kept", flush=True)
