@@ -19,7 +19,7 @@ import uuid
 from jobs.atomic import check_output_writable
 from jobs.common import JobError, init_ray, run_main, shutdown_ray
 from jobs.options import check_tta, parse_storage_options, resolve_uri_options, warn_slow_cpu_precision
-from jobs.labeling.lease import Lease
+from jobs.lease import Lease
 from jobs.labeling.options import build_parser, check_args
 from jobs.labeling.plan import PLAN_DIR, plan_for_run, read_plan
 from jobs.labeling.resources import actor_resources, threads_note
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         **({"tta": tta} if tta else {}),  # only when on: outputs labelled before --tta existed resume as they were
     }
 
-    # One run at a time plans, labels and commits this output (jobs/labeling/lease.py).
+    # One run at a time plans, labels and commits this output (jobs/lease.py).
     run_id = uuid.uuid4().hex[:12]
     lease = Lease(args.output, PLAN_DIR, run_id, storage_options)
     lease.acquire(wait=args.wait_for_lease)

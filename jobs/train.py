@@ -26,7 +26,10 @@ How it runs:
   ``ray_train/`` (Ray Train's checkpoints, the last ``--keep-checkpoints``, each with the model,
   optimizer, scheduler and step), ``metrics.jsonl`` (one JSON object per logged step,
   evaluation and (re)start), ``metrics.png`` (the curves) and, at the end, ``model.pt``: the
-  single-file checkpoint that ``jobs.label`` and ``jobs.evaluate`` take as it is.
+  single-file checkpoint that ``jobs.label`` and ``jobs.evaluate`` take as it is; ``_lease/``:
+  one run at a time trains into it (a second stops with one line naming the holder, or waits
+  with ``--wait-for-lease``; a dead run's lease is taken over when it expires, at once on the
+  same machine).
 - A worker that dies is replaced and training goes on from the latest checkpoint
   (``--max-failures`` times). Running the same command again after the job itself died
   resumes from the latest checkpoint in ``--output`` (Ray Train finds the run there by its
@@ -39,7 +42,7 @@ from jobs.common import run_main
 from jobs.options import parse_storage_options
 from jobs.training.launch import train_on_ray
 from jobs.training.options import build_parser, parse_args
-from jobs.training.spec import plan_run
+from jobs.training.spec import LEASE_DIR, plan_run
 
 __all__ = ["main", "build_parser"]
 
@@ -48,10 +51,38 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the job on the command line ``argv`` (default: ``sys.argv[1:]``). Returns 0 when the
     run is done and ``model.pt`` written, 1 when training failed; bad input raises JobError
     (``run_main``: exit status 2) before anything trains."""
+    import uuid
+
+    from jobs.lease import Lease
+
     args = parse_args(argv)
     storage_options = parse_storage_options(args.storage_options)
     plan = plan_run(args, storage_options)  # the inputs, checked before any worker starts
-    return train_on_ray(args, plan, storage_options)
+    # One run at a time trains into an output: two would write each other's checkpoints and
+    # record, and resume from them (jobs/lease.py).
+    lease = Lease(plan.output, LEASE_DIR, uuid.uuid4().hex[:12], storage_options, held_by="is being trained into by")
+    lease.acquire(wait=args.wait_for_lease)
+    try:
+        return train_on_ray(args, plan, storage_options)
+    except KeyboardInterrupt as exc:
+        if lease.lost.is_set():
+            exc.args = ("another run took over the lease on --output (this one had stopped renewing it)",)
+        raise
+    finally:  # a run that stopped before training (a cluster unfit for it) leaves nothing in the output, not even its lease
+        lease.release(remove=not _run_started(plan.output, storage_options))
+
+
+def _run_started(output: str, storage_options: dict | None) -> bool:
+    """Whether ``output`` holds anything besides the lease: a run's checkpoints or record."""
+    from maskrcnn.storage import filesystem
+
+    try:
+        fs, root = filesystem(output, storage_options)
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache(root)
+        return any(p.rstrip("/").rsplit("/", 1)[-1] != LEASE_DIR for p in fs.ls(root, detail=False))
+    except Exception:  # unreachable: keep the lease (released) rather than fail here
+        return True
 
 
 if __name__ == "__main__":

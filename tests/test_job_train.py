@@ -288,6 +288,26 @@ def test_annotations_naming_missing_images_stop_the_job(shapes, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_folder_another_run_trains_into_is_refused_in_one_line(shapes, tmp_path):
+    """Two jobs.train runs into one --output would write each other's checkpoints and record and
+    resume from them: while another run (here on another host) holds the folder's lease, a
+    second stops before it starts Ray, naming the holder, and writes nothing."""
+    from jobs.lease import lease_name
+
+    output = tmp_path / "run"
+    (output / "_lease").mkdir(parents=True)
+    record = {"number": 3, "owner": "elsewhere-run", "host": "another-host", "pid": 12345, "expires": time.time() + 600}
+    (output / "_lease" / lease_name(3)).write_text(json.dumps(record))
+    with pytest.raises(JobError, match=(
+        rf"^--output {output} is being trained into by run elsewhere-run \(host another-host, pid 12345\), lease expires in "
+        r"\d+ s; run again after it ends, or wait for it with --wait-for-lease SECONDS$"
+    )):
+        main(train_args(shapes, output, "--max-steps", "1"))
+    assert sorted(p.name for p in output.rglob("*")) == ["_lease", lease_name(3)]
+    with pytest.raises(JobError, match="^--wait-for-lease must be 0 or more seconds, got -1$"):
+        main(train_args(shapes, output, "--wait-for-lease", "-1"))
+
+
 def test_empty_dataset_stops_the_job(shapes, tmp_path):
     ann, images = shapes["train"]
     data = json.loads(Path(ann).read_text())
@@ -721,6 +741,11 @@ def test_resumes_after_a_killed_worker_and_after_a_killed_job(shapes, tmp_path):
     assert logged == sorted(set(logged)) and logged[-1] == 16  # each step once: redone stretches replaced
     assert records[-1]["event"] == "end" and records[-1]["step"] == 16
     assert (output / "model.pt").exists()
+    # the killed run's lease (its process gone from this host) was taken over at once, and released at the end
+    from jobs.lease import lease_name
+
+    lease = json.loads((output / "_lease" / lease_name(2)).read_text())
+    assert lease["expires"] == 0 and lease["pid"] == second.process.pid, lease
     # Ray Train's checkpoints are written by the one checkpoint writer: each loads as a model too
     from maskrcnn.checkpoint import load_checkpoint
 

@@ -15,7 +15,7 @@ import pytest
 
 from jobs.common import JobError
 from jobs.label import main as label_main
-from jobs.labeling.lease import lease_name
+from jobs.lease import lease_name
 from jobs.labeling.plan import read_plan
 from tests.labeling_helpers import encode, local_parts, read_output, rgb_noise
 
@@ -135,7 +135,7 @@ def test_on_s3_the_lease_is_created_exclusively_with_a_conditional_put(condition
     The same on S3-compatible stores without the conditional put (tests/s3_faults.py's proxy in
     front of moto): one that answers it 501 NotImplemented (a warning, then write-then-check),
     and one that ignores the condition."""
-    from jobs.labeling.lease import Lease
+    from jobs.lease import Lease
     from tests.s3_faults import FaultyS3Proxy
 
     proxy = FaultyS3Proxy(s3_server, rate=0.0, conditional_writes=conditional_writes).start()
@@ -168,7 +168,7 @@ def test_a_local_lease_is_never_read_half_written(tmp_path):
     live run's output taken over. Renewals and creations are whole files, read whole."""
     import threading
 
-    from jobs.labeling.lease import Lease
+    from jobs.lease import Lease
 
     output = str(tmp_path / "labels")
     holder = Lease(output, "_plan", "run-a")

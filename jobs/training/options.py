@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-every", type=int, default=20, metavar="N", help="print and record metrics every N steps")
     run.add_argument(
+        "--wait-for-lease", type=float, default=0.0, metavar="SECONDS",
+        help="when another run is training into --output, wait up to SECONDS for it to end instead of stopping at once",
+    )
+    run.add_argument(
         "--eval-batch-size", type=int, default=2, metavar="N",
         help="images per forward pass when evaluating on --val-annotations",
     )
@@ -186,7 +190,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise JobError(f"--clip-grad-norm must be 0 (no clipping) or more, got {args.clip_grad_norm:g}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise JobError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
-    if args.wait_for_gpus < 0:
-        raise JobError(f"--wait-for-gpus must be 0 or more seconds, got {args.wait_for_gpus:g}")
+    for name in ("wait_for_gpus", "wait_for_lease"):
+        if getattr(args, name) < 0:
+            raise JobError(f"--{name.replace('_', '-')} must be 0 or more seconds, got {getattr(args, name):g}")
     if args.wait_for_gpus > 0 and not args.use_gpu:
         raise JobError("--wait-for-gpus waits for the GPUs of --use-gpu: add --use-gpu, or drop --wait-for-gpus to train on CPUs")

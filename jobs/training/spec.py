@@ -19,6 +19,7 @@ RUN_NAME = "ray_train"  # Ray Train's run folder inside --output
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 MODEL_FILE = "model.pt"
+LEASE_DIR = "_lease"  # the lease of the one run training into --output (jobs/lease.py)
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint folder
 DEFAULT_LOADER_WORKERS = 4  # --loader-workers
 

@@ -1,6 +1,7 @@
 """One writer per output at a time: a lease kept in the output, renewed while the run lives.
+jobs.label holds its output's in ``_plan/``, jobs.train its run folder's in ``_lease/``.
 
-Leases are numbered files ``<output>/_plan/lease-<n>.json`` (owner, host, pid, expiry); the
+Leases are numbered files ``<output>/<folder>/lease-<n>.json`` (owner, host, pid, expiry); the
 current lease is the highest number. A run takes the lease by creating the next number
 exclusively, which exactly one run can do: on a local disk as a hard link to a file written
 aside (``O_EXCL`` where links are not to be had), on S3 with a conditional put
@@ -29,9 +30,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from maskrcnn.storage import put_atomic
 from jobs.common import JobError
-from maskrcnn.storage import filesystem, is_local
+from maskrcnn.storage import filesystem, is_local, put_atomic
 
 LEASE_RE = re.compile(r"^lease-(\d+)\.json$")
 DEFAULT_TTL = 60.0
@@ -75,15 +75,18 @@ def lease_name(number: int) -> str:
 
 
 class Lease:
-    """The lease on the output ``output_uri``'s ``plan_dir`` folder for run ``owner``."""
+    """The lease on the output ``output_uri``, kept in its folder ``lease_dir``, for run ``owner``;
+    ``held_by`` says, in the refusal, what another run is doing with the output."""
 
-    def __init__(self, output_uri: str, plan_dir: str, owner: str, storage_options: dict | None = None, ttl: float = DEFAULT_TTL):
+    def __init__(self, output_uri: str, lease_dir: str, owner: str, storage_options: dict | None = None, ttl: float = DEFAULT_TTL,
+                 held_by: str = "is being labelled by"):
         self.fs, root = filesystem(output_uri, storage_options)
-        self.folder = f"{root.rstrip('/')}/{plan_dir}"
-        self.output_uri, self.owner, self.ttl = output_uri, owner, ttl
+        self.folder = f"{root.rstrip('/')}/{lease_dir}"
+        self.output_uri, self.owner, self.ttl, self.held_by = output_uri, owner, ttl, held_by
         self.number: int | None = None
         self.conditional = True  # whether the store has a conditional create (False once it said it has not)
         self.lost = threading.Event()
+        self._made: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -114,6 +117,11 @@ class Lease:
         """Take the lease, waiting up to ``wait`` seconds for another run's to end; JobError
         naming the holder when it cannot."""
         deadline = time.monotonic() + wait
+        if is_local(self.fs):  # the local folders the lease makes, deepest first: removed with it (release)
+            missing = self.folder
+            while not os.path.exists(missing):
+                self._made.append(missing)
+                missing = os.path.dirname(missing)
         while True:
             held = self.current()
             if held is None or held.ended():
@@ -121,20 +129,21 @@ class Lease:
                 if self._create(number):
                     self.number = number
                     self._cleanup(number)
-                    self._thread = threading.Thread(target=self._renew, name="label-lease", daemon=True)
+                    self._thread = threading.Thread(target=self._renew, name="output-lease", daemon=True)
                     self._thread.start()
                     return
                 continue  # another run took this number first: look again
             if time.monotonic() >= deadline:
                 raise JobError(
-                    f"--output {self.output_uri} is being labelled by {held.describe()}; run again after it ends, "
+                    f"--output {self.output_uri} {self.held_by} {held.describe()}; run again after it ends, "
                     "or wait for it with --wait-for-lease SECONDS"
                 )
             time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
     def release(self, remove: bool = False) -> None:
         """Stop renewing and mark the lease released (expiry 0), so the next run starts at once;
-        ``remove``: delete it instead (a run that leaves nothing else in the output)."""
+        ``remove``: delete it instead, with the local folders it made when nothing else is in them
+        (a run that leaves nothing else in the output)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -142,6 +151,8 @@ class Lease:
             try:
                 if remove:
                     self.fs.rm(f"{self.folder}/{lease_name(self.number)}")
+                    for folder in self._made:
+                        os.rmdir(folder)  # an OSError when not empty: the rest stays
                 else:
                     self._write(self.number, expires=0.0)
             except Exception:  # the lease then expires by itself
@@ -199,7 +210,7 @@ class Lease:
                     self.lost.set()
                     import _thread
 
-                    _thread.interrupt_main()  # stop this run: jobs.label reports it and exits
+                    _thread.interrupt_main()  # stop this run: the job reports it and exits
                     return
                 self._write(self.number, time.time() + self.ttl)
             except Exception:  # storage hiccup: try again at the next beat, before expiry
