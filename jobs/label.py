@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _label(args, storage_options, loaded, config, load_kwargs, settings_fingerprint, run_id: str, lease: Lease) -> int:
     """Plan, label the pending shards, report: the run, holding the output's lease."""
-    from jobs.labeling.shards import PIECES_DIR, finished_shards  # Ray Data: imported once the arguments hold
+    from jobs.labeling.shards import PIECES_DIR, finished_shards, output_refused  # Ray Data: imported once the arguments hold
 
     earlier = read_plan(args.output, storage_options)
     tta = settings_fingerprint.get("tta", "")
@@ -169,6 +169,15 @@ def _label(args, storage_options, loaded, config, load_kwargs, settings_fingerpr
         why = "another run took over the lease on --output (this one had stopped renewing it); " if lease.lost.is_set() else ""
         exc.args = (f"{why}{committed} of {plan.num_shards} shards committed; run the same command again to resume",)
         raise
+    except Exception as exc:
+        refused = output_refused(exc)
+        if refused is None:
+            raise
+        shutdown_ray()
+        committed = len(finished_shards(args.output, storage_options))
+        print(f"error: cannot write to --output {args.output}: {refused}; {committed} of {plan.num_shards} shards committed: "
+              "run the same command again once it takes files, to label the rest", file=sys.stderr, flush=True)
+        return 1
     if fs.exists(pieces_root):
         fs.rm(pieces_root, recursive=True)
 

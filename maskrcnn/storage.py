@@ -373,11 +373,16 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, exclusive:
         parent = fs._parent(path)
         fs.makedirs(parent, exist_ok=True)
         temporary = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-        with fs.open(temporary, "wb") as f:
-            f.write(data)
-        if not exclusive:
-            fs.mv(temporary, path)
-            return
+        try:
+            with fs.open(temporary, "wb") as f:
+                f.write(data)
+            if not exclusive:
+                fs.mv(temporary, path)
+                return
+        except BaseException:  # a full disk, a signal: no partial file left behind
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
         try:
             os.link(temporary, path)
         except FileExistsError:

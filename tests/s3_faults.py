@@ -15,7 +15,9 @@ Every request is classified by its kind (``list``, ``get``, ``head``, ``put``, `
 do not implement a header answer; ``"ignored"`` forwards it without the header, so it overwrites.
 ``checksum_headers="rejected"`` models stores that refuse botocore's default upload checksums
 (``x-amz-sdk-checksum-algorithm``, ``x-amz-checksum-*`` on a PUT: ``400 InvalidArgument``, as
-Backblaze B2 answers).
+Backblaze B2 answers). ``refuse_writes``: while set, uploads (PUT, multipart) whose path holds
+that text are answered ``403 AccessDenied``, as after a bucket policy or the credentials'
+permissions changed in the middle of a run (may change while it runs).
 
 A faulted request never reaches the server, so a retry meets the store as it was (this proxy
 does not model a request that took effect but whose answer was lost). Everything else is
@@ -42,6 +44,11 @@ _HOP_BY_HOP = {
 _SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message><RequestId>FAULTYPROXY</RequestId><HostId>faulty</HostId></Error>"
+)
+
+_ACCESS_DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied</Message><RequestId>FAULTYPROXY</RequestId><HostId>faulty</HostId></Error>"
 )
 
 _NOT_IMPLEMENTED = (
@@ -90,12 +97,12 @@ class FaultyS3Proxy:
     uploads its inputs)."""
 
     def __init__(self, upstream: str, rate: float = 0.15, seed: int = 0, faults: tuple[str, ...] = FAULTS,
-                 conditional_writes: str = "supported", checksum_headers: str = "accepted"):
+                 conditional_writes: str = "supported", checksum_headers: str = "accepted", refuse_writes: str | None = None):
         if conditional_writes not in ("supported", "rejected", "ignored"):
             raise ValueError(f"conditional_writes must be supported, rejected or ignored, got {conditional_writes!r}")
         if checksum_headers not in ("accepted", "rejected"):
             raise ValueError(f"checksum_headers must be accepted or rejected, got {checksum_headers!r}")
-        self.conditional_writes, self.checksum_headers = conditional_writes, checksum_headers
+        self.conditional_writes, self.checksum_headers, self.refuse_writes = conditional_writes, checksum_headers, refuse_writes
         target = urllib.parse.urlsplit(upstream)
         self.upstream_host, self.upstream_port = target.hostname, target.port or 80
         self.rate, self.faults, self.enabled = rate, faults, True
@@ -199,6 +206,10 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if fault is None and self.command == "PUT" and checksummed and self.owner.checksum_headers == "rejected":
             refusal = _unsupported_header(checksummed[0])
             self._answer(400, [("Content-Type", "application/xml"), ("x-amz-request-id", "FAULTYPROXY")], refusal)
+            return
+        uploads = ("put", "multipart_create", "upload_part", "multipart_complete")
+        if fault is None and kind in uploads and self.owner.refuse_writes and self.owner.refuse_writes in self.path:
+            self._answer(403, [("Content-Type", "application/xml"), ("x-amz-request-id", "FAULTYPROXY")], _ACCESS_DENIED)
             return
         if conditional and self.owner.conditional_writes == "ignored":
             del self.headers["If-None-Match"]

@@ -225,6 +225,46 @@ def test_label_on_an_s3_compatible_store_without_conditional_puts_or_upload_chec
     assert "nothing to do" in captured.out
 
 
+def test_label_to_an_output_that_stops_taking_writes_says_so_in_one_line_and_resumes(s3_server, s3_bucket, ray_local, capsys):
+    """The output's store refuses the run's label writes part-way (403 AccessDenied, as after a
+    bucket policy changed; a full disk or a quota is the same to the job): jobs.label stops with one
+    line naming --output, the reason and how many shards are committed, and no traceback (exit 1);
+    once the store takes writes again, the same command labels the rest, each image once."""
+    from jobs.common import run_main
+    from jobs.label import main as label_main
+
+    direct = _options(s3_server)
+    images = f"{s3_bucket}/images"
+    for k in range(4):
+        with open_uri(f"{images}/p{k}.png", "wb", direct) as f:
+            f.write(encode(rgb_noise(64, 56 + 8 * k, seed=k), "PNG"))
+    make_checkpoint(f"{s3_bucket}/model.pt", storage_options=direct)
+    store = FaultyS3Proxy(s3_server, rate=0.0, refuse_writes="/labels/_pieces/").start()
+    args = ["--input", images, "--output", f"{s3_bucket}/labels", "--checkpoint", f"{s3_bucket}/model.pt", "--shard-size", "2",
+            "--storage-options", json.dumps(_options(store.endpoint))]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(label_main, args)
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 1, captured.out[-3000:] + captured.err[-3000:]
+        errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+        assert errors == [
+            f"error: cannot write to --output {s3_bucket}/labels: access denied (Access Denied): check the credentials (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and their permissions on this bucket and prefix; 0 of 2 shards committed: run the same "
+            "command again once it takes files, to label the rest"
+        ], captured.err[-3000:]
+        assert "Traceback" not in captured.out + captured.err, captured.err[-3000:]
+        store.refuse_writes = None
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(label_main, args)
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 0, captured.out[-3000:] + captured.err[-3000:]
+    finally:
+        store.stop()
+    table = read_output(f"{s3_bucket}/labels", direct)
+    assert sorted(table.column("image_uri").to_pylist()) == [f"{images}/p{k}.png" for k in range(4)]
+
+
 @pytest.mark.slow
 def test_train_on_a_faulty_s3_writes_the_model(s3_server, s3_bucket, faulty_s3):
     """A 1-worker run of a few steps, annotations, images and --output on S3 through the proxy

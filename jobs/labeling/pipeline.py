@@ -149,7 +149,8 @@ def run_pipeline(plan: Plan, pending_shards: list[int], settings: LabelSettings)
             progress.start()
         sink = ShardSink(output_uri=settings.output_uri, storage_options=settings.storage_options, run_id=settings.run_id,
                          committer=committer, plan=plan)
-        build_dataset(plan, pending_shards, settings).write_datasink(sink)
+        with _no_ray_data_tracebacks_on_the_console():
+            build_dataset(plan, pending_shards, settings).write_datasink(sink)
         totals = ray.get(committer.summary.remote())
         totals["seconds"] = time.perf_counter() - started
         stop.set()
@@ -160,6 +161,27 @@ def run_pipeline(plan: Plan, pending_shards: list[int], settings: LabelSettings)
         with contextlib.suppress(Exception):
             ray.kill(committer)
     return totals
+
+
+@contextlib.contextmanager
+def _no_ray_data_tracebacks_on_the_console():
+    """Ray Data logs a failed task's traceback to the console, at length, before the failure
+    reaches this job, which says it in one line (jobs.label: an output that refuses the writes)
+    or with its traceback (anything else); Ray Data's log file keeps them all."""
+    import logging
+
+    def console_filter(record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.name.startswith(("ray.data._internal.execution", "ray.data.exceptions")))
+
+    handlers = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)
+                and getattr(h, "stream", None) in (sys.stderr, sys.stdout)]
+    for handler in handlers:
+        handler.addFilter(console_filter)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(console_filter)
 
 
 def _print_progress(committer, plan: Plan, pending_shards: list[int], started: float, stop: threading.Event) -> None:

@@ -11,6 +11,7 @@ one PUT, which S3 makes visible whole. A shard is finished iff its part file exi
 
 from __future__ import annotations
 
+import errno
 import re
 import uuid
 from typing import Iterable
@@ -22,10 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from maskrcnn.storage import put_atomic
 from jobs.labeling.plan import Plan, table_bytes
 from jobs.labeling.rows import OUTPUT_SCHEMA, PIECE_SCHEMA
-from maskrcnn.storage import filesystem
+from maskrcnn.storage import explain_storage_error, filesystem, is_local, put_atomic
 
 PIECES_DIR = "_pieces"  # rows of shards in flight, merged into part files as shards complete
 PREVIEW_DIR = "_preview"  # Parquet readers skip names starting with "_"
@@ -104,6 +104,32 @@ class ShardCommitter:
         return dict(self.totals, in_flight=len(self.seen))
 
 
+class OutputWriteError(Exception):
+    """The output refuses the run's writes for a reason no retry fixes (a full disk, a quota, a
+    read-only file system, permission withdrawn): the message says which, for a person to read."""
+
+
+def output_refused(exc: BaseException) -> str | None:
+    """The message of the OutputWriteError behind ``exc`` (as Ray delivers a task's error: a
+    RayTaskError that is also an OutputWriteError, wrapped by Ray Data), or None."""
+    seen, stack = set(), [exc]
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)  # a RayTaskError's original exception
+        found = cause if isinstance(cause, OutputWriteError) else error
+        if isinstance(found, OutputWriteError) and not isinstance(found, ray.exceptions.RayTaskError):
+            return (str(found).splitlines() or [""])[0]  # Ray Data appends its retry advice
+        stack.extend([cause, error.__cause__, error.__context__])
+    return None
+
+
+# what a retry of the write cannot fix; other errors (a dropped connection) are retried by Ray
+_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 class ShardSink(ray.data.Datasink):
     """Writes rows into per-shard pieces and commits each shard once all its images are in."""
 
@@ -123,7 +149,15 @@ class ShardSink(ray.data.Datasink):
 
     def write(self, blocks: Iterable, ctx) -> None:
         fs, root = filesystem(self.output_uri, self.storage_options)
-        root = root.rstrip("/")
+        try:
+            self._write(fs, root.rstrip("/"), blocks)
+        except OSError as exc:
+            if not (isinstance(exc, PermissionError) or exc.errno in _REFUSED):
+                raise
+            why = (exc.strerror or str(exc)) if is_local(fs) else explain_storage_error(exc)
+            raise OutputWriteError(why) from None
+
+    def _write(self, fs, root: str, blocks: Iterable) -> None:
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
             if table.num_rows == 0:
