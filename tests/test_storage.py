@@ -127,3 +127,28 @@ def test_a_folder_given_for_a_file_is_named_as_a_folder(where, tmp_path, request
     with pytest.raises(JobError, match=rf"^cannot read --annotations {folder}: it is a folder; give the file$"):
         evaluate_main(["--checkpoint", str(tmp_path / "model.pt"), "--annotations", folder, "--images", folder])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_write_that_fails_leaves_no_partial_file(tmp_path):
+    """put_atomic on a disk that refuses the bytes (here: a file size limit, EFBIG, as ENOSPC on a
+    full disk) raises, and leaves neither the file nor its temporary beside it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, signal, sys\n"
+        "from maskrcnn.storage import filesystem, put_atomic\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "fs, path = filesystem(sys.argv[1])\n"
+        "put_atomic(fs, path + '/small.bin', b'x' * 1000)\n"
+        "try:\n"
+        "    put_atomic(fs, path + '/big.bin', b'x' * 100000)\n"
+        "except OSError as exc:\n"
+        "    print('refused', exc.errno)\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0 and result.stdout.startswith("refused "), result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.bin"]
