@@ -175,9 +175,8 @@ def _label(args, storage_options, loaded, config, load_kwargs, settings_fingerpr
             raise
         shutdown_ray()
         committed = len(finished_shards(args.output, storage_options))
-        print(f"error: cannot write to --output {args.output}: {refused}; {committed} of {plan.num_shards} shards committed: "
-              "run the same command again once it takes files, to label the rest", file=sys.stderr, flush=True)
-        return 1
+        raise JobError(f"cannot write to --output {args.output}: {refused}; {committed} of {plan.num_shards} shards committed: "
+                       "run the same command again once it takes files, to label the rest") from None
     if fs.exists(pieces_root):
         fs.rm(pieces_root, recursive=True)
 

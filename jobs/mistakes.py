@@ -6,6 +6,7 @@ of letting Ray Train restart the workers (--max-failures) into it again."""
 
 from __future__ import annotations
 
+import errno
 import re
 
 # The errors a retry would meet again, as a traceback names them (module-qualified but builtins).
@@ -32,6 +33,29 @@ def mistake_in(exc: BaseException) -> str | None:
             return found.group(1).strip()
         cause = getattr(exc, "cause", None)
         exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    return None
+
+
+# What a storage answers a write with when no retry will do: a full disk or quota, a file too large,
+# a read-only file system (and, where only writes can meet it, permission denied)
+REFUSED_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def refused_write(exc: BaseException, permission: bool = False) -> OSError | None:
+    """The OSError behind ``exc`` (in its chain, or a Ray task error's ``cause``) by which a
+    storage refused to take bytes for good (``REFUSED_WRITE_ERRNOS``; with ``permission``, also
+    a PermissionError or EACCES/EPERM), else None."""
+    refused = REFUSED_WRITE_ERRNOS + ((errno.EACCES, errno.EPERM) if permission else ())
+    seen, stack = set(), [exc]
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, OSError) and (error.errno in refused or (permission and isinstance(error, PermissionError))):
+            return error
+        cause = getattr(error, "cause", None)
+        stack.extend([cause if isinstance(cause, BaseException) else None, error.__cause__, error.__context__])
     return None
 
 

@@ -228,7 +228,7 @@ def test_label_on_an_s3_compatible_store_without_conditional_puts_or_upload_chec
 def test_label_to_an_output_that_stops_taking_writes_says_so_in_one_line_and_resumes(s3_server, s3_bucket, ray_local, capsys):
     """The output's store refuses the run's label writes part-way (403 AccessDenied, as after a
     bucket policy changed; a full disk or a quota is the same to the job): jobs.label stops with one
-    line naming --output, the reason and how many shards are committed, and no traceback (exit 1);
+    line naming --output, the reason and how many shards are committed, and no traceback (exit 2);
     once the store takes writes again, the same command labels the rest, each image once."""
     from jobs.common import run_main
     from jobs.label import main as label_main
@@ -246,7 +246,7 @@ def test_label_to_an_output_that_stops_taking_writes_says_so_in_one_line_and_res
         with pytest.raises(SystemExit) as exit_info:
             run_main(label_main, args)
         captured = capsys.readouterr()
-        assert exit_info.value.code == 1, captured.out[-3000:] + captured.err[-3000:]
+        assert exit_info.value.code == 2, captured.out[-3000:] + captured.err[-3000:]
         errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
         assert errors == [
             f"error: cannot write to --output {s3_bucket}/labels: access denied (Access Denied): check the credentials (AWS_ACCESS_KEY_ID, "

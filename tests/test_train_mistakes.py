@@ -77,6 +77,46 @@ def test_mistakes_are_told_from_other_errors_however_they_arrive():
     assert mistake_in(ConnectionError("S3")) is None
 
 
+def test_a_storage_that_refuses_the_bytes_for_good_is_told_from_passing_errors(tmp_path):
+    """A full disk or quota (here a file size limit: EFBIG from pyarrow's writer, which Ray Train
+    persists checkpoints with, raised inside a chain as Ray Train would) is a write no retry makes:
+    jobs.train stops on it at once instead of restarting into it. A dropped connection, or a
+    permission (which may be a read's) unless the caller only writes, is not."""
+    import errno
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from jobs.mistakes import refused_write
+
+    code = (
+        "import pickle, resource, signal, sys\n"
+        "import pyarrow.fs\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        "    with pyarrow.fs.LocalFileSystem().open_output_stream(sys.argv[1]) as f:\n"
+        "        f.write(b'x' * 100000)\n"
+        "except OSError as exc:\n"
+        "    sys.stdout.buffer.write(pickle.dumps(exc))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "checkpoint.pt")], capture_output=True, timeout=120)
+    written = pickle.loads(result.stdout)
+    try:
+        try:
+            raise written
+        except OSError as exc:
+            raise RuntimeError("persisting the checkpoint failed") from exc
+    except RuntimeError as chained:
+        assert refused_write(chained) is written and written.errno == errno.EFBIG
+    assert refused_write(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))).errno == errno.ENOSPC
+    for passing in (ConnectionResetError(errno.ECONNRESET, "reset"), TimeoutError("timed out"), OSError(errno.EIO, "I/O error")):
+        assert refused_write(passing) is None and refused_write(passing, permission=True) is None
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    assert refused_write(denied) is None and refused_write(denied, permission=True) is denied
+
+
 def test_a_mistake_in_a_ray_data_pipeline_is_told_from_the_traceback_it_arrives_as(ray_local):
     """--ingest ray-data: Ray Data raises a loader's error as a RayTaskError of its
     UserCodeException, the original exception's chain lost in pickling; only the traceback

@@ -11,7 +11,7 @@ one PUT, which S3 makes visible whole. A shard is finished iff its part file exi
 
 from __future__ import annotations
 
-import errno
+import os
 import re
 import uuid
 from typing import Iterable
@@ -25,6 +25,7 @@ import ray
 
 from jobs.labeling.plan import Plan, table_bytes
 from jobs.labeling.rows import OUTPUT_SCHEMA, PIECE_SCHEMA
+from jobs.mistakes import refused_write
 from maskrcnn.storage import explain_storage_error, filesystem, is_local, put_atomic
 
 PIECES_DIR = "_pieces"  # rows of shards in flight, merged into part files as shards complete
@@ -126,10 +127,6 @@ def output_refused(exc: BaseException) -> str | None:
     return None
 
 
-# what a retry of the write cannot fix; other errors (a dropped connection) are retried by Ray
-_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
 class ShardSink(ray.data.Datasink):
     """Writes rows into per-shard pieces and commits each shard once all its images are in."""
 
@@ -152,9 +149,10 @@ class ShardSink(ray.data.Datasink):
         try:
             self._write(fs, root.rstrip("/"), blocks)
         except OSError as exc:
-            if not (isinstance(exc, PermissionError) or exc.errno in _REFUSED):
+            refused = refused_write(exc, permission=True)  # the sink only writes: a permission refused is a write's
+            if refused is None:
                 raise
-            why = (exc.strerror or str(exc)) if is_local(fs) else explain_storage_error(exc)
+            why = os.strerror(refused.errno) if is_local(fs) and refused.errno else explain_storage_error(refused)
             raise OutputWriteError(why) from None
 
     def _write(self, fs, root: str, blocks: Iterable) -> None:

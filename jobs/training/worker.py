@@ -54,7 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train's loop on each worker. ``config``: ``plan``, a ``TrainPlan`` as a dict, and
     ``storage_options``, a ``Hidden`` dict or None. Trains from the latest checkpoint (or the
     start) to ``plan.total_steps``; rank 0 then writes ``model.pt``."""
-    from jobs.mistakes import mistake_in, publish_mistake
+    from jobs.mistakes import mistake_in, publish_mistake, refused_write
     from jobs.retries import report_s3_retries
 
     # Ray Train sends the worker's root logger to the console at INFO; the job prints its own
@@ -65,6 +65,10 @@ def train_loop_per_worker(config: dict) -> None:
         _train(config)
     except Exception as exc:
         message = mistake_in(exc)
+        refused = refused_write(exc) if message is None else None
+        if refused is not None:  # a full disk or quota: a restart would train up to the next checkpoint to meet it again
+            message = (f"cannot write to --output {config['plan']['output']}: {os.strerror(refused.errno)}; the same command "
+                       "resumes from the last checkpoint once it takes files")
         if message is not None and config.get("mistake_key"):
             publish_mistake(config["mistake_key"], message)
             # the driver prints the one line; Ray Train would log the traceback beside it
