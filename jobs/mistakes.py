@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Iterator
 
 # The errors a retry would meet again, as a traceback names them (module-qualified but builtins).
 MISTAKES = ("maskrcnn.data.coco_checks.AnnotationError", "maskrcnn.data.images.ImageDecodeError", "FloatingPointError")
@@ -46,17 +47,24 @@ def refused_write(exc: BaseException, permission: bool = False) -> OSError | Non
     storage refused to take bytes for good (``REFUSED_WRITE_ERRNOS``; with ``permission``, also
     a PermissionError or EACCES/EPERM), else None."""
     refused = REFUSED_WRITE_ERRNOS + ((errno.EACCES, errno.EPERM) if permission else ())
+    for error in chain(exc):
+        if isinstance(error, OSError) and (error.errno in refused or (permission and isinstance(error, PermissionError))):
+            return error
+    return None
+
+
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception behind it, once each: its ``__cause__`` and ``__context__``,
+    and a Ray task error's ``cause`` (the exception the task raised)."""
     seen, stack = set(), [exc]
     while stack:
         error = stack.pop()
         if error is None or id(error) in seen:
             continue
         seen.add(id(error))
-        if isinstance(error, OSError) and (error.errno in refused or (permission and isinstance(error, PermissionError))):
-            return error
+        yield error
         cause = getattr(error, "cause", None)
-        stack.extend([cause if isinstance(cause, BaseException) else None, error.__cause__, error.__context__])
-    return None
+        stack.extend([error.__context__, error.__cause__, cause if isinstance(cause, BaseException) else None])
 
 
 NAMESPACE = "maskrcnn-train"  # of the keys in Ray's key-value store

@@ -25,7 +25,7 @@ import ray
 
 from jobs.labeling.plan import Plan, table_bytes
 from jobs.labeling.rows import OUTPUT_SCHEMA, PIECE_SCHEMA
-from jobs.mistakes import refused_write
+from jobs.mistakes import chain, refused_write
 from maskrcnn.storage import explain_storage_error, filesystem, is_local, put_atomic
 
 PIECES_DIR = "_pieces"  # rows of shards in flight, merged into part files as shards complete
@@ -113,17 +113,9 @@ class OutputWriteError(Exception):
 def output_refused(exc: BaseException) -> str | None:
     """The message of the OutputWriteError behind ``exc`` (as Ray delivers a task's error: a
     RayTaskError that is also an OutputWriteError, wrapped by Ray Data), or None."""
-    seen, stack = set(), [exc]
-    while stack:
-        error = stack.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        cause = getattr(error, "cause", None)  # a RayTaskError's original exception
-        found = cause if isinstance(cause, OutputWriteError) else error
-        if isinstance(found, OutputWriteError) and not isinstance(found, ray.exceptions.RayTaskError):
-            return (str(found).splitlines() or [""])[0]  # Ray Data appends its retry advice
-        stack.extend([cause, error.__cause__, error.__context__])
+    for error in chain(exc):
+        if isinstance(error, OutputWriteError) and not isinstance(error, ray.exceptions.RayTaskError):  # not its traceback's text
+            return (str(error).splitlines() or [""])[0]  # Ray Data appends its retry advice
     return None
 
 
