@@ -88,7 +88,7 @@ def check_inputs(args: argparse.Namespace, storage_options: dict | None):
     --weights before any work; JobError naming the first problem."""
     from collections import Counter
 
-    from jobs.labeling.inputs import iter_input_uris, not_images_note
+    from jobs.labeling.inputs import iter_input_uris, no_images
     from jobs.training.inputs import check_dataset
 
     labelled = check_dataset(args.annotations, args.images, storage_options, "")
@@ -101,13 +101,13 @@ def check_inputs(args: argparse.Namespace, storage_options: dict | None):
     if out == unlabeled or out.startswith(unlabeled + "/"):
         raise JobError(f"--output {args.output} is inside --unlabeled {args.unlabeled}: its models and plots would be labelled; "
                        "give an --output outside the unlabeled images")
+    not_images = Counter()
     try:
-        not_images = Counter()
-        if next(iter(iter_input_uris(args.unlabeled, storage_options, not_images=not_images)), None) is None:
-            note = not_images_note(args.unlabeled, not_images)
-            raise JobError(f"--input {args.unlabeled} holds no images" + (f"; {note.removeprefix('note: ')}" if note else ""))
+        found = next(iter(iter_input_uris(args.unlabeled, storage_options, not_images=not_images)), None)
     except JobError as exc:
         raise JobError(str(exc).replace("--input ", "--unlabeled ")) from None
+    if found is None:
+        raise no_images(args.unlabeled, not_images, flag="--unlabeled")
     if args.weights:
         from maskrcnn.checkpoint import CheckpointError, load_checkpoint
 

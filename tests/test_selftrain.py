@@ -157,7 +157,7 @@ def test_wrong_input_stops_the_job_before_any_work(sample, tmp_path):
     unlabeled = ["--unlabeled", sample["images"]]
     cases = [
         (["--unlabeled", str(tmp_path / "nowhere")], "--unlabeled"),
-        (["--unlabeled", str(tmp_path / "empty")], "holds no images"),
+        (["--unlabeled", str(tmp_path / "empty")], r"^--unlabeled .*empty holds no images \(looked for jpg"),
         ([*unlabeled, "--score-threshold", "1.5"], "--score-threshold"),
         ([*unlabeled, "--score-threshold", '{"hexagon": 0.5}'], "not a category"),
         ([*unlabeled, "--score-threshold", "high"], "--score-threshold"),

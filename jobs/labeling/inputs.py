@@ -78,8 +78,8 @@ def iter_input_uris(
             not_images[name.rsplit(".", 1)[-1].lower() if "." in name else ""] += 1
 
 
-def not_images_note(input_uri: str, not_images: Counter) -> str | None:
-    """A line saying which files of --input ``input_uri`` were left out as not images (None when
+def not_images_note(input_uri: str, not_images: Counter, flag: str = "--input") -> str | None:
+    """A line saying which files of ``flag`` ``input_uri`` were left out as not images (None when
     none were): a folder of phone photos in HEIC would otherwise go unlabelled in silence."""
     if not not_images:
         return None
@@ -87,10 +87,19 @@ def not_images_note(input_uri: str, not_images: Counter) -> str | None:
     most = sorted(not_images.items(), key=lambda kind: (-kind[1], kind[0]))[:5]
     kinds = ", ".join(f"{count} .{ext}" if ext else f"{count} without an extension" for ext, count in most)
     more = ", ..." if len(not_images) > 5 else ""
-    line = f"note: {total} file{'s' if total != 1 else ''} in --input {input_uri} left out as not images by name ({kinds}{more})"
+    line = f"note: {total} file{'s' if total != 1 else ''} in {flag} {input_uri} left out as not images by name ({kinds}{more})"
     if not_images.keys() & {"heic", "heif"}:
         line += "; HEIC/HEIF photos cannot be decoded here: convert them (to JPEG, say) to label them"
     return line
+
+
+def no_images(input_uri: str, not_images: Counter | None = None, flag: str = "--input") -> JobError:
+    """The error for ``flag`` ``input_uri`` holding no images: the extensions looked for and, when
+    files were left out for their names, which (``not_images_note``)."""
+    looked_for = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+    message = f"{flag} {input_uri} holds no images (looked for {looked_for})"
+    note = not_images_note(input_uri, not_images, flag) if not_images else None
+    return JobError(message + (f"; {note.removeprefix('note: ')}" if note else ""))
 
 
 def input_kind(input_uri: str, storage_options: dict | None = None) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator
 
@@ -161,16 +162,22 @@ def _write_generation(fs, plan_dir: str, uris: Iterable[str], first_shard: int, 
 
 
 def write_plan(
-    uris: Iterable[str], output_uri: str, input_uri: str, shard_size: int, settings: dict, storage_options: dict | None = None
+    uris: Iterable[str],
+    output_uri: str,
+    input_uri: str,
+    shard_size: int,
+    settings: dict,
+    storage_options: dict | None = None,
+    not_images: Counter | None = None,
 ) -> Plan:
-    """The first run's plan: every URI, cut into shards, stored under ``<output>/_plan/``."""
+    """The first run's plan: every URI, cut into shards, stored under ``<output>/_plan/``.
+    JobError when there are none (naming the files ``iter_input_uris`` counted in ``not_images``)."""
     fs, plan_dir = _plan_dir(output_uri, storage_options)
     first = _write_generation(fs, plan_dir, uris, 0, shard_size, "gen-000001")
     if first.num_images == 0:
-        from jobs.labeling.inputs import IMAGE_EXTENSIONS
+        from jobs.labeling.inputs import no_images
 
-        looked_for = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
-        raise JobError(f"--input {input_uri} holds no images (looked for {looked_for})")
+        raise no_images(input_uri, not_images)
     plan = Plan(input=input_uri, shard_size=shard_size, settings=settings, generations=[first], created=first.created)
     put_atomic(fs, f"{plan_dir}/plan.json", plan.to_json())
     return plan
@@ -251,8 +258,6 @@ def plan_for_run(
     """The plan this run labels: the first run's (shards of ``shard_size``, default
     ``DEFAULT_SHARD_SIZE``), or the output's own (same input and settings, else JobError) grown
     by the images listed since when ``new_inputs``. Says what it did."""
-    from collections import Counter
-
     from jobs.labeling.inputs import iter_input_uris, not_images_note
 
     started = time.perf_counter()
@@ -267,13 +272,7 @@ def plan_for_run(
     if plan is None:
         print(f"planning: listing {input_uri} ...", flush=True)
         uris = iter_input_uris(input_uri, storage_options, exclude_uri=output_uri, not_images=not_images)
-        try:
-            plan = write_plan(uris, output_uri, input_uri, shard_size or DEFAULT_SHARD_SIZE, settings, storage_options)
-        except JobError as exc:
-            note = not_images_note(input_uri, not_images)
-            if note is None or "holds no images" not in str(exc):
-                raise
-            raise JobError(f"{exc}; {note.removeprefix('note: ')}") from None
+        plan = write_plan(uris, output_uri, input_uri, shard_size or DEFAULT_SHARD_SIZE, settings, storage_options, not_images)
         seconds = time.perf_counter() - started
         print(f"planned {plan.num_images} images in {plan.num_shards} shards of {plan.shard_size} ({seconds:.1f} s)", flush=True)
         say_not_images()
