@@ -301,7 +301,7 @@ def run_main(main, argv=None) -> None:
     import signal
 
     from jobs.retries import s3_retries_line
-    from maskrcnn.storage import s3_retries
+    from maskrcnn.s3 import s3_retries
 
     install_sigterm_handler()
     # Ray blocks SIGINT in its own processes, and a child inherits the mask: a job started from one

@@ -1,7 +1,7 @@
 """A job's count of the S3 requests its Ray workers retried, for its last line ("S3: 41 requests
 retried").
 
-``maskrcnn.storage`` counts the retries of one process (and of the processes it forks). Here a
+``maskrcnn.s3`` counts the retries of one process (and of the processes it forks). Here a
 Ray worker hands its count, as it goes, to the job's tally: a named actor in the job's namespace
 that the driver makes (``start_s3_retry_tally``) and empties at the end (``s3_retries_line``).
 Importing ``jobs`` registers the hand-over, so every worker that runs the project's code does it.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from maskrcnn import storage
+from maskrcnn import s3
 
 RETRY_TALLY_NAME = "maskrcnn-s3-retries"  # in the job's Ray namespace: one per job
 # seconds a worker waits for the tally to take its count, and the driver for the tally to start:
@@ -27,7 +27,7 @@ _TALLY: list = [None]  # the tally actor's handle (None: not made or found yet)
 def _ray_worker():
     """Ray, when this process is a Ray worker (not the driver, not a process it forked)."""
     ray = sys.modules.get("ray")
-    if ray is None or storage.in_forked_child():
+    if ray is None or s3.in_forked_child():
         return None
     try:
         worker = ray._private.worker.global_worker
@@ -51,7 +51,7 @@ def report_s3_retries() -> None:
     if ray is None:
         return
     with _REPORT_LOCK:
-        delta = storage.s3_retries() - _REPORTED
+        delta = s3.s3_retries() - _REPORTED
         if delta <= 0:
             return
         for _ in range(2):  # a cached handle may be an earlier job's tally: then look it up again
@@ -91,7 +91,7 @@ def start_s3_retry_tally() -> None:
     report their retries to, named in the job's namespace (an existing one is kept: its count is
     what ``s3_retries_line`` did not take yet)."""
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized() or not storage.s3_in_use():
+    if ray is None or not ray.is_initialized() or not s3.s3_in_use():
         return
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -110,9 +110,9 @@ def start_s3_retry_tally() -> None:
 
 
 def s3_retries_line(since: int = 0) -> str | None:
-    """``"S3: 41 requests retried"``: the retries of this process since ``storage.s3_retries()``
+    """``"S3: 41 requests retried"``: the retries of this process since ``s3.s3_retries()``
     was ``since``, and those its Ray workers reported to the tally; None when there were none."""
-    count = storage.s3_retries() - since
+    count = s3.s3_retries() - since
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized() and _ray_worker() is None and _TALLY[0] is not None:
         try:
@@ -124,4 +124,4 @@ def s3_retries_line(since: int = 0) -> str | None:
     return f"S3: {count} request{'s' if count != 1 else ''} retried"
 
 
-storage.on_s3_retry(report_s3_retries)
+s3.on_s3_retry(report_s3_retries)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import fsspec
 import pytest
 
-from maskrcnn.storage import _s3_options, filesystem, join_uri, open_uri
+from maskrcnn.s3 import _s3_options
+from maskrcnn.storage import filesystem, join_uri, open_uri
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,7 @@ def test_every_slowdown_is_counted_once_whichever_layer_retries_it(s3_bucket, fa
     """Half the requests answered SlowDown, botocore held to 2 attempts (its back-off is what the
     test waits for): botocore sends again, and when both attempts fail s3fs calls again. Each 503
     the store answered is one retry in ``s3_retries()``, none lost and none counted twice."""
-    from maskrcnn.storage import s3_retries
+    from maskrcnn.s3 import s3_retries
 
     options = _options(faulty_s3.endpoint, config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"}})
     faulty_s3.rate, faulty_s3.faults = 0.5, ("slowdown",)
@@ -84,22 +84,22 @@ def test_a_second_job_on_the_same_ray_counts_its_workers_retries(ray_local):
     them): the second finds the first's tally, which must outlive the hand-over, and the retries
     its Ray workers report reach its last line."""
     from jobs.retries import s3_retries_line, start_s3_retry_tally
-    from maskrcnn import storage
+    from maskrcnn import s3
 
-    storage._install_s3_hooks()  # the driver has used S3: the jobs count its workers' retries
+    s3.install_hooks()  # the driver has used S3: the jobs count its workers' retries
     for job in range(2):
         start_s3_retry_tally()
 
         @ray_local.remote(num_cpus=0)
         def worker_retries(n: int) -> None:
             import jobs  # noqa: F401  (the workers of a job run the project's code: its hand-over is registered)
-            from maskrcnn.storage import count_s3_retry
+            from maskrcnn.s3 import count_s3_retry
 
             for _ in range(n):
                 count_s3_retry()
 
         ray_local.get([worker_retries.remote(2), worker_retries.remote(3)])
-        assert s3_retries_line(since=storage.s3_retries()) == "S3: 5 requests retried", f"job {job + 1}"
+        assert s3_retries_line(since=s3.s3_retries()) == "S3: 5 requests retried", f"job {job + 1}"
 
 
 # A process with a kept-alive S3 connection forks a child (as DataLoader workers are made), then

@@ -59,8 +59,9 @@ def _fetch_one(fs, path: str, attempts: int = 4, failed: bool = False) -> bytes 
     """The bytes of ``path``, or the exception of its last attempt. ``attempts`` reads at most
     (each with the filesystem's own retries), 0.5, 1, 2 s apart; a permanent error ends them at
     once. ``failed``: a read of it failed already, so the first attempt is a retry too. Every
-    retry of an object store's read is counted (``maskrcnn.storage.count_s3_retry``)."""
-    from maskrcnn.storage import count_s3_retry, is_local
+    retry of an object store's read is counted (``maskrcnn.s3.count_s3_retry``)."""
+    from maskrcnn.s3 import count_s3_retry
+    from maskrcnn.storage import is_local
 
     for attempt in range(attempts):
         if (failed or attempt) and not is_local(fs):
