@@ -151,6 +151,7 @@ def test_another_programs_private_ray_is_never_joined(tmp_path, checkpoint, few_
     assert progress[-1].startswith("shard 6/6 committed: 12 of 12 images, ") and " images/s, ETA " in progress[-1], progress
 
 
+@pytest.mark.slow
 def test_a_stale_ray_start_record_is_warned_about_and_skipped(tmp_path, checkpoint, few_images, ray_tmpdir):
     """``ray_current_cluster`` names a head that is gone (``ray start`` then a reboot or a crash):
     Ray's own ``address="auto"`` would retry it for ever; the job says so and runs on a private Ray."""
@@ -168,6 +169,7 @@ def test_a_stale_ray_start_record_is_warned_about_and_skipped(tmp_path, checkpoi
     _assert_each_image_once(output, few_images)
 
 
+@pytest.mark.slow
 def test_a_private_ray_that_does_not_start_in_time_is_started_again(tmp_path, checkpoint, few_images, ray_tmpdir):
     """Ray gives a local node 30 s to register its raylet, and on a machine busy with other work
     ``ray.init`` can give up. Here the first raylet is stopped (SIGSTOP) as it starts: the job

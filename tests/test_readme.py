@@ -98,6 +98,7 @@ def test_every_python_block_of_the_readme_is_tested():
     assert {"quickstart", "read", "model", "label", "ray-data"} <= set(BLOCKS)
 
 
+@pytest.mark.slow
 def test_quickstart_as_written(tmp_path):
     """The local-folder command of "Label your own images", on a random-weight state dict with
     the shape of torchvision's COCO checkpoint: it loads without --categories and labels every

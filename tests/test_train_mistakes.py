@@ -139,7 +139,7 @@ def _chain(cause):
     raise RuntimeError("a Ray Data pipeline failed") from cause
 
 
-@pytest.mark.parametrize("where", ["train", "val"])
+@pytest.mark.parametrize("where", ["train", pytest.param("val", marks=pytest.mark.slow)])
 def test_annotations_that_do_not_fit_their_image_stop_the_run_at_once_in_one_line(where, sample, tmp_path):
     (train_ann, train_images), (val_ann, val_images) = sample["train"], sample["val"]
     if where == "train":  # read by a DataLoader process, whose error torch re-raises with its traceback
