@@ -130,6 +130,22 @@ def test_shards_are_disjoint_equal_and_cover_the_dataset(num_items, world_size):
     assert steps_per_epoch(25, 2, 2) == 7  # ceil(ceil(25 / 2) / 2)
 
 
+def test_a_run_record_cut_short_or_edited_keeps_its_records(tmp_path, capsys):
+    """A metrics.jsonl with a line that is not a record (cut short by a kill while an older
+    version wrote it in place; an edit) is read without it, with a warning naming the file: the
+    resume of that run must not stop on it."""
+    from jobs.training.metrics import MetricsLog
+
+    good = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"event": "eval", "step": 2, "segm_AP": 0.1}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + "[1, 2]\n\n" + '{"step": 3, "lo')
+    log = MetricsLog(str(tmp_path), None, start_step=2)
+    assert log.records == good
+    assert f"warning: 2 lines are not a record of the run in {path} (cut short or edited); left out" in capsys.readouterr().err
+    log.flush()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == good
+
+
 def test_the_run_record_is_never_read_half_written(tmp_path):
     """metrics.jsonl is rewritten whole at each checkpoint (object stores cannot append): a kill
     in the middle, or a reader at that moment (a resume, a dashboard), must find the whole file

@@ -63,14 +63,32 @@ class Pace:
 
 
 def read_metrics(output: str, storage_options: dict | None) -> list[dict]:
-    """The records of ``<output>/metrics.jsonl`` (read with ``storage_options``); [] when there is none."""
+    """The records of ``<output>/metrics.jsonl`` (read with ``storage_options``); [] when there is
+    none. Lines that are not a record (a file cut short by a version that wrote it in place, an
+    edit) are left out with a warning: a resume keeps the rest, and writes them no more."""
     from maskrcnn.storage import join_uri, open_uri
 
+    uri = join_uri(output, METRICS_FILE)
+    records, unreadable = [], 0
     try:
-        with open_uri(join_uri(output, METRICS_FILE), "r", storage_options) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open_uri(uri, "r", storage_options) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if isinstance(record, dict):
+                    records.append(record)
+                else:
+                    unreadable += 1
     except FileNotFoundError:
         return []
+    if unreadable:
+        lines = "line is" if unreadable == 1 else "lines are"
+        print(f"warning: {unreadable} {lines} not a record of the run in {uri} (cut short or edited); left out", file=sys.stderr)
+    return records
 
 
 class MetricsLog:
