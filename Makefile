@@ -19,8 +19,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 # subprocesses as much as they compute, so a 2-core machine runs them in ~4/5 of the time.
 # `make test` leaves out the tests marked slow (over a minute each on a 2-core CPU: whole jobs
 # killed and resumed, Ray that fails to start, self-training's gain); `make test-all`, which CI
-# runs, adds them.
-PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+# runs, adds them. The longest files go first (tests/conftest.py's LONGEST_FIRST).
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: install
 	$(BIN)/ruff check .
