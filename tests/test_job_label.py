@@ -614,6 +614,46 @@ def _predictor_pids(raylet: int | None) -> set[int]:
     }
 
 
+def test_a_runs_model_actors_end_with_it(tmp_path, checkpoint, ray_local):
+    """Ray Data lets a pool's actors go by dropping its handles, and after a failed run one could
+    stay, holding its CPU or GPU: the next run in the same process (a notebook, a scheduler's
+    loop) waited for ever. A model actor joins its run (the ShardCommitter); the run's end stops
+    every actor that joined, and one that starts after it stops at once."""
+    import ray
+
+    from jobs.labeling.pipeline import _end_run
+    from jobs.labeling.plan import Plan
+    from jobs.labeling.predict import LabelActor
+    from jobs.labeling.shards import ShardCommitter
+
+    plan = Plan(input="x", shard_size=2, settings={}, generations=[], created="now")
+    committer = ShardCommitter.remote(plan)
+    kwargs = {"checkpoint_uri": checkpoint, "load_kwargs": {}, "storage_options": None, "use_gpu": False, "run": committer}
+
+    @ray.remote(num_cpus=1)
+    class Model(LabelActor):
+        def ready(self) -> bool:
+            return True
+
+    model = Model.remote(**kwargs)
+    assert ray.get(model.ready.remote(), timeout=120)
+    _end_run(committer)
+    deadline, dead = time.monotonic() + 60, False
+    while not dead and time.monotonic() < deadline:  # ray.kill is asynchronous: a call just after it may still run
+        try:
+            ray.get(model.ready.remote(), timeout=30)
+            time.sleep(0.5)
+        except ray.exceptions.RayActorError:
+            dead = True
+    assert dead, "the run's model actor is still alive after its end"
+    ended = ShardCommitter.remote(plan)
+    assert ray.get(ended.end_run.remote()) == []
+    too_late = Model.remote(**dict(kwargs, run=ended))
+    with pytest.raises(ray.exceptions.RayActorError, match="has ended"):
+        ray.get(too_late.ready.remote(), timeout=120)
+    ray.kill(ended)
+
+
 @pytest.mark.slow
 def test_killed_model_actor_is_replaced_and_the_run_completes_exactly_once(tmp_path, checkpoint, shapes_folder, ray_local, capsys):
     output = tmp_path / "out"

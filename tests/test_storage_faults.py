@@ -254,6 +254,12 @@ def test_label_to_an_output_that_stops_taking_writes_says_so_in_one_line_and_res
             "command again once it takes files, to label the rest"
         ], captured.err[-3000:]
         assert "Traceback" not in captured.out + captured.err, captured.err[-3000:]
+        # the failed run's model actors are gone: the next run in this process finds the CPUs free
+        # (one was left holding its CPU, and the rerun waited for ever for a CPU to decode on)
+        deadline = time.monotonic() + 30
+        while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ray_local.available_resources().get("CPU", 0) == ray_local.cluster_resources()["CPU"], ray_local.available_resources()
         store.refuse_writes = None
         with pytest.raises(SystemExit) as exit_info:
             run_main(label_main, args)

@@ -85,8 +85,9 @@ def expand_shards(batch: dict[str, np.ndarray], *, output_uri: str, storage_opti
     }
 
 
-def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings) -> ray.data.Dataset:
-    """The pending shards' images through the stages, ready to write."""
+def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings, committer=None) -> ray.data.Dataset:
+    """The pending shards' images through the stages, ready to write; the model actors join the
+    run of ``committer`` (a ShardCommitter) when one is given."""
     configure_data_context(ray.data.DataContext.get_current())
     ds = ray.data.from_items([{"shard": s} for s in pending_shards], override_num_blocks=max(1, min(len(pending_shards), 200)))
     where = {"output_uri": settings.output_uri, "storage_options": settings.storage_options, "plan": plan}
@@ -114,7 +115,7 @@ def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings
             "checkpoint_uri": settings.checkpoint_uri, "load_kwargs": settings.load_kwargs,
             "storage_options": settings.storage_options, "use_gpu": settings.gpus_per_actor > 0,
             "threads": settings.torch_threads, "fast": settings.fast_path, "precision": settings.precision,
-            "max_batch": settings.batch_size, "tta": settings.tta,
+            "max_batch": settings.batch_size, "tta": settings.tta, "run": committer,
         },
         batch_size=window,
         batch_format="numpy",
@@ -150,7 +151,7 @@ def run_pipeline(plan: Plan, pending_shards: list[int], settings: LabelSettings)
         sink = ShardSink(output_uri=settings.output_uri, storage_options=settings.storage_options, run_id=settings.run_id,
                          committer=committer, plan=plan)
         with _no_ray_data_tracebacks_on_the_console():
-            build_dataset(plan, pending_shards, settings).write_datasink(sink)
+            build_dataset(plan, pending_shards, settings, committer).write_datasink(sink)
         totals = ray.get(committer.summary.remote())
         totals["seconds"] = time.perf_counter() - started
         stop.set()
@@ -158,9 +159,20 @@ def run_pipeline(plan: Plan, pending_shards: list[int], settings: LabelSettings)
             progress.join(timeout=30)
     finally:
         stop.set()
-        with contextlib.suppress(Exception):
-            ray.kill(committer)
+        _end_run(committer)
     return totals
+
+
+def _end_run(committer) -> None:
+    """Stops the run's model actors, then its committer. Ray Data lets a pool's actors go by
+    dropping its handles to them, and after a failed run (an output that refuses writes, Ctrl-C
+    in a notebook) one was still held: the next run in the same process waited for ever for the
+    CPUs (or GPUs) it kept."""
+    with contextlib.suppress(Exception):
+        for actor in ray.get(committer.end_run.remote(), timeout=60):
+            ray.kill(actor)
+    with contextlib.suppress(Exception):
+        ray.kill(committer)
 
 
 @contextlib.contextmanager

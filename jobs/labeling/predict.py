@@ -59,10 +59,15 @@ class LabelActor:
     """Loads the checkpoint once (``load_kwargs``: ``arch``, ``categories``, ``overrides`` of
     ``load_checkpoint``), then labels batches. ``use_gpu``: on this actor's GPU; else on the CPU
     with ``threads`` torch threads (0: as many as its node has CPUs). ``fast``, ``precision``,
-    ``max_batch``, ``tta`` (a ``maskrcnn.tta`` spec, "" for none): ``maskrcnn.inference.Predictor``'s."""
+    ``max_batch``, ``tta`` (a ``maskrcnn.tta`` spec, "" for none): ``maskrcnn.inference.Predictor``'s.
+    ``run``: jobs.label's ShardCommitter, which the actor tells that it started (the run stops
+    its actors when it ends); an actor that starts after its run ended stops at once."""
 
     def __init__(self, *, checkpoint_uri: str, load_kwargs: dict, storage_options: dict | None, use_gpu: bool,
-                 threads: int = 1, fast: bool = True, precision: str = "auto", max_batch: int | None = None, tta: str = ""):
+                 threads: int = 1, fast: bool = True, precision: str = "auto", max_batch: int | None = None, tta: str = "",
+                 run=None):
+        if run is not None and not ray.get(run.join_run.remote(ray.get_runtime_context().current_actor)):
+            raise RuntimeError("the labeling run this model actor was started for has ended")
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         # Built on one torch thread: Ray runs an actor's constructor and its batches on different
         # threads, and OpenMP gives each thread that runs a parallel region a team of its own. A

@@ -78,6 +78,7 @@ class ShardCommitter:
         self.pieces: dict[int, list[str]] = {}
         self.committed: set[int] = set()
         self.totals = {"images": 0, "detections": 0, "errors": 0, "shards": 0}
+        self.model_actors: list | None = []  # None once the run has ended (``end_run``)
 
     def add_piece(self, shard: int, indices: np.ndarray, piece: str) -> list[str] | None:
         """Record a written piece; returns the shard's pieces when it is now complete (the
@@ -103,6 +104,18 @@ class ShardCommitter:
 
     def summary(self) -> dict:
         return dict(self.totals, in_flight=len(self.seen))
+
+    def join_run(self, actor) -> bool:
+        """A model actor of this run (its own handle) starts; False once the run has ended."""
+        if self.model_actors is None:
+            return False
+        self.model_actors.append(actor)
+        return True
+
+    def end_run(self) -> list:
+        """The run's model actors, for the driver to stop; none joins after this."""
+        actors, self.model_actors = self.model_actors or [], None
+        return actors
 
 
 class OutputWriteError(Exception):
