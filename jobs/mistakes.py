@@ -6,7 +6,9 @@ of letting Ray Train restart the workers (--max-failures) into it again."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import re
 from collections.abc import Iterator
 
@@ -55,7 +57,8 @@ def refused_write(exc: BaseException, permission: bool = False) -> OSError | Non
 
 def chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and every exception behind it, once each: its ``__cause__`` and ``__context__``,
-    and a Ray task error's ``cause`` (the exception the task raised)."""
+    a Ray task error's ``cause`` (the exception the task raised), and the failures a Ray Train
+    error holds (``controller_failure``, ``worker_failures``)."""
     seen, stack = set(), [exc]
     while stack:
         error = stack.pop()
@@ -63,8 +66,42 @@ def chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(error))
         yield error
+        # a Ray task error's cause; Ray Train's ControllerError's and WorkerGroupError's failures
         cause = getattr(error, "cause", None)
         stack.extend([error.__context__, error.__cause__, cause if isinstance(cause, BaseException) else None])
+        stack.append(getattr(error, "controller_failure", None))
+        failures = getattr(error, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(value for value in failures.values() if isinstance(value, BaseException))
+
+
+def refusal_reason(refused: OSError, local: bool) -> str:
+    """Why a storage refused a write (``refused``, as ``refused_write`` found it), for a person: the
+    system's words on a local file system, else what to check (``explain_storage_error``)."""
+    from maskrcnn.storage import explain_storage_error
+
+    return os.strerror(refused.errno) if local and refused.errno else explain_storage_error(refused)
+
+
+class OutputRefused(Exception):
+    """A job's --output refused a write for a reason no retry fixes; the message, one line,
+    names the output and says why."""
+
+
+@contextlib.contextmanager
+def writing_output(output: str):
+    """Around a job's writes to its --output: an error by which the storage refused them for good
+    (``refused_write``, permission included) becomes an OutputRefused naming ``output``; other
+    errors pass as they are."""
+    from maskrcnn.storage import is_local
+
+    try:
+        yield
+    except Exception as exc:
+        refused = refused_write(exc, permission=True)
+        if refused is None:
+            raise
+        raise OutputRefused(f"cannot write to --output {output}: {refusal_reason(refused, is_local(output))}") from exc
 
 
 NAMESPACE = "maskrcnn-train"  # of the keys in Ray's key-value store

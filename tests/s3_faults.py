@@ -17,7 +17,7 @@ do not implement a header answer; ``"ignored"`` forwards it without the header, 
 (``x-amz-sdk-checksum-algorithm``, ``x-amz-checksum-*`` on a PUT: ``400 InvalidArgument``, as
 Backblaze B2 answers). ``refuse_writes``: while set, uploads (PUT, multipart) whose path holds
 that text are answered ``403 AccessDenied``, as after a bucket policy or the credentials'
-permissions changed in the middle of a run (may change while it runs).
+permissions changed in the middle of a run (may change while it runs); ``refused`` lists their paths.
 
 A faulted request never reaches the server, so a retry meets the store as it was (this proxy
 does not model a request that took effect but whose answer was lost). Everything else is
@@ -110,6 +110,7 @@ class FaultyS3Proxy:
         self._lock = threading.Lock()
         self.injected: collections.Counter = collections.Counter()  # (kind, fault) -> count
         self.forwarded: collections.Counter = collections.Counter()  # kind -> count
+        self.refused: list[str] = []  # the paths of the uploads refused_writes refused
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -209,6 +210,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         uploads = ("put", "multipart_create", "upload_part", "multipart_complete")
         if fault is None and kind in uploads and self.owner.refuse_writes and self.owner.refuse_writes in self.path:
+            with self.owner._lock:
+                self.owner.refused.append(self.path)
             self._answer(403, [("Content-Type", "application/xml"), ("x-amz-request-id", "FAULTYPROXY")], _ACCESS_DENIED)
             return
         if conditional and self.owner.conditional_writes == "ignored":

@@ -307,3 +307,54 @@ def test_train_on_a_faulty_s3_writes_the_model(s3_server, s3_bucket, faulty_s3):
     retried = _retried(job.output)
     print(f"jobs.train said: S3: {retried} requests retried")
     assert retried > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("refused, by", [
+    ("/checkpoint_2", "the worker's upload of a checkpoint"),
+    ("/metrics.jsonl", "the worker's record of the run"),
+    ("/checkpoint_manager_snapshot.json", "Ray Train controller's record of the checkpoints"),
+])
+def test_train_to_an_output_that_stops_taking_writes_says_so_in_one_line_and_resumes(refused, by, s3_server, s3_bucket):
+    """--output's store refuses the run's writes part-way (403 AccessDenied, as after a bucket
+    policy or the credentials changed), in whichever of the run's processes writes: jobs.train
+    stops at once with one line naming --output and the reason, no traceback and no restart of the
+    workers (exit 2); once the store takes writes again, the same command resumes from the last
+    checkpoint and writes model.pt."""
+    from maskrcnn.data.synthetic import make_sample_dataset
+    from tests.job_process import Job, run_job
+
+    direct = _options(s3_server)
+    annotations, images = make_sample_dataset(f"{s3_bucket}/data", {"train": 8}, seed=2, storage_options=direct)["train"]
+    output = f"{s3_bucket}/runs/refused"
+    args = [
+        "--annotations", annotations, "--images", images, "--output", output, "--num-workers", "1", "--batch-size", "2",
+        "--max-steps", "24", "--log-every", "2", "--checkpoint-every", "2", "--arch", "small", "--min-size", "128",
+        "--max-size", "160", "--loader-workers", "1",
+    ]
+    store = FaultyS3Proxy(s3_server, rate=0.0).start()
+    try:
+        job = Job("jobs.train", args, env={"AWS_ENDPOINT_URL": store.endpoint})
+        assert job.wait_for(lambda: "checkpoint at step 2" in job.output, 240), job.output[-3000:]
+        store.refuse_writes = refused
+        code = job.wait(240)
+        assert code == 2, job.output[-6000:]
+        assert "Traceback" not in job.output, job.output[-6000:]
+        assert len(re.findall(r"starts at step \d+", job.output)) == 1, job.output[-6000:]  # no restart of the workers
+        errors = [line for line in job.output.splitlines() if line.startswith("error:")]
+        assert errors == [
+            f"error: training stopped: cannot write to --output {output}: access denied (Access Denied): check the credentials "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and their permissions on this bucket and prefix; the same "
+            "command resumes from the last checkpoint once it takes files"
+        ], f"refused: {by}\n" + job.output[-6000:]
+        assert store.refused, f"{by} was not refused"
+        if refused == "/checkpoint_2":  # resumes (the other cases leave the same state behind)
+            store.refuse_writes = None
+            again = run_job("jobs.train", args, env={"AWS_ENDPOINT_URL": store.endpoint})
+            resumed = re.findall(r"starts at step (\d+) of 24", again.output)
+            assert len(resumed) == 1 and int(resumed[0]) >= 2, again.output[-3000:]
+            fs, root = filesystem(output, direct)
+            fs.invalidate_cache()
+            assert fs.exists(f"{root}/model.pt")
+    finally:
+        store.stop()

@@ -185,8 +185,10 @@ def _no_ray_data_tracebacks_on_the_console():
     def console_filter(record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and record.name.startswith(("ray.data._internal.execution", "ray.data.exceptions")))
 
-    handlers = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)
-                and getattr(h, "stream", None) in (sys.stderr, sys.stdout)]
+    # its console handlers: every stream handler but its log file's (the stream a console handler
+    # holds may be one sys.stderr was before: a notebook's, a test's capture)
+    handlers = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     for handler in handlers:
         handler.addFilter(console_filter)
     try:

@@ -11,7 +11,6 @@ one PUT, which S3 makes visible whole. A shard is finished iff its part file exi
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from typing import Iterable
@@ -25,8 +24,8 @@ import ray
 
 from jobs.labeling.plan import Plan, table_bytes
 from jobs.labeling.rows import OUTPUT_SCHEMA, PIECE_SCHEMA
-from jobs.mistakes import chain, refused_write
-from maskrcnn.storage import explain_storage_error, filesystem, is_local, put_atomic
+from jobs.mistakes import chain, refusal_reason, refused_write
+from maskrcnn.storage import filesystem, is_local, put_atomic
 
 PIECES_DIR = "_pieces"  # rows of shards in flight, merged into part files as shards complete
 PREVIEW_DIR = "_preview"  # Parquet readers skip names starting with "_"
@@ -157,8 +156,7 @@ class ShardSink(ray.data.Datasink):
             refused = refused_write(exc, permission=True)  # the sink only writes: a permission refused is a write's
             if refused is None:
                 raise
-            why = os.strerror(refused.errno) if is_local(fs) and refused.errno else explain_storage_error(refused)
-            raise OutputWriteError(why) from None
+            raise OutputWriteError(refusal_reason(refused, is_local(fs))) from None
 
     def _write(self, fs, root: str, blocks: Iterable) -> None:
         for block in blocks:

@@ -12,10 +12,11 @@ from dataclasses import asdict
 
 from jobs.autoscaling import wait_for_gpus
 from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray
+from jobs.mistakes import OutputRefused, refused_write, writing_output
 from jobs.options import warn_slow_cpu_precision
 from jobs.training.metrics import log, summarize_run
 from jobs.training.spec import MODEL_FILE, RUN_NAME, Hidden, TrainPlan
-from jobs.training.worker import train_loop_per_worker
+from jobs.training.worker import RESUMES_ONCE_WRITABLE, train_loop_per_worker
 
 
 def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dict | None) -> int:
@@ -59,23 +60,53 @@ def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dic
             failure_config=FailureConfig(max_failures=args.max_failures),
             # Ray Train logs every report's metrics at INFO; the workers print their own lines.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=[quiet_refusals()],
         ),
     )
     started = time.perf_counter()
     try:
-        _fit(trainer, mistake_key)
+        # Ray Train's controller writes its record of the checkpoints to --output after each one
+        with writing_output(plan.output):
+            _fit(trainer, mistake_key)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (jobs.common.run_main)
         shutdown_ray()
         exc.args = (f"a rerun of the same command resumes from the last checkpoint in {plan.output}",)
         raise
     except JobError:  # a worker's mistake (_fit)
         raise
+    except OutputRefused as exc:
+        raise JobError(f"training stopped: {exc}{RESUMES_ONCE_WRITABLE}") from None
     except Exception as exc:  # ray.train.TrainingFailedError: the workers' errors, retries spent
         print(f"error: training failed: {exc}", file=sys.stderr)
         return 1
     summarize_run(plan.output, storage_options)
     log(f"done in {time.perf_counter() - started:.0f} s: {join_uri(plan.output, MODEL_FILE)}")
     return 0
+
+
+def quiet_refusals():
+    """A Ray Train callback whose only work is done where it is unpickled, in Ray Train's
+    controller: there it keeps the controller's log of an error by which --output refused a write
+    for good (the traceback of its record of the checkpoints refused, say) out of the job's
+    output, where the job says it in one line (``train_on_ray``). Its other errors are logged as
+    before."""
+    import logging
+
+    from ray.train import UserCallback
+
+    class QuietRefusals(UserCallback):
+        def __reduce__(self):
+            return (quiet_refusals, ())
+
+    logger = logging.getLogger("ray.train.v2._internal.execution.controller.controller")
+    if not any(getattr(f, "quiet_refusals", False) for f in logger.filters):
+        def not_a_refusal(record: logging.LogRecord) -> bool:
+            error = record.exc_info[1] if record.exc_info else None
+            return error is None or refused_write(error, permission=True) is None
+
+        not_a_refusal.quiet_refusals = True
+        logger.addFilter(not_a_refusal)
+    return QuietRefusals()
 
 
 def start_autoscaling_coordinator(timeout: float = 60.0) -> None:

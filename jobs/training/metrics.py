@@ -109,11 +109,13 @@ class MetricsLog:
     def flush(self) -> None:
         """Rewrites the file whole or not at all: a kill in the middle must not leave a resume a
         truncated record of the run to read."""
+        from jobs.mistakes import writing_output
         from maskrcnn.storage import filesystem, join_uri, put_atomic
 
         text = "".join(json.dumps(r) + "\n" for r in self.records)
         fs, path = filesystem(join_uri(self.uri, METRICS_FILE), self.storage_options)
-        put_atomic(fs, path, text.encode("utf-8"))
+        with writing_output(self.uri):
+            put_atomic(fs, path, text.encode("utf-8"))
 
 
 def plot_metrics(records: list[dict], uri: str, storage_options: dict | None) -> bool:

@@ -10,6 +10,7 @@ import os
 import tempfile
 import time
 
+from jobs.mistakes import writing_output
 from jobs.training.metrics import Pace, ap_text, log, step_text
 from jobs.training.resume import WorkerRun, resume_or_start
 from jobs.training.spec import CHECKPOINT_FILE, DEFAULT_LOADER_WORKERS, MODEL_FILE, TrainPlan
@@ -49,12 +50,14 @@ def targets_to(targets: list[dict], device) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # The loop
 
+RESUMES_ONCE_WRITABLE = "; the same command resumes from the last checkpoint once it takes files"
+
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's loop on each worker. ``config``: ``plan``, a ``TrainPlan`` as a dict, and
     ``storage_options``, a ``Hidden`` dict or None. Trains from the latest checkpoint (or the
     start) to ``plan.total_steps``; rank 0 then writes ``model.pt``."""
-    from jobs.mistakes import mistake_in, publish_mistake, refused_write
+    from jobs.mistakes import OutputRefused, mistake_in, publish_mistake, refused_write
     from jobs.retries import report_s3_retries
 
     # Ray Train sends the worker's root logger to the console at INFO; the job prints its own
@@ -65,10 +68,13 @@ def train_loop_per_worker(config: dict) -> None:
         _train(config)
     except Exception as exc:
         message = mistake_in(exc)
-        refused = refused_write(exc) if message is None else None
-        if refused is not None:  # a full disk or quota: a restart would train up to the next checkpoint to meet it again
-            message = (f"cannot write to --output {config['plan']['output']}: {os.strerror(refused.errno)}; the same command "
-                       "resumes from the last checkpoint once it takes files")
+        # --output refused a checkpoint, model.pt or the run's record (a full disk, a quota, a
+        # permission withdrawn): a restart would train up to the next checkpoint to meet it again
+        if message is None and isinstance(exc, OutputRefused):
+            message = f"{exc}{RESUMES_ONCE_WRITABLE}"
+        elif message is None and (refused := refused_write(exc)) is not None:  # a full disk elsewhere
+            where = f"cannot write {refused.filename}" if refused.filename else "a write failed"
+            message = f"{where}: {os.strerror(refused.errno)}; the same command resumes from the last checkpoint once it has room"
         if message is not None and config.get("mistake_key"):
             publish_mistake(config["mistake_key"], message)
             # the driver prints the one line; Ray Train would log the traceback beside it
@@ -342,8 +348,45 @@ def save(run: WorkerRun, metrics: dict) -> None:
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "step": run.step,
         })
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        with writing_output(run.plan.output):  # the checkpoint goes up to --output here
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), **checkpoint_upload())
     log(f"checkpoint at step {run.step}")
+
+
+def checkpoint_upload() -> dict:
+    """``ray.train.report``'s arguments that upload a checkpoint with ``upload_checkpoint``, where
+    this Ray has them (``checkpoint_upload_fn``); else none (its own upload)."""
+    import inspect
+
+    import ray.train
+
+    return {"checkpoint_upload_fn": upload_checkpoint} if "checkpoint_upload_fn" in inspect.signature(ray.train.report).parameters else {}
+
+
+def upload_checkpoint(checkpoint, name: str):
+    """Ray Train's upload of a checkpoint folder into the run's storage, as its own but raising
+    every error: each file goes through the storage filesystem's output stream, whose close is
+    the write on S3. Ray Train's default (``pyarrow.fs.copy_files``, pyarrow 26) ignores an error
+    in that close on a filesystem implemented in Python (fsspec's, which --output on S3 uses): a
+    refused upload (permission withdrawn, retries spent) left the checkpoint recorded and
+    missing, and the run went on to fail later on, or to resume from a checkpoint that is not
+    there."""
+    import shutil
+
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    fs, destination = storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
+    fs.create_dir(destination)
+    for folder, _, files in os.walk(checkpoint.path):
+        relative = os.path.relpath(folder, checkpoint.path)
+        target = destination if relative == "." else f"{destination}/{relative}"
+        if relative != ".":
+            fs.create_dir(target)
+        for file in files:
+            with open(os.path.join(folder, file), "rb") as source, fs.open_output_stream(f"{target}/{file}") as out:
+                shutil.copyfileobj(source, out, 64 * 2**20)
+    return ray.train.Checkpoint(destination, filesystem=fs)
 
 
 def save_model(run: WorkerRun) -> None:
@@ -352,7 +395,8 @@ def save_model(run: WorkerRun) -> None:
     from maskrcnn.storage import join_uri
 
     uri = join_uri(run.plan.output, MODEL_FILE)
-    save_checkpoint(uri, run.bare_model, run.model_config, run.plan.categories, run.storage_options)
+    with writing_output(run.plan.output):
+        save_checkpoint(uri, run.bare_model, run.model_config, run.plan.categories, run.storage_options)
     run.metrics_log.add({"event": "end", "step": run.step, "model": uri, "time": time.time()})
     run.metrics_log.flush()
     log(f"wrote {uri}")
