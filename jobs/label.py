@@ -101,6 +101,13 @@ def _label(args, storage_options, loaded, config, load_kwargs, settings_fingerpr
     from jobs.labeling.shards import PIECES_DIR, finished_shards, output_refused  # Ray Data: imported once the arguments hold
 
     earlier = read_plan(args.output, storage_options)
+    if earlier is None and (foreign := finished_shards(args.output, storage_options)):
+        # part files no plan of this job's made (another tool's output, or an output whose _plan/
+        # was removed): taken for labelled shards, their images would never be labelled
+        raise JobError(
+            f"--output {args.output} holds {len(foreign)} part-NNNNNN.parquet file(s) but no {PLAN_DIR}/ of jobs.label: they are "
+            "not this job's labels (or their plan was removed); give an empty or new --output"
+        )
     tta = settings_fingerprint.get("tta", "")
     if earlier is not None and earlier.settings.get("tta", "") != tta:  # a plan records --tta only when it was on
         before = f"--tta {earlier.settings['tta']}" if earlier.settings.get("tta") else "no --tta"

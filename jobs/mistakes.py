@@ -13,7 +13,8 @@ import re
 from collections.abc import Iterator
 
 # The errors a retry would meet again, as a traceback names them (module-qualified but builtins).
-MISTAKES = ("maskrcnn.data.coco_checks.AnnotationError", "maskrcnn.data.images.ImageDecodeError", "FloatingPointError")
+MISTAKES = ("maskrcnn.data.coco_checks.AnnotationError", "maskrcnn.data.images.ImageDecodeError", "FloatingPointError",
+            "jobs.training.spec.RunMismatch")
 _MISTAKE_LINE = re.compile(r"^(?:%s): (.+)$" % "|".join(re.escape(name) for name in MISTAKES), re.M)
 
 

@@ -8,6 +8,20 @@ import json
 from jobs.common import JobError
 
 
+def finite_float(text: str) -> float:
+    """argparse's ``type`` for a number option: a finite float (``float`` takes "nan" and "inf",
+    which pass every range check made with comparisons)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
 def add_storage_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage-options",

@@ -168,11 +168,12 @@ def join_uri(base: str, *parts: str) -> str:
 
 
 def absolute_uri(uri: str | None) -> str | None:
-    """A local path made absolute (``file://`` dropped); other URIs as they are. For what a job
-    hands to Ray's workers, which run in another working directory."""
+    """A local path made absolute (``file://`` dropped, ``~`` expanded as a shell would have
+    before ``--opt=~/x``); other URIs as they are. For what a job hands to Ray's workers, which
+    run in another working directory."""
     if uri is None or not is_local(uri):
         return uri
-    return os.path.abspath(uri.removeprefix("file://"))
+    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
 def is_local(where: str | fsspec.AbstractFileSystem) -> bool:

@@ -125,6 +125,31 @@ def test_an_output_that_is_or_holds_the_input_is_refused(tmp_path, checkpoint, c
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "images"]  # nothing written
 
 
+def test_an_output_holding_part_files_of_no_plan_is_refused(tmp_path, checkpoint, capsys):
+    """Part files with no _plan/ of this job's (another tool's output, an output whose plan was
+    removed) are not taken for labelled shards, whose images would never be labelled: refused in
+    one line, and the folder left as it was."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(4):
+        rgb_noise(32, 24, seed=k).save(images / f"{k}.png")
+    output = tmp_path / "spark"
+    output.mkdir()
+    pq.write_table(pa.table({"a": [1, 2]}), output / "part-000000.parquet")
+    (output / "other.csv").write_text("x\n")
+    before = sorted((p.name, p.read_bytes()) for p in output.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(label_main, ["--input", str(images), "--output", str(output), "--checkpoint", checkpoint, "--shard-size", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output {output} holds 1 part-NNNNNN.parquet file(s) but no _plan/ of jobs.label: they are not this "
+                   "job's labels (or their plan was removed); give an empty or new --output"], err
+    assert sorted((p.name, p.read_bytes()) for p in output.iterdir()) == before
+
+
 def test_manifests_txt_and_parquet(tmp_path):
     import pyarrow as pa
 
@@ -240,6 +265,14 @@ def test_bad_arguments_stop_before_any_work(tmp_path, checkpoint, capsys):
             ["--input", str(images), "--output", str(tmp_path / "o5"), "--checkpoint", checkpoint, "--wait-for-gpus", "-1"],
             "--wait-for-gpus must be 0 or more seconds, got -1",
         ),
+        "negative cpus": (
+            ["--input", str(images), "--output", str(tmp_path / "o6"), "--checkpoint", checkpoint, "--cpus-per-actor", "-1"],
+            "--cpus-per-actor must be positive, got -1",
+        ),
+        "nan gpus": (
+            ["--input", str(images), "--output", str(tmp_path / "o7"), "--checkpoint", checkpoint, "--gpus-per-actor", "nan"],
+            "argument --gpus-per-actor: not a finite number: 'nan'",
+        ),
     }
     for name, (argv, message) in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -248,6 +281,7 @@ def test_bad_arguments_stop_before_any_work(tmp_path, checkpoint, capsys):
         err = capsys.readouterr().err
         assert message in err, (name, err)
     assert not list(tmp_path.glob("o*/part-*")), "no work may have been done"
+    assert not list(tmp_path.glob("o*/_plan")), "nor any plan written"
 
 
 def test_wait_for_gpus_asks_the_autoscaler_then_gives_up_naming_the_option(tmp_path, checkpoint, ray_local, capsys):

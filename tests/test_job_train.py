@@ -223,7 +223,8 @@ def test_a_run_resumes_under_a_config_that_only_adds_defaulted_fields():
     what differs."""
     from types import SimpleNamespace
 
-    from jobs.training.spec import check_same_run
+    from jobs.mistakes import mistake_in
+    from jobs.training.spec import RunMismatch, check_same_run
     from maskrcnn.config import get_preset
 
     config = get_preset("small", num_classes=3).to_dict()
@@ -235,12 +236,14 @@ def test_a_run_resumes_under_a_config_that_only_adds_defaulted_fields():
 
     changed = json.loads(json.dumps(older))
     changed["rpn"]["nms_thresh"] = 0.5
-    with pytest.raises(RuntimeError, match=r"another model config.*rpn\.nms_thresh: 0\.5 -> 0\.7.*new --output"):
+    with pytest.raises(RunMismatch, match=r"another model config.*rpn\.nms_thresh: 0\.5 -> 0\.7.*new --output"):
         check_same_run(plan, {"categories": categories, "config": changed})
-    with pytest.raises(RuntimeError, match=r"cannot read.*nms_treshold"):
+    with pytest.raises(RunMismatch, match=r"cannot read.*nms_treshold"):
         check_same_run(plan, {"categories": categories, "config": {**older, "rpn": {"nms_treshold": 0.5}}})
-    with pytest.raises(RuntimeError, match="other categories"):
+    with pytest.raises(RunMismatch, match="other categories") as mismatch:
         check_same_run(plan, {"categories": categories[:1], "config": config})
+    # a mistake no restart of the workers fixes: the job stops on its line
+    assert mistake_in(mismatch.value) == str(mismatch.value)
 
 
 def test_train_step_runs_under_bf16_autocast():
@@ -273,6 +276,9 @@ def test_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
     assert absolute_uri("file:///data/x.json") == "/data/x.json"
     assert absolute_uri("s3://bucket/runs/r1") == "s3://bucket/runs/r1"
     assert absolute_uri(None) is None
+    # --output=~/runs/r1 reaches the job with its ~ (no shell expands it there): the home folder
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert absolute_uri("~/runs/r1") == str(tmp_path / "home" / "runs" / "r1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +387,34 @@ def test_a_negative_gradient_clip_stops_the_job(shapes, tmp_path):
     with pytest.raises(JobError, match=r"--clip-grad-norm must be 0 \(no clipping\) or more, got -1"):
         main(["--annotations", ann, "--images", images, "--output", str(tmp_path / "run"), "--clip-grad-norm", "-1", *SMALL])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--warmup-factor", "-5", r"--warmup-factor must be in \(0, 1\]"),
+    ("--warmup-factor", "0", r"--warmup-factor must be in \(0, 1\]"),
+    ("--lr-gamma", "-1", "--lr-gamma must be positive"),
+    ("--momentum", "-1", r"--momentum must be in \[0, 1\), got -1"),
+    ("--weight-decay", "-1", "--weight-decay must be 0 or more, got -1"),
+    ("--lr-steps", "inf", "--lr-steps must be positive numbers, got 'inf'"),
+    ("--lr-steps", "0.5,nan", "--lr-steps must be positive numbers"),
+])
+def test_schedule_values_out_of_range_stop_the_job(option, value, message, shapes, tmp_path):
+    """Values the optimizer or the schedule would take, training backwards (a negative learning
+    rate at warmup, a growing weight) or failing in the workers: refused before Ray starts."""
+    ann, images = shapes["train"]
+    with pytest.raises(JobError, match=message):
+        main(["--annotations", ann, "--images", images, "--output", str(tmp_path / "run"), option, value, *SMALL])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "x"])
+def test_number_options_take_finite_numbers_only(value, capsys):
+    """nan passes every comparison a range check makes: argparse refuses it, naming the option."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--annotations", "a.json", "--images", "i", "--output", "o", f"--lr={value}"])
+    assert exit_info.value.code == 2
+    what = "not a number" if value == "x" else "not a finite number"
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument --lr: {what}: {value!r}")
 
 
 def test_evaluations_come_at_epoch_ends_at_most_twenty_times_a_run_unless_eval_every_says(shapes, tmp_path):

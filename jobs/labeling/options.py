@@ -6,7 +6,7 @@ import argparse
 
 from jobs.autoscaling import add_wait_for_gpus
 from jobs.common import HelpFormatter, JobError, add_ray_options
-from jobs.options import add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta
+from jobs.options import add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, finite_float
 from jobs.labeling.plan import DEFAULT_SHARD_SIZE
 
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io_group.add_argument(
         "--wait-for-lease",
-        type=float,
+        type=finite_float,
         default=0.0,
         metavar="SECONDS",
         help="when another run is labelling --output, wait up to SECONDS for it to end instead of stopping at once",
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io_group.add_argument(
         "--preview-min-score",
-        type=float,
+        type=finite_float,
         default=0.5,
         metavar="F",
         help="previews draw only the detections scoring at least F (the labels keep every one above --score-threshold)",
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model_group = parser.add_argument_group("model (defaults: the checkpoint's own; torchvision's 800, 1333, 0.05, 100 for r50_fpn)")
     add_size_options(model_group, "the checkpoint's")
-    model_group.add_argument("--score-threshold", type=float, default=None, metavar="F", help="keep detections scoring at least F")
+    model_group.add_argument("--score-threshold", type=finite_float, default=None, metavar="F", help="keep detections scoring at least F")
     model_group.add_argument(
         "--max-detections", type=int, default=None, metavar="N", help="keep at most N detections per image, best first"
     )
@@ -114,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_group.add_argument(
         "--gpus-per-actor",
-        type=float,
+        type=finite_float,
         default=None,
         metavar="F",
         help="GPUs per model replica, fractions allowed (0.5: two replicas per GPU); default 1 when the cluster has GPUs, else 0 (CPU)",
     )
     run_group.add_argument(
         "--cpus-per-actor",
-        type=float,
+        type=finite_float,
         default=None,
         metavar="F",
         help="CPUs Ray reserves per model replica; given, on the CPU also its torch threads (at least 1). Default: 1 with GPUs; "
@@ -167,7 +167,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_actors is not None and args.num_actors < 1:
         raise JobError(f"--num-actors must be at least 1, got {args.num_actors}")
     if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
-        raise JobError(f"--gpus-per-actor must be 0 or more, got {args.gpus_per_actor}")
+        raise JobError(f"--gpus-per-actor must be 0 or more, got {args.gpus_per_actor:g}")
+    if args.cpus_per_actor is not None and not args.cpus_per_actor > 0:
+        raise JobError(f"--cpus-per-actor must be positive, got {args.cpus_per_actor:g}")
     if args.wait_for_lease < 0:
         raise JobError(f"--wait-for-lease must be 0 or more seconds, got {args.wait_for_lease:g}")
     if args.wait_for_gpus < 0:

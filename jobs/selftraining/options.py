@@ -7,7 +7,7 @@ import argparse
 import json
 
 from jobs.common import HelpFormatter, JobError, add_ray_options
-from jobs.options import add_size_options, add_storage_options, add_tta_option, check_tta, resolve_uri_options
+from jobs.options import add_size_options, add_storage_options, add_tta_option, check_tta, finite_float, resolve_uri_options
 
 DEFAULT_THRESHOLD = 0.7
 # Options passed on to every jobs.train run as they are (dest names); None or False: not passed.
@@ -86,14 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=int, default=None, metavar="N", help="passes over each training set (default 12)")
     length.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps of each training run")
     schedule.add_argument("--batch-size", type=int, default=2, metavar="N", help="images per worker per step")
-    schedule.add_argument("--lr", type=float, default=None, metavar="F", help="peak learning rate (default: jobs.train's)")
+    schedule.add_argument("--lr", type=finite_float, default=None, metavar="F", help="peak learning rate (default: jobs.train's)")
     schedule.add_argument("--seed", type=int, default=0, help="seed of the data order and of new layers")
     schedule.add_argument("--log-every", type=int, default=20, metavar="N", help="training steps between progress lines")
 
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--num-workers", type=int, default=1, metavar="N", help="training workers (one GPU each with --use-gpu)")
     cluster.add_argument("--use-gpu", action="store_true", help="train on GPUs; labeling takes the cluster's GPUs by itself")
-    cluster.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="F", help="CPUs Ray reserves for each training worker")
+    cluster.add_argument("--cpus-per-worker", type=finite_float, default=1.0, metavar="F",
+                         help="CPUs Ray reserves for each training worker")
     cluster.add_argument(
         "--loader-workers", type=int, default=None, metavar="N",
         help="processes per training worker that read and decode images (jobs.train's --loader-workers; default: its default)",

@@ -7,7 +7,7 @@ import argparse
 
 from jobs.autoscaling import add_wait_for_gpus
 from jobs.common import HelpFormatter, JobError, add_ray_options
-from jobs.options import add_precision_options, add_size_options, add_storage_options, resolve_uri_options
+from jobs.options import add_precision_options, add_size_options, add_storage_options, finite_float, resolve_uri_options
 from jobs.training.spec import DEFAULT_LOADER_WORKERS, MAX_EPOCH_END_EVALS
 from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM
 
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run folder: Ray Train checkpoints, metrics.jsonl, metrics.png and the final model.pt",
     )
     add_size_options(data, "the preset's or the --weights checkpoint's")
-    data.add_argument("--flip-prob", type=float, default=0.5, metavar="P", help="probability of a horizontal flip of a training image")
+    data.add_argument("--flip-prob", type=finite_float, default=0.5, metavar="P",
+                      help="probability of a horizontal flip of a training image")
     data.add_argument(
         "--loader-workers", type=int, default=None, metavar="N",
         help=f"processes per training worker that read and decode images: DataLoader processes on the worker's node (0: in the "
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per worker per step; the total batch is N x --num-workers",
     )
     schedule.add_argument(
-        "--lr", type=float, default=None, metavar="F",
+        "--lr", type=finite_float, default=None, metavar="F",
         help="peak learning rate (default: the linear scaling rule, 0.02 x total batch / 16; at least 0.02 for the small presets, "
         "whose GroupNorm trunk trains from scratch)",
     )
@@ -93,16 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-steps", type=int, default=None, metavar="N",
         help="linear warmup steps (default: min(1000, a tenth of the run))",
     )
-    schedule.add_argument("--warmup-factor", type=float, default=0.001, metavar="F", help="learning rate at step 0, as a fraction of --lr")
+    schedule.add_argument("--warmup-factor", type=finite_float, default=0.001, metavar="F",
+                          help="learning rate at step 0, as a fraction of --lr")
     schedule.add_argument(
         "--lr-steps", default="0.667,0.889", metavar="LIST",
         help="comma-separated steps where the learning rate is multiplied by --lr-gamma; values below 1 are fractions of the run",
     )
-    schedule.add_argument("--lr-gamma", type=float, default=0.1, metavar="F", help="learning rate decay factor at each of --lr-steps")
-    schedule.add_argument("--momentum", type=float, default=0.9, metavar="F", help="SGD momentum")
-    schedule.add_argument("--weight-decay", type=float, default=1e-4, metavar="F", help="SGD weight decay (none on norm layers and biases)")
+    schedule.add_argument("--lr-gamma", type=finite_float, default=0.1, metavar="F",
+                          help="learning rate decay factor at each of --lr-steps")
+    schedule.add_argument("--momentum", type=finite_float, default=0.9, metavar="F", help="SGD momentum")
+    schedule.add_argument("--weight-decay", type=finite_float, default=1e-4, metavar="F",
+                          help="SGD weight decay (none on norm layers and biases)")
     schedule.add_argument(
-        "--clip-grad-norm", type=float, default=DEFAULT_CLIP_GRAD_NORM, metavar="F",
+        "--clip-grad-norm", type=finite_float, default=DEFAULT_CLIP_GRAD_NORM, metavar="F",
         help="clip the gradients' total norm at F before each step (0: no clipping)",
     )
     schedule.add_argument("--seed", type=int, default=0, help="seed of the data order and of new layers' initialisation")
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on GPUs (NCCL); fails before training when the cluster has none (see --wait-for-gpus)",
     )
     cluster.add_argument(
-        "--cpus-per-worker", type=float, default=1.0, metavar="F",
+        "--cpus-per-worker", type=finite_float, default=1.0, metavar="F",
         help="CPUs Ray reserves for each worker (its DataLoader processes run there too)",
     )
     add_wait_for_gpus(cluster)
@@ -139,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-every", type=int, default=20, metavar="N", help="print and record metrics every N steps")
     run.add_argument(
-        "--wait-for-lease", type=float, default=0.0, metavar="SECONDS",
+        "--wait-for-lease", type=finite_float, default=0.0, metavar="SECONDS",
         help="when another run is training into --output, wait up to SECONDS for it to end instead of stopping at once",
     )
     run.add_argument(
@@ -190,6 +194,14 @@ def validate_args(args: argparse.Namespace) -> None:
         raise JobError(f"--clip-grad-norm must be 0 (no clipping) or more, got {args.clip_grad_norm:g}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise JobError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
+    if not 0 < args.warmup_factor <= 1:
+        raise JobError(f"--warmup-factor must be in (0, 1] (the learning rate at step 0 as a fraction of --lr), got {args.warmup_factor:g}")
+    if not args.lr_gamma > 0:
+        raise JobError(f"--lr-gamma must be positive (the learning rate's factor at each of --lr-steps), got {args.lr_gamma:g}")
+    if not 0 <= args.momentum < 1:
+        raise JobError(f"--momentum must be in [0, 1), got {args.momentum:g}")
+    if args.weight_decay < 0:
+        raise JobError(f"--weight-decay must be 0 or more, got {args.weight_decay:g}")
     for name in ("wait_for_gpus", "wait_for_lease"):
         if getattr(args, name) < 0:
             raise JobError(f"--{name.replace('_', '-')} must be 0 or more seconds, got {getattr(args, name):g}")

@@ -84,8 +84,8 @@ def resolve_lr_steps(text: str, total_steps: int) -> list[int]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise JobError(f"--lr-steps must be comma-separated numbers, got {text!r}") from None
-    if any(v <= 0 for v in values):
-        raise JobError(f"--lr-steps must be positive, got {text!r}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise JobError(f"--lr-steps must be positive numbers, got {text!r}")
     return milestone_steps(values, total_steps)
 
 
@@ -156,8 +156,13 @@ def eval_interval(eval_every: int, per_epoch: int, total_steps: int) -> int:
     return per_epoch * math.ceil(epochs / MAX_EPOCH_END_EVALS)
 
 
+class RunMismatch(ValueError):
+    """A resumed run's checkpoint is of another model or other categories than the command's: a
+    mistake no restart fixes (``jobs.mistakes.MISTAKES``)."""
+
+
 def check_same_run(plan: TrainPlan, resume_state: dict) -> None:
-    """Raises RuntimeError when ``resume_state`` (a Ray Train checkpoint's, with its
+    """Raises RunMismatch when ``resume_state`` (a Ray Train checkpoint's, with its
     ``categories`` and model ``config``) is not of the run ``plan`` describes: a resumed run
     must be the same model on the same classes. Configs are compared field by field, with
     defaults for fields the saved one leaves out (a run checkpointed by an older version
@@ -166,16 +171,16 @@ def check_same_run(plan: TrainPlan, resume_state: dict) -> None:
 
     hint = "use a new --output, or the original --annotations/--arch/--weights/--min-size/--max-size"
     if resume_state["categories"] != plan.categories:
-        raise RuntimeError(f"the run in {plan.output} was started with other categories than this command's; {hint}")
+        raise RunMismatch(f"the run in {plan.output} was started with other categories than this command's; {hint}")
     try:
         saved = ModelConfig.from_dict(resume_state["config"])
     except ValueError as exc:
-        raise RuntimeError(
+        raise RunMismatch(
             f"the run in {plan.output} was checkpointed with a model config this version cannot read ({exc}); {hint}"
         ) from None
     changed = saved.differences(ModelConfig.from_dict(plan.model_config))
     if changed:
-        raise RuntimeError(
+        raise RunMismatch(
             f"the run in {plan.output} was started with another model config than this command's "
             f"(run -> command: {'; '.join(changed)}); {hint}"
         )
