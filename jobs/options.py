@@ -129,4 +129,7 @@ def parse_storage_options(text: str | None) -> dict | None:
         raise JobError(f"--storage-options is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise JobError(f"--storage-options must be a JSON object, got {type(value).__name__}")
+    for key in ("client_kwargs", "config_kwargs", "s3_additional_kwargs"):  # s3fs's, handed on as keyword arguments
+        if key in value and not isinstance(value[key], dict):
+            raise JobError(f"--storage-options' {key} must be a JSON object, got {json.dumps(value[key])[:80]}")
     return value

@@ -58,6 +58,8 @@ def explain_storage_error(exc: BaseException) -> str:
             f"cannot reach the storage endpoint ({first_line}): "
             "check AWS_ENDPOINT_URL (or endpoint_url in --storage-options) and the network"
         )
+    if isinstance(exc, TypeError) and "unexpected keyword argument" in first_line:
+        return f"an option the storage does not take ({first_line}): check --storage-options"
     if isinstance(exc, PermissionError):
         return (
             f"access denied ({first_line}): check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) "

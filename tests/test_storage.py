@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import fsspec
 import pytest
 
@@ -91,6 +93,25 @@ def test_s3_with_storage_options(s3_bucket, s3_server):
         f.write("text")
     with open_uri(uri, "r", storage_options=options) as f:
         assert f.read() == "text"
+
+
+def test_storage_options_a_store_cannot_take_are_named(s3_bucket, s3_server):
+    """--storage-options that s3fs would take only to fail deep in botocore: a nested option that
+    is not an object is refused as it is parsed; an unknown option's error says to check them."""
+    from jobs.common import JobError
+    from jobs.options import parse_storage_options
+    from maskrcnn.storage import explain_storage_error
+
+    for text in ('{"config_kwargs": [1, 2]}', '{"client_kwargs": "x"}'):
+        name = next(iter(json.loads(text)))
+        with pytest.raises(JobError, match=rf"^--storage-options' {name} must be a JSON object, got "):
+            parse_storage_options(text)
+    options = {**parse_storage_options('{"bogus": 3}'), "key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_server}}
+    with pytest.raises(TypeError) as info:
+        with open_uri(join_uri(s3_bucket, "x.txt"), storage_options=options) as f:
+            f.read()
+    assert explain_storage_error(info.value).endswith("): check --storage-options"), explain_storage_error(info.value)
+    assert "'bogus'" in explain_storage_error(info.value)
 
 
 def test_errors_do_not_show_secrets(s3_bucket, s3_server):
