@@ -6,6 +6,10 @@ Makes the sample dataset, trains the ``small`` preset with Ray Train (2 CPU work
 the held-out split with Ray Data into Parquet (with preview PNGs), evaluates COCO box and mask
 AP, and prints where everything is. Each step is the very command a user would run, so the demo
 also shows the commands.
+
+--output is the demo's own: a new or empty folder, or an earlier demo's output (it writes a
+``.jobs-demo`` marker there), whose data, run, labels and report a rerun replaces. A folder that
+holds anything else is refused, so that the demo never deletes what it did not make.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ import time
 
 from jobs.common import JobError, run_main
 
+# What the demo makes in --output, replaced on each run, and the marker it writes there first: a
+# folder that holds anything else is another's, and is refused before anything is deleted.
+MADE = ("data", "train", "labels", "eval.json")
+MARKER = ".jobs-demo"
+
 
 def _run(step: str, argv: list[str]) -> None:
     command = [sys.executable, "-m", *argv]
@@ -33,9 +42,51 @@ def _run(step: str, argv: list[str]) -> None:
     print(f"-- {step}: {time.time() - started:.0f} s", flush=True)
 
 
+def _earlier_demo(out: str, names: list[str]) -> bool:
+    """Whether ``out`` is a whole output of a demo from before the marker: only the demo's
+    entries, and an eval.json that scored the model of ``out``/train on the data of ``out``/data."""
+    if not set(names) <= set(MADE) or "eval.json" not in names:
+        return False
+    try:
+        with open(os.path.join(out, "eval.json")) as f:
+            report = json.load(f)
+        return (os.path.abspath(report["checkpoint"]) == os.path.join(out, "train", "model.pt")
+                and os.path.abspath(report["annotations"]) == os.path.join(out, "data", "val", "annotations.json"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def claim_output(out: str, given: str) -> None:
+    """Makes the folder ``out`` (--output ``given``) the demo's and empties it of what an earlier
+    demo made there (which would otherwise be resumed, or refused by jobs.train as another model
+    config). A new or empty folder, or an earlier demo's output, is the demo's; a folder that
+    holds anything else is refused, before anything is deleted."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise JobError(f"--output {given} is a file; give a folder")
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if names and MARKER not in names and not _earlier_demo(out, names):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise JobError(
+            f"--output {given} holds files the demo did not make ({shown}); give a new or empty folder "
+            "(the demo replaces only its own earlier output)"
+        )
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARKER), "w") as f:  # first, so that a demo stopped half-way is still the demo's
+        f.write(f"made by python -m jobs.demo, which replaces {', '.join(MADE)} here on each run\n")
+    for path in (os.path.join(out, name) for name in MADE):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="runs/demo", help="folder for the data, the run, the labels and the report (default runs/demo)")
+    parser.add_argument(
+        "--output", default="runs/demo",
+        help="folder for the data, the run, the labels and the report: a new or empty one, or an earlier demo's, "
+        "whose files are replaced (default runs/demo)",
+    )
     parser.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
     parser.add_argument("--train-images", type=int, default=48, help="sample training images (default 48)")
     parser.add_argument("--val-images", type=int, default=16, help="held-out sample images (default 16)")
@@ -45,16 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             raise JobError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
     out = os.path.abspath(args.output)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise JobError(f"--output {args.output} is a file; give a folder")
-    data, run, labels, report = (os.path.join(out, p) for p in ("data", "train", "labels", "eval.json"))
-    # The demo starts over: a previous demo's run (another code version, other settings) would
-    # otherwise be resumed, or refused by jobs.train as another model config.
-    for path in (data, run, labels, report):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+    claim_output(out, args.output)
+    data, run, labels, report = (os.path.join(out, p) for p in MADE)
     started = time.time()
     _run("sample data", ["maskrcnn.data.synthetic", "--output", data, "--train", str(args.train_images), "--val", str(args.val_images)])
     _run("train (Ray Train, 2 CPU workers)", [

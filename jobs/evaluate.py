@@ -125,6 +125,19 @@ def output_json_uri(output: str) -> str:
     return output if output.lower().endswith(".json") else join_uri(output, "evaluation.json")
 
 
+def check_output_apart(args: argparse.Namespace) -> None:
+    """Refuses an --output that is one of the files the job reads: the metrics would replace it.
+    Before the model loads, so that the mistake costs no evaluation."""
+    from maskrcnn.storage import same_file
+
+    output = output_json_uri(args.output)
+    for option in ("checkpoint", "annotations", "categories"):
+        uri = getattr(args, option)
+        if uri and same_file(output, uri):
+            shown = args.output if output == args.output else f"{args.output} (its {output})"
+            raise JobError(f"--output {shown} is --{option} {uri}: the metrics would replace it; give another --output")
+
+
 def format_table(metrics: dict[str, Any]) -> str:
     from maskrcnn.evaluation import KEYPOINT_STAT_NAMES, STAT_NAMES
 
@@ -156,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.loader_workers < 0:
         raise JobError(f"--loader-workers must be 0 or more, got {args.loader_workers}")
     check_tta(args.tta)
+    if args.output:
+        check_output_apart(args)
     device = _resolve_device(args.device)
 
     from jobs.training.inputs import check_dataset

@@ -45,12 +45,12 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from jobs.common import JobError, run_main
-from jobs.options import add_storage_options, parse_storage_options, resolve_uri_options
+from jobs.options import add_storage_options, finite_float, parse_storage_options, resolve_uri_options
 from jobs.common import HelpFormatter
 from jobs.atomic import AtomicOutput
 from jobs.labeling.plan import read_plan
 from jobs.labeling.shards import part_files
-from maskrcnn.storage import explain_storage_error, filesystem, open_uri
+from maskrcnn.storage import explain_storage_error, filesystem, open_uri, same_file, uri_key
 
 
 def iter_rows(label_output: str, storage_options: dict | None, columns: list[str]) -> Iterator[dict]:
@@ -102,6 +102,21 @@ def list_parts(label_output: str, storage_options: dict | None) -> tuple[list[st
     if not parts:
         raise JobError(f"--input {label_output} holds no part-*.parquet files: is it a jobs.label --output?")
     return parts, fs
+
+
+def check_outputs_apart(label_output: str, outputs: list[str], inputs: dict[str, str | None]) -> None:
+    """Refuses, before anything is written, an output that is one of the files read (``inputs``:
+    option -> URI) or lies inside --input ``label_output``, whose labels it would replace or
+    sit among."""
+    for output in outputs:
+        what = "--output " + output if output == outputs[0] else f"--output {outputs[0]} writes {output} beside it, which"
+        if same_file(output, label_output) or uri_key(output).startswith(uri_key(label_output) + "/"):
+            where = "is" if same_file(output, label_output) else "is inside"
+            raise JobError(f"{what} {where} --input {label_output}: it would replace or sit among jobs.label's files; "
+                           "give an --output outside the labels")
+        for option, uri in inputs.items():
+            if uri and same_file(output, uri):
+                raise JobError(f"{what} is {option} {uri}: the export would replace it; give another --output")
 
 
 def images_sidecar_uri(output: str) -> str:
@@ -176,12 +191,14 @@ def export(
         raise JobError(f"--format must be 'results' or 'annotations', got {fmt!r}")
     if not 0.0 <= min_score <= 1.0:  # scores are probabilities: above 1 every detection would be left out
         raise JobError(f"--min-score must be in [0, 1], got {min_score:g}")
+    numbered_here = fmt == "results" and not annotations
+    outputs = [output] + ([images_sidecar_uri(output)] if numbered_here else [])
+    check_outputs_apart(label_output, outputs, {"--annotations": annotations, "--categories": categories_uri})
     list_parts(label_output, storage_options)  # a bad --input fails before any output exists
     if images_root is None:
         images_root = _default_images_root(label_output, storage_options)
     ground_truth = _ground_truth_ids(annotations, storage_options) if annotations else None
     counts = {"images": 0, "detections": 0, "failed": 0, "unmatched": 0, "repeated": 0}
-    numbered_here = fmt == "results" and ground_truth is None
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(AtomicOutput(output, storage_options))
         # beside it, committed just before it (ExitStack unwinds in reverse)
@@ -346,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "--annotations", default=None, metavar="URI",
         help="a COCO file of the same images: use its image ids (matched by file_name relative to --images-root)",
     )
-    parser.add_argument("--min-score", type=float, default=0.0, metavar="F", help="leave out detections scoring below F")
+    parser.add_argument("--min-score", type=finite_float, default=0.0, metavar="F", help="leave out detections scoring below F")
     parser.add_argument(
         "--categories", default=None, metavar="URI",
         help="a COCO JSON whose categories name the keypoints and skeleton of a Keypoint R-CNN's classes (for --format annotations)",

@@ -23,7 +23,7 @@ from fsspec.utils import get_protocol
 from maskrcnn import s3
 
 __all__ = [
-    "filesystem", "check_protocol", "open_uri", "join_uri", "absolute_uri", "is_local", "explain_storage_error",
+    "filesystem", "check_protocol", "open_uri", "join_uri", "absolute_uri", "uri_key", "same_file", "is_local", "explain_storage_error",
     "put_atomic",
 ]
 
@@ -176,6 +176,23 @@ def absolute_uri(uri: str | None) -> str | None:
     if uri is None or not is_local(uri):
         return uri
     return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
+def uri_key(uri: str) -> str:
+    """``uri`` as URIs of one file compare: a local path absolute, its symlinks resolved; another
+    URI as written, less a trailing slash."""
+    return os.path.realpath(absolute_uri(uri)) if is_local(uri) else uri.rstrip("/")
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether the URIs ``a`` and ``b`` name one file (locally also through a hard link): a job
+    refuses to write its output over one of its inputs."""
+    if uri_key(a) == uri_key(b):
+        return True
+    if not (is_local(a) and is_local(b)):
+        return False
+    paths = absolute_uri(a), absolute_uri(b)
+    return all(os.path.exists(path) for path in paths) and os.path.samefile(*paths)
 
 
 def is_local(where: str | fsspec.AbstractFileSystem) -> bool:

@@ -270,6 +270,35 @@ def test_evaluate_output_that_cannot_be_written_stops_before_evaluating(where, s
     assert files_under(tmp_path) == [tmp_path / "taken"]
 
 
+def file_contents(path: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in files_under(path)}
+
+
+@pytest.mark.parametrize("which", ["--annotations", "--annotations by a symlink", "--checkpoint", "--categories"])
+def test_evaluate_output_that_is_an_input_stops_before_the_model_loads(which, inputs, tmp_path):
+    """An --output that is a file the job reads would be replaced by the metrics. Refused first:
+    the checkpoint and the images given here do not exist, which any later check would name."""
+    import shutil
+
+    shutil.copy(inputs / "coco.json", tmp_path / "gt.json")
+    shutil.copy(inputs / "bare.pt", tmp_path / "model.json")  # a checkpoint whose name ends in .json
+    args = {"--checkpoint": tmp_path / "no.pt", "--annotations": tmp_path / "gt.json", "--images": tmp_path / "no_images"}
+    if which == "--annotations":
+        args["--output"] = tmp_path / "sub" / ".." / "gt.json"  # another spelling of the same file
+    elif which == "--annotations by a symlink":
+        (tmp_path / "link.json").symlink_to(tmp_path / "gt.json")
+        args["--output"] = tmp_path / "link.json"
+    elif which == "--checkpoint":
+        args["--checkpoint"] = args["--output"] = tmp_path / "model.json"
+    else:
+        args.update({"--arch": "small", "--categories": tmp_path / "gt.json", "--output": tmp_path / "gt.json"})
+        args["--annotations"] = inputs / "coco.json"
+    before = file_contents(tmp_path)
+    proc, _ = run_job("evaluate", [str(v) for kv in args.items() for v in kv])
+    assert_user_error(proc, "--output", which.split()[0], "would replace it")
+    assert file_contents(tmp_path) == before
+
+
 @pytest.mark.parametrize("which", ["--checkpoint", "--input", "--output"])
 def test_s3_wrong_credentials(which, checking_s3_server, inputs, tmp_path):
     uri = {"--checkpoint": "s3://bucket/model.pt", "--input": "s3://bucket/images", "--output": "s3://bucket/labels"}[which]
@@ -344,6 +373,43 @@ def test_export_min_score_outside_zero_one(score, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels"]
 
 
+@pytest.mark.parametrize("case", ["--annotations", "--annotations by a symlink", "--categories", "its .images.json is --categories",
+                                  "a part file of --input", "inside --input"])
+def test_export_output_that_is_an_input_writes_nothing(case, tmp_path):
+    """An --output (or the .images.json written beside it) that is a file the export reads, or
+    lies among jobs.label's files, would replace them: refused before anything is written."""
+    labels = _one_row_labels(tmp_path)
+    coco = {"images": [{"id": 5, "file_name": "images/a.png", "width": 8, "height": 6}], "annotations": [],
+            "categories": [{"id": 1, "name": "circle"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(coco))
+    args = {"--input": labels, "--output": tmp_path / "gt.json", "--annotations": tmp_path / "gt.json"}
+    needles = ["--output", "is --annotations"]
+    if case == "--annotations by a symlink":
+        (tmp_path / "link.json").symlink_to(tmp_path / "gt.json")
+        args["--output"] = tmp_path / "link.json"
+    elif case == "--categories":
+        args = {"--input": labels, "--output": tmp_path / "gt.json", "--format": "annotations", "--categories": tmp_path / "gt.json"}
+        needles = ["--output", "is --categories"]
+    elif case == "its .images.json is --categories":
+        (tmp_path / "results.images.json").write_text(json.dumps(coco))
+        args = {"--input": labels, "--output": tmp_path / "results.json", "--categories": tmp_path / "results.images.json"}
+        needles = ["--output", "results.images.json beside it", "is --categories"]
+    elif case == "a part file of --input":
+        args = {"--input": labels, "--output": next(labels.iterdir())}
+        needles = ["--output", "is inside --input", str(labels)]
+    elif case == "inside --input":
+        args = {"--input": labels, "--output": labels / "results.json"}
+        needles = ["--output", "is inside --input", str(labels)]
+    before = file_contents(tmp_path)
+    proc, _ = run_job("export_coco", [str(v) for kv in args.items() for v in kv])
+    assert_user_error(proc, *needles)
+    assert file_contents(tmp_path) == before
+    if case == "--annotations":  # the same export to another file is fine
+        proc, _ = run_job("export_coco", ["--input", labels, "--output", tmp_path / "results.json", "--annotations", tmp_path / "gt.json"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((tmp_path / "results.json").read_text()) == []
+
+
 # -- jobs.demo -------------------------------------------------------------------------------------
 
 
@@ -360,6 +426,53 @@ def test_demo_options_out_of_range_stop_it_before_any_step(args, needle, tmp_pat
     assert_user_error(proc, needle)
     assert "==" not in proc.stdout  # no step began
     assert files_under(tmp_path) == [tmp_path / "taken"]
+
+
+def test_demo_output_holding_what_it_did_not_make_is_refused_before_deleting(tmp_path):
+    """The demo replaces its own earlier output: a folder that holds anything else (here folders
+    with the names of the demo's) is named with what is there, and nothing is deleted."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "data" / "mydata.csv").write_text("precious")
+    proc, _ = run_job("demo", ["--output", tmp_path, "--steps", "1"])
+    assert_user_error(proc, f"--output {tmp_path}", "(data, labels)", "did not make")
+    assert "==" not in proc.stdout  # no step began
+    assert files_under(tmp_path) == [tmp_path / "data" / "mydata.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "labels"]
+
+
+def test_demo_replaces_its_own_earlier_output_only(tmp_path):
+    """What a rerun (make demo's, into runs/demo) finds: the demo's marker, or, from before the
+    marker, exactly the demo's files with their eval.json. It removes what the demo made there."""
+    from jobs.common import JobError
+    from jobs.demo import MARKER, claim_output
+
+    def earlier_demo(out: Path, checkpoint: Path) -> None:
+        for name in ("data/val", "train", "labels"):
+            (out / name).mkdir(parents=True)
+        (out / "train" / "model.pt").write_bytes(b"weights")
+        (out / "eval.json").write_text(json.dumps({"checkpoint": str(checkpoint), "annotations": str(out / "data/val/annotations.json")}))
+
+    marked = tmp_path / "marked"
+    earlier_demo(marked, marked / "train/model.pt")
+    (marked / MARKER).write_text("")
+    (marked / "notes.txt").write_text("mine")
+    claim_output(str(marked), "marked")
+    assert sorted(p.name for p in marked.iterdir()) == [MARKER, "notes.txt"]
+    assert (marked / "notes.txt").read_text() == "mine"
+
+    old = tmp_path / "before-the-marker"
+    earlier_demo(old, old / "train/model.pt")
+    claim_output(str(old), "before-the-marker")
+    assert sorted(p.name for p in old.iterdir()) == [MARKER]
+    claim_output(str(tmp_path / "new"), "new")  # a new folder
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [MARKER]
+
+    other = tmp_path / "another-run"  # the demo's names, but its eval.json scored another model
+    earlier_demo(other, tmp_path / "elsewhere/model.pt")
+    with pytest.raises(JobError, match="did not make"):
+        claim_output(str(other), "another-run")
+    assert (other / "train" / "model.pt").read_bytes() == b"weights"
 
 
 # -- every job: a URI whose storage this machine cannot open ---------------------------------------
