@@ -105,6 +105,33 @@ def predictions_to_coco_results(
     return results
 
 
+def _mask_ground_truth(coco_gt: COCO) -> tuple[COCO, list[Any]]:
+    """The ground truth of mask AP, and the ids of the annotations it leaves out: those without a
+    mask, whose segmentation is missing, ``[]`` (a box-only export) or polygons none of which
+    has 3 points (pycocotools would crash on the first two and read a 4-number polygon as a
+    box). As detectron2 filters instances without a valid polygon, they are not scored for
+    masks; box AP keeps them. Polygons of fewer than 3 points beside larger ones are dropped, as
+    ``maskrcnn.masks.annotation_to_rle`` drops them. ``coco_gt`` itself when nothing changes."""
+    kept, left_out, changed = [], [], False
+    for ann in coco_gt.dataset.get("annotations", []):
+        segmentation = ann.get("segmentation")
+        if segmentation is None or (isinstance(segmentation, list) and (not segmentation or any(
+                not isinstance(polygon, list) or len(polygon) < 6 for polygon in segmentation))):
+            polygons = [p for p in segmentation or [] if isinstance(p, list) and len(p) >= 6]
+            if not polygons:
+                left_out.append(ann.get("id"))
+                continue
+            ann, changed = {**ann, "segmentation": polygons}, True
+        kept.append(ann)
+    if not left_out and not changed:
+        return coco_gt, []
+    masks = COCO()
+    masks.dataset = {**coco_gt.dataset, "annotations": kept}
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+        masks.createIndex()
+    return masks, left_out
+
+
 def _run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: Sequence[int] | None) -> tuple[list[float], str]:
     """COCOeval's 12 stats and its printed summary for one IoU type."""
     results = copy.deepcopy(results)  # loadRes writes ids and areas into the dicts
@@ -157,8 +184,17 @@ def evaluate_coco(
     no small objects); for ``keypoints`` (Keypoint R-CNN, over the categories that name keypoints)
     the 10 numbers of ``KEYPOINT_STAT_NAMES``. ``image_ids`` restricts evaluation to those images (default: all of
     ``coco_gt``'s). No detections, or no masks for ``segm``, give AP 0.0. COCOeval's printout is
-    logged at INFO on this module's logger, not printed.
+    logged at INFO on this module's logger, not printed. Ground truth without a mask (a
+    segmentation ``[]``, or no polygon of 3 or more points) counts for box AP and is left out of
+    mask AP, with a warning on this module's logger that counts it.
     """
+    return _evaluate_coco(coco_gt, results, image_ids, iou_types, logging.WARNING)
+
+
+def _evaluate_coco(coco_gt: COCO, results: list[dict], image_ids: Sequence[int] | None, iou_types: Sequence[str],
+                   left_out_level: int) -> dict[str, Any]:
+    """:func:`evaluate_coco`, logging the annotations mask AP leaves out at ``left_out_level``
+    (INFO where a ``CocoDataset`` has warned of them already)."""
     metrics: dict[str, Any] = {}
     for iou_type in iou_types:
         needs = {"segm": "segmentation", "keypoints": "keypoints"}.get(iou_type)
@@ -166,7 +202,14 @@ def evaluate_coco(
         if iou_type == "keypoints" and not any(c.get("keypoints") for c in coco_gt.dataset["categories"]):
             usable = []  # the ground truth has no keypoints to compare with
         if usable:
-            stats, summary = _run_cocoeval(coco_gt, usable, iou_type, image_ids)
+            ground_truth = coco_gt
+            if iou_type == "segm":
+                ground_truth, left_out = _mask_ground_truth(coco_gt)
+                if left_out:
+                    examples = ", ".join(str(i) for i in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+                    logger.log(left_out_level, "mask AP leaves out %d ground-truth annotations without a mask (a segmentation "
+                               "[] or no polygon of 3 or more points), e.g. ids %s; box AP keeps them", len(left_out), examples)
+            stats, summary = _run_cocoeval(ground_truth, usable, iou_type, image_ids)
             logger.info("COCO %s evaluation:\n%s", iou_type, summary)
         else:
             stats = [0.0] * len(KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES)
@@ -212,7 +255,7 @@ def evaluate_model(
     unused COCO indices) are dropped. Masks leave the device as crops and are encoded batch by
     batch, so memory stays flat. The model's train/eval mode is restored afterwards.
     """
-    from maskrcnn.data import collate_fn
+    from maskrcnn.data import CocoDataset, collate_fn
     from maskrcnn.inference import Predictor
 
     device = torch.device(device)
@@ -234,7 +277,9 @@ def evaluate_model(
             image_ids.extend(batch_ids)
     finally:
         model.train(was_training)
-    metrics = evaluate_coco(dataset.coco, results, image_ids=image_ids, iou_types=iou_types_for(model))
+    # a CocoDataset has warned of the annotations mask AP leaves out, once, when it was read
+    told = logging.INFO if isinstance(dataset, CocoDataset) else logging.WARNING
+    metrics = _evaluate_coco(dataset.coco, results, image_ids, iou_types_for(model), told)
     metrics["num_images"] = len(image_ids)
     metrics["num_detections"] = len(results)
     return metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import warnings
 
 import numpy as np
@@ -180,7 +181,8 @@ def test_polygons_of_fewer_than_3_points_are_named(tmp_path):
     assert len(caught) == 1
     message = str(caught[0].message)
     assert message.startswith(f"dropped 4 degenerate annotations in {annotations} (")
-    assert "2 with no polygon of 3 or more points, e.g. annotations[0] (id 10), annotations[4] (id 14)" in message
+    assert "1 with no polygon of 3 or more points, e.g. annotations[0] (id 10)" in message
+    assert "1 with an empty segmentation, e.g. annotations[4] (id 14)" in message
     assert "2 with an empty box, e.g. annotations[3] (id 13), annotations[5] (id 15)" in message
     assert f"ignored 1 polygons of fewer than 3 points (they enclose nothing) in {annotations}, e.g. in annotations[6] (id 16)" in message
     assert dataset.num_dropped == 4
@@ -246,6 +248,38 @@ MALFORMED = {
         _mutated(lambda d: d["annotations"][0].update(segmentation=[[1, 1, 4, 1, 4]])),
         r"annotations\[0\] \(id 10\): bad segmentation: .*even number",
     ),
+    "rle_negative_run": (  # pycocotools' uint32 would overflow
+        _mutated(lambda d: d["annotations"][2]["segmentation"].update(counts=[H * W + 2, -2])),
+        r"annotations\[2\] \(id 12\): bad segmentation: uncompressed RLE counts must be non-negative integers, got -2 at counts\[1\]$",
+    ),
+    "rle_run_not_integer": (
+        _mutated(lambda d: d["annotations"][2]["segmentation"].update(counts=[0, 2.5, H * W - 2.5])),
+        r"annotations\[2\] \(id 12\): bad segmentation: uncompressed RLE counts must be non-negative integers, got 2.5 at counts\[1\]$",
+    ),
+    "rle_run_null": (
+        _mutated(lambda d: d["annotations"][2]["segmentation"].update(counts=[0, None, H * W])),
+        r"annotations\[2\] \(id 12\): bad segmentation: uncompressed RLE counts must be non-negative integers, got None",
+    ),
+    "rle_string_garbage": (  # pycocotools: "Invalid RLE mask representation", naming nothing
+        _mutated(lambda d: d["annotations"][1]["segmentation"].update(counts="!!!!~~~~")),
+        r"annotations\[1\] \(id 11\): bad segmentation: compressed RLE counts have '!' at character 0, not a COCO RLE string",
+    ),
+    "rle_string_negative_run": (  # "e2K": runs 85 and -5, summing to H * W
+        _mutated(lambda d: d["annotations"][1]["segmentation"].update(counts="e2K")),
+        r"annotations\[1\] \(id 11\): bad segmentation: compressed RLE counts decode to a negative run \(-5\) at run 1$",
+    ),
+    "rle_string_cut_off": (  # 'a' sets the "more" bit: a run goes on past the end
+        _mutated(lambda d: d["annotations"][1]["segmentation"].update(counts=d["annotations"][1]["segmentation"]["counts"] + "a")),
+        r"annotations\[1\] \(id 11\): bad segmentation: compressed RLE counts end inside a run",
+    ),
+    "rle_string_of_another_size": (  # a 6 x 4 mask's string under the 8 x 10 image's size
+        _mutated(lambda d: d["annotations"][1]["segmentation"].update(counts=encode_masks(np.ones((1, 6, 4)))[0]["counts"])),
+        r"annotations\[1\] \(id 11\): bad segmentation: compressed RLE counts cover 24 pixels, expected 80 \(its size 8 x 10\)$",
+    ),
+    "rle_empty_string": (
+        _mutated(lambda d: d["annotations"][1]["segmentation"].update(counts="")),
+        r"annotations\[1\] \(id 11\): bad segmentation: compressed RLE counts cover 0 pixels, expected 80",
+    ),
     "bad_iscrowd": (
         _mutated(lambda d: d["annotations"][0].update(iscrowd=2)),
         r"annotations\[0\] \(id 10\): 'iscrowd' must be 0 or 1",
@@ -273,6 +307,77 @@ def test_malformed_files_are_rejected_naming_file_and_entry(tmp_path, case):
         _load(annotations, images)
     assert isinstance(info.value, ValueError)
     assert str(info.value).startswith(annotations + ": ")
+
+
+def test_compressed_rles_of_any_mask_pass_the_check(tmp_path):
+    """The check reads a compressed RLE's runs as pycocotools does: every string it writes passes
+    (runs of one to four characters, negative differences among them), and decodes to its mask."""
+    rng = np.random.default_rng(0)
+    height, width = 90, 70
+    masks = [rng.random((height, width)) < p for p in (0.05, 0.5, 0.95)]
+    for y, x, h, w in ((0, 0, height, width), (1, 2, 3, 4), (40, 10, 50, 60), (0, 69, 90, 1), (89, 0, 1, 70)):
+        mask = np.zeros((height, width), dtype=bool)
+        mask[y: y + h, x: x + w] = True
+        masks.append(mask)
+    masks.append(np.zeros((height, width), dtype=bool))
+    masks[-1][::7, ::3] = True
+    rles = encode_masks(np.stack(masks))
+    document = {
+        "images": [{"id": 1, "file_name": "a.png", "width": width, "height": height}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, width, height], "iscrowd": 0,
+                         "segmentation": rle} for k, rle in enumerate(rles)],
+    }
+    files = {"a.png": _png(np.zeros((height, width, 3), dtype=np.uint8))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateAnnotationWarning)
+        dataset = CocoDataset(*_write(tmp_path, document, files))
+    _, target = dataset[0]
+    np.testing.assert_array_equal(target["masks"].numpy(), np.stack(masks).astype(np.uint8))
+
+
+def test_annotations_without_a_mask_count_for_box_ap_not_mask_ap(tmp_path, caplog):
+    """A segmentation [] (box-only exports) or polygons of fewer than 3 points: no mask to train
+    or score. Training leaves such an annotation out; evaluation scores its box and leaves it out
+    of mask AP (pycocotools would crash on []), a crowd region too, with a counted warning."""
+    from maskrcnn.evaluation import evaluate_coco, predictions_to_coco_results
+
+    document = _document()
+    document["annotations"] = [a for a in document["annotations"] if a["id"] not in (13, 15)]  # no empty boxes
+    document["annotations"][-1]["segmentation"].append([0, 0, 1, 1])  # id 16: a 2-point polygon beside its square
+    document["annotations"][-1]["bbox"] = [2, 1, 2, 2]  # ... and its box within the image, as the prediction's
+    document["annotations"].append(  # a crowd region without a mask
+        {"id": 17, "image_id": 2, "category_id": 2, "bbox": [0, 3, 4, 3], "area": 12.0, "iscrowd": 1, "segmentation": []}
+    )
+    annotations, images = _write(tmp_path, document)
+    with pytest.warns(DegenerateAnnotationWarning) as caught:
+        dataset = CocoDataset(annotations, images)
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith(
+        f"dropped 1 degenerate annotations in {annotations} (1 with an empty segmentation, e.g. annotations[3] (id 14)); they stay "
+        "in the evaluation ground truth, the 1 without a mask for box AP only (mask AP leaves them out: it has no mask to score)"
+    )
+    assert f"1 crowd regions without a mask (no polygon of 3 or more points) in {annotations}, e.g. annotations[5] (id 17)" in message
+    assert sorted(dataset.coco.getAnnIds()) == [10, 11, 12, 14, 16, 17]
+    # perfect predictions of what training sees: ids 10, 11 and 16 (id 14 missed)
+    predictions, image_ids = [], []
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        count = len(target["boxes"])
+        predictions.append({"boxes": target["boxes"], "scores": torch.linspace(0.9, 0.5, count), "labels": target["labels"],
+                            "masks": target["masks"].bool()})
+        image_ids.append(target["image_id"])
+    results = predictions_to_coco_results(predictions, image_ids, dataset.class_to_category_id)
+    with caplog.at_level(logging.WARNING, logger="maskrcnn.evaluation"):
+        metrics = evaluate_coco(dataset.coco, results)
+    assert metrics["segm_AP"] == pytest.approx(1.0)  # id 14 is not in the mask ground truth
+    assert metrics["bbox_AP"] < 0.9  # but its box is, and was missed: the dog's recall is 1/2
+    assert metrics["bbox_stats"][8] == pytest.approx(0.75)  # AR100: cat 2 of 2, dog 1 of 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "mask AP leaves out 2 ground-truth annotations without a mask (a segmentation [] or no polygon of 3 or more points), "
+        "e.g. ids 14, 17; box AP keeps them"
+    ]
+    assert dataset.coco.anns[16]["segmentation"][-1] == [0, 0, 1, 1]  # the dataset's ground truth is not changed
 
 
 def test_missing_annotation_file(tmp_path):

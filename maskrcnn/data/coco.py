@@ -19,7 +19,8 @@ decoded size (the model resizes), and ``target``:
   zeros. K is ``dataset.num_keypoints``; ``dataset.keypoint_flip`` is the left/right swap a
   horizontal flip needs (``RandomHorizontalFlip(p, keypoint_flip=...)``).
 
-Crowd and degenerate annotations stay in ``dataset.coco``, the ground truth for evaluation.
+Crowd and degenerate annotations stay in ``dataset.coco``, the ground truth for evaluation
+(those without a mask for box AP only: ``maskrcnn.evaluation`` leaves them out of mask AP).
 A malformed file raises ``AnnotationError`` (the checks are in :mod:`maskrcnn.data.coco_checks`).
 """
 
@@ -95,21 +96,41 @@ def _examples(ats: list[str]) -> str:
     return ", ".join(unique[:3]) + (", ..." if len(unique) > 3 else "")
 
 
-def _degenerate_message(uri: str, dropped: dict[str, list[str]], short_polygons: list[str]) -> str:
-    """One line: the annotations left out of the targets by reason, and the polygons of fewer
-    than 3 points that kept annotations lose, each with examples (always saying "degenerate
-    annotations": jobs/training/resume.py's workers filter on it, the driver having said it)."""
+# Reasons an annotation has no mask: its segmentation is [] (a box-only export) or its polygons
+# enclose nothing. Evaluation scores such an annotation's box but leaves it out of mask AP.
+_NO_MASK = ("an empty segmentation", "no polygon of 3 or more points")
+
+
+def _degenerate_message(uri: str, dropped: dict[str, list[str]], short_polygons: list[str], maskless_crowds: list[str]) -> str:
+    """One line: the annotations left out of the targets by reason, the polygons of fewer than 3
+    points that kept annotations lose, and the crowd regions without a mask, each with examples
+    (always saying "degenerate annotations": jobs/training/resume.py's workers filter on it, the
+    driver having said it)."""
     parts = []
     if dropped:
         total = sum(len(ats) for ats in dropped.values())
         reasons = "; ".join(f"{len(ats)} with {reason}, e.g. {_examples(ats)}" for reason, ats in dropped.items())
-        parts.append(f"dropped {total} degenerate annotations in {uri} ({reasons}); they stay in the evaluation ground truth")
+        maskless = sum(len(dropped.get(reason, [])) for reason in _NO_MASK)
+        stay = "they stay in the evaluation ground truth"
+        if maskless:
+            stay += f", the {maskless} without a mask for box AP only (mask AP leaves them out: it has no mask to score)"
+        parts.append(f"dropped {total} degenerate annotations in {uri} ({reasons}); {stay}")
     if short_polygons:
         parts.append(
             f"ignored {len(short_polygons)} polygons of fewer than 3 points (they enclose nothing) in "
             f"{uri}, e.g. in {_examples(short_polygons)}; these partly degenerate annotations keep their other polygons"
         )
+    if maskless_crowds:
+        parts.append(
+            f"{len(maskless_crowds)} crowd regions without a mask (no polygon of 3 or more points) in {uri}, e.g. "
+            f"{_examples(maskless_crowds)}: degenerate annotations that mask AP leaves out (box AP keeps them)"
+        )
     return "; ".join(parts)
+
+
+def _has_no_mask(segmentation: Any) -> bool:
+    """Polygons (checked) none of which has 3 points: nothing to rasterize."""
+    return isinstance(segmentation, list) and all(len(polygon) < 6 for polygon in segmentation)
 
 
 def _mask_pixels(segmentation: Any, height: int, width: int) -> float:
@@ -129,11 +150,14 @@ class CocoDataset(torch.utils.data.Dataset):
 
     Raises ``AnnotationError`` (a ``ValueError``) on a malformed file, and, when an image is
     read, ``ImageDecodeError`` naming the image that is empty, corrupt or too large. Degenerate annotations
-    (box of zero or negative width or height after clipping to the image, polygons none of
-    which has 3 or more points, or a mask under ``min_area`` pixels) are left out of the
-    targets with one ``DegenerateAnnotationWarning`` that counts them by reason and names
-    examples; it also counts the polygons of fewer than 3 points (they enclose nothing) that an
-    annotation with larger ones loses.
+    (box of zero or negative width or height after clipping to the image, an empty
+    segmentation ``[]`` as box-only exports write, polygons none of which has 3 or more points,
+    or a mask under ``min_area`` pixels) are left out of the targets with one
+    ``DegenerateAnnotationWarning`` that counts them by reason and names examples; it also
+    counts the polygons of fewer than 3 points (they enclose nothing) that an annotation with
+    larger ones loses, and the crowd regions without a mask. Evaluation scores the boxes of
+    annotations without a mask but leaves them out of mask AP (``maskrcnn.evaluation``).
+    An RLE whose runs are not non-negative integers covering its size is a malformed file.
     Masks are rasterized at load time only where the file's ``area`` is missing or small; an
     instance whose mask still decodes to fewer than ``min_area`` pixels is left out when its
     image is read.
@@ -167,6 +191,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self._targets: dict[int, list[dict]] = {image_id: [] for image_id in self._image_ids}
         dropped: dict[str, list[str]] = {}  # reason -> the annotations ("annotations[3] (id 17)")
         short_polygons: list[str] = []  # one entry per polygon of fewer than 3 points in a kept annotation
+        maskless_crowds: list[str] = []  # crowd regions whose segmentation has no polygon of 3 or more points
         seen_ids: set = set()
         for index, ann in enumerate(data["annotations"]):
             at = where(index, ann)
@@ -178,6 +203,8 @@ class CocoDataset(torch.utils.data.Dataset):
             if "area" not in ann:
                 pixels = ann["area"] = _mask_pixels(ann["segmentation"], height, width)
             if ann["iscrowd"]:
+                if _has_no_mask(ann["segmentation"]):
+                    maskless_crowds.append(at)
                 continue
             x, y, w, h = ann["bbox"]
             x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
@@ -186,10 +213,11 @@ class CocoDataset(torch.utils.data.Dataset):
                 dropped.setdefault("an empty box", []).append(at)
                 continue
             if isinstance(ann["segmentation"], list):
-                # pycocotools' polygons need 3 points (6 numbers); a shorter one encloses nothing
+                # pycocotools' polygons need 3 points (6 numbers); a shorter one encloses nothing.
+                # As detectron2's load_coco_json, an instance without one is left out of training.
                 short = sum(1 for polygon in ann["segmentation"] if len(polygon) < 6)
                 if short == len(ann["segmentation"]):
-                    dropped.setdefault("no polygon of 3 or more points", []).append(at)
+                    dropped.setdefault(_NO_MASK[0] if not ann["segmentation"] else _NO_MASK[1], []).append(at)
                     continue
                 short_polygons += [at] * short
             # Only small or unsized masks are rasterized here, not every polygon of a large file
@@ -203,8 +231,9 @@ class CocoDataset(torch.utils.data.Dataset):
                     continue
             self._targets[ann["image_id"]].append(ann)
         self.num_dropped = sum(len(ats) for ats in dropped.values())
-        if dropped or short_polygons:
-            warnings.warn(_degenerate_message(annotations_uri, dropped, short_polygons), DegenerateAnnotationWarning, stacklevel=2)
+        if dropped or short_polygons or maskless_crowds:
+            message = _degenerate_message(annotations_uri, dropped, short_polygons, maskless_crowds)
+            warnings.warn(message, DegenerateAnnotationWarning, stacklevel=2)
 
         coco = COCO()
         coco.dataset = data

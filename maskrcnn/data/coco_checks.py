@@ -10,6 +10,8 @@ import json
 import math
 from typing import Any
 
+import numpy as np
+
 from maskrcnn.masks import validate_segmentation
 from maskrcnn.storage import open_uri
 
@@ -21,6 +23,7 @@ __all__ = [
     "check_categories",
     "check_keypoint_categories",
     "check_annotation",
+    "rle_string_runs",
 ]
 
 
@@ -157,10 +160,67 @@ def check_annotation(
     if ann.get("keypoints"):  # an empty list: no keypoints, as a missing one
         _check_keypoints(uri, ann["keypoints"], at, num_keypoints)
     image = images[ann["image_id"]]
+    segmentation = ann["segmentation"]
     try:
-        validate_segmentation(ann["segmentation"], image["height"], image["width"])
-    except ValueError as error:
+        if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+            _check_runs(segmentation["counts"])
+        validate_segmentation(segmentation, image["height"], image["width"])
+        if isinstance(segmentation, dict) and isinstance(segmentation["counts"], (str, bytes)):
+            pixels = int(rle_string_runs(segmentation["counts"]).sum())
+            if pixels != image["height"] * image["width"]:
+                raise ValueError(
+                    f"compressed RLE counts cover {pixels} pixels, expected {image['height'] * image['width']} "
+                    f"(its size {image['height']} x {image['width']})"
+                )
+    except (ValueError, TypeError) as error:
         raise _fail(uri, at, f"bad segmentation: {error}") from None
+
+
+def _check_runs(counts: list) -> None:
+    """Uncompressed RLE counts: run lengths, each a non-negative integer (pycocotools reads them
+    as unsigned 32-bit: a negative one overflows)."""
+    for k, run in enumerate(counts):
+        if not _is_int(run) or run < 0:
+            raise ValueError(f"uncompressed RLE counts must be non-negative integers, got {run!r} at counts[{k}]")
+
+
+def rle_string_runs(counts: str | bytes) -> np.ndarray:
+    """The run lengths (int64) that a compressed RLE's ``counts`` string holds, read as
+    pycocotools' ``rleFrString`` reads them (6 bits a character from '0', 5 of value and one
+    "more" bit; a run's last character's 0x10 its sign; from the fourth run on, a run is the
+    difference from the run two before it). Raises ``ValueError`` on what is no such string: a
+    character outside '0'..'o', a run cut off at the end, a run that comes out negative (which
+    pycocotools would wrap to some 4 billion pixels). Vectorized: no mask is decoded."""
+    try:
+        raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    except UnicodeEncodeError:
+        raise ValueError("compressed RLE counts must be an ASCII string of '0'..'o'") from None
+    codes = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
+    bad = np.flatnonzero((codes < 0) | (codes > 63))
+    if bad.size:
+        raise ValueError(
+            f"compressed RLE counts have {chr(raw[bad[0]])!r} at character {bad[0]}, not a COCO RLE string (characters '0'..'o')"
+        )
+    if codes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    more = (codes & 0x20) != 0
+    if more[-1]:
+        raise ValueError("compressed RLE counts end inside a run: the string is cut off")
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max() > 7:  # 35 bits: past any run of an image pycocotools can hold
+        raise ValueError(f"compressed RLE counts hold a run of {int(lengths.max())} characters, not a COCO RLE string")
+    shift = 5 * (np.arange(codes.size) - np.repeat(starts, lengths))
+    values = np.add.reduceat((codes & 0x1F) << shift, starts)
+    values -= np.where((codes[ends] & 0x10) != 0, np.left_shift(1, 5 * lengths), 0)  # sign-extended
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])  # run m > 2 is stored as the difference from run m - 2
+    runs[2::2] = np.cumsum(values[2::2])
+    negative = np.flatnonzero(runs < 0)
+    if negative.size:
+        raise ValueError(f"compressed RLE counts decode to a negative run ({int(runs[negative[0]])}) at run {negative[0]}")
+    return runs
 
 
 def _check_keypoints(uri: str, keypoints: Any, at: str, count: int) -> None:
