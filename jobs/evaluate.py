@@ -113,9 +113,17 @@ def _resolve_device(name: str) -> torch.device:
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise JobError(f"--device {name} is not a device this job runs on: give auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise JobError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise JobError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                       f"cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

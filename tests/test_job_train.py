@@ -528,6 +528,9 @@ def test_evaluate_rejects_bad_input(shapes, tmp_path):
     unlabelled = _write_json(tmp_path / "unlabelled.json", {**data, "annotations": []})
     with pytest.raises(JobError, match=r"has no \(non-crowd\) annotations"):
         evaluate_main(["--checkpoint", str(tmp_path / "others.pt"), "--annotations", unlabelled, "--images", images])
+    for device in ("gpu", "cuda:x", "meta"):  # torch's RuntimeError, or a device no model runs on
+        with pytest.raises(JobError, match=rf"^--device {device} is not a device this job runs on: give auto, cpu, cuda or cuda:N$"):
+            evaluate_main(["--checkpoint", str(tmp_path / "others.pt"), "--annotations", ann, "--images", images, "--device", device])
 
 
 def test_evaluate_with_tta_scores_what_the_predictor_predicts_from_the_views(shapes, tmp_path, capsys):
