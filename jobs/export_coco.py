@@ -186,7 +186,8 @@ def export(
 ) -> dict:
     """Writes the JSON (and, for results numbered here, its ``.images.json``) whole or not at
     all; returns counts (images, detections, failed, unmatched, repeated: rows of an image
-    listed before, left out)."""
+    listed before, left out; outside_root: images not under the ``images_root`` given, named by
+    their whole URI)."""
     if fmt not in ("results", "annotations"):
         raise JobError(f"--format must be 'results' or 'annotations', got {fmt!r}")
     if not 0.0 <= min_score <= 1.0:  # scores are probabilities: above 1 every detection would be left out
@@ -195,10 +196,19 @@ def export(
     outputs = [output] + ([images_sidecar_uri(output)] if numbered_here else [])
     check_outputs_apart(label_output, outputs, {"--annotations": annotations, "--categories": categories_uri})
     list_parts(label_output, storage_options)  # a bad --input fails before any output exists
+    given_root = images_root
     if images_root is None:
         images_root = _default_images_root(label_output, storage_options)
     ground_truth = _ground_truth_ids(annotations, storage_options) if annotations else None
-    counts = {"images": 0, "detections": 0, "failed": 0, "unmatched": 0, "repeated": 0}
+    counts = {"images": 0, "detections": 0, "failed": 0, "unmatched": 0, "repeated": 0, "outside_root": 0}
+    outside: set[str] = set()
+
+    def file_name_of(image_uri: str) -> str:
+        name = relative_name(image_uri, images_root)
+        if given_root and name == image_uri and image_uri not in outside:  # a --images-root the images are not under
+            outside.add(image_uri)
+            counts["outside_root"] = len(outside)
+        return name
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(AtomicOutput(output, storage_options))
         # beside it, committed just before it (ExitStack unwinds in reverse)
@@ -216,7 +226,7 @@ def export(
                 if row["error"] is not None:
                     counts["failed"] += 1
                     continue
-                file_name = relative_name(row["image_uri"], images_root)
+                file_name = file_name_of(row["image_uri"])
                 image_id = ids(file_name)
                 if image_id is None:
                     continue
@@ -256,7 +266,7 @@ def export(
                 if row["error"] is not None:
                     counts["failed"] += 1
                     continue
-                file_name = relative_name(row["image_uri"], images_root)
+                file_name = file_name_of(row["image_uri"])
                 image_id = ids(file_name)
                 if image_id is None:
                     continue
@@ -273,7 +283,7 @@ def export(
             for row in first_rows(iter_rows(label_output, storage_options, ["image_uri", "instances", "error"])):
                 if row["error"] is not None:
                     continue
-                image_id = ids(relative_name(row["image_uri"], images_root))
+                image_id = ids(file_name_of(row["image_uri"]))
                 if image_id is None:
                     continue
                 for inst in row["instances"]:
@@ -389,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if counts["unmatched"]:
         print(f"note: {counts['unmatched']} images are not in --annotations {args.annotations} and are left out", file=sys.stderr)
+    if counts["outside_root"]:
+        print(f"warning: {counts['outside_root']} images are not under --images-root {args.images_root}: their file_name is "
+              "their whole URI", file=sys.stderr)
     return 0
 
 

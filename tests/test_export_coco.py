@@ -119,6 +119,13 @@ def test_images_root_option_and_bad_input(label_output, tmp_path, capsys):
     path = str(tmp_path / "a.json")
     assert export_main(["--input", out, "--output", path, "--format", "annotations", "--images-root", "/data"]) == 0
     assert json.load(open(path))["images"][0]["file_name"] == "images/s0/a.png"
+    assert "--images-root" not in capsys.readouterr().err
+    # a root the images are not under: full URIs, said in one line
+    assert export_main(["--input", out, "--output", path, "--format", "annotations", "--images-root", "/elsewhere"]) == 0
+    images = json.load(open(path))["images"]
+    assert images[0]["file_name"] == "/data/images/s0/a.png"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"warning: {len(images)} images are not under --images-root /elsewhere: their file_name is their whole URI")
     with pytest.raises(SystemExit) as exit_info:
         run_main(export_main, ["--input", str(tmp_path / "nothing"), "--output", path])
     assert exit_info.value.code == 2
