@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 
 from jobs.common import JobError
-from jobs.options import finite_float
+from jobs.options import wait_seconds
 
 
 def add_wait_for_gpus(parser) -> None:
     parser.add_argument(
         "--wait-for-gpus",
-        type=finite_float,
+        type=wait_seconds,
         default=0,
         metavar="SECONDS",
         help="when the Ray cluster has fewer GPUs than the job needs, ask its autoscaler for them and wait up to SECONDS "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from jobs.common import JobError
 
@@ -11,14 +12,24 @@ from jobs.common import JobError
 def finite_float(text: str) -> float:
     """argparse's ``type`` for a number option: a finite float (``float`` takes "nan" and "inf",
     which pass every range check made with comparisons)."""
-    import math
-
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def wait_seconds(text: str) -> float:
+    """argparse's ``type`` for a waiting time: a number of seconds, ``inf`` to wait for ever
+    (``nan`` would pass the range check and end each wait at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"not a number of seconds (inf: for ever): {text!r}")
     return value
 
 

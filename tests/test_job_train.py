@@ -417,6 +417,18 @@ def test_number_options_take_finite_numbers_only(value, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument --lr: {what}: {value!r}")
 
 
+def test_waiting_times_may_be_for_ever_but_not_nan(capsys):
+    """--wait-for-lease inf waits for ever (a scheduler's run behind a long one); nan is refused."""
+    from jobs.training.options import build_parser
+
+    args = build_parser().parse_args(["--annotations", "a.json", "--images", "i", "--output", "o", "--wait-for-lease", "inf"])
+    assert args.wait_for_lease == float("inf")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--annotations", "a.json", "--images", "i", "--output", "o", "--wait-for-lease", "nan"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("argument --wait-for-lease: not a number of seconds (inf: for ever): 'nan'"), error
+
+
 def test_evaluations_come_at_epoch_ends_at_most_twenty_times_a_run_unless_eval_every_says(shapes, tmp_path):
     from jobs.training.spec import MAX_EPOCH_END_EVALS, eval_interval
 

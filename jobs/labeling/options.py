@@ -6,7 +6,7 @@ import argparse
 
 from jobs.autoscaling import add_wait_for_gpus
 from jobs.common import HelpFormatter, JobError, add_ray_options
-from jobs.options import add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, finite_float
+from jobs.options import add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, finite_float, wait_seconds
 from jobs.labeling.plan import DEFAULT_SHARD_SIZE
 
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io_group.add_argument(
         "--wait-for-lease",
-        type=finite_float,
+        type=wait_seconds,
         default=0.0,
         metavar="SECONDS",
         help="when another run is labelling --output, wait up to SECONDS for it to end instead of stopping at once",

@@ -7,7 +7,7 @@ import argparse
 
 from jobs.autoscaling import add_wait_for_gpus
 from jobs.common import HelpFormatter, JobError, add_ray_options
-from jobs.options import add_precision_options, add_size_options, add_storage_options, finite_float, resolve_uri_options
+from jobs.options import add_precision_options, add_size_options, add_storage_options, finite_float, resolve_uri_options, wait_seconds
 from jobs.training.spec import DEFAULT_LOADER_WORKERS, MAX_EPOCH_END_EVALS
 from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM
 
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-every", type=int, default=20, metavar="N", help="print and record metrics every N steps")
     run.add_argument(
-        "--wait-for-lease", type=finite_float, default=0.0, metavar="SECONDS",
+        "--wait-for-lease", type=wait_seconds, default=0.0, metavar="SECONDS",
         help="when another run is training into --output, wait up to SECONDS for it to end instead of stopping at once",
     )
     run.add_argument(
