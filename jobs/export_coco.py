@@ -201,13 +201,12 @@ def export(
         images_root = _default_images_root(label_output, storage_options)
     ground_truth = _ground_truth_ids(annotations, storage_options) if annotations else None
     counts = {"images": 0, "detections": 0, "failed": 0, "unmatched": 0, "repeated": 0, "outside_root": 0}
-    outside: set[str] = set()
+    counting = [True]  # the first pass over the rows (each image once); --format annotations makes a second
 
     def file_name_of(image_uri: str) -> str:
         name = relative_name(image_uri, images_root)
-        if given_root and name == image_uri and image_uri not in outside:  # a --images-root the images are not under
-            outside.add(image_uri)
-            counts["outside_root"] = len(outside)
+        if given_root and name == image_uri and counting[0]:  # a --images-root the images are not under
+            counts["outside_root"] += 1
         return name
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(AtomicOutput(output, storage_options))
@@ -277,6 +276,7 @@ def export(
             counts["unmatched"] = ids.unmatched
             out.write('],\n"annotations": [')
             ids = _ImageIds(ground_truth)  # the same numbering, second pass
+            counting[0] = False
             categories: dict[int, str] = {}
             keypoint_counts: dict[int, int] = {}
             first = True

@@ -58,8 +58,7 @@ def refused_write(exc: BaseException, permission: bool = False) -> OSError | Non
 
 def chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and every exception behind it, once each: its ``__cause__`` and ``__context__``,
-    a Ray task error's ``cause`` (the exception the task raised), and the failures a Ray Train
-    error holds (``controller_failure``, ``worker_failures``)."""
+    and a Ray task error's ``cause`` (the exception the task raised)."""
     seen, stack = set(), [exc]
     while stack:
         error = stack.pop()
@@ -67,13 +66,8 @@ def chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(error))
         yield error
-        # a Ray task error's cause; Ray Train's ControllerError's and WorkerGroupError's failures
         cause = getattr(error, "cause", None)
         stack.extend([error.__context__, error.__cause__, cause if isinstance(cause, BaseException) else None])
-        stack.append(getattr(error, "controller_failure", None))
-        failures = getattr(error, "worker_failures", None)
-        if isinstance(failures, dict):
-            stack.extend(value for value in failures.values() if isinstance(value, BaseException))
 
 
 def refusal_reason(refused: OSError, local: bool) -> str:
@@ -89,20 +83,26 @@ class OutputRefused(Exception):
     names the output and says why."""
 
 
+def refused_output(output: str, exc: BaseException) -> str | None:
+    """The line saying that --output ``output`` refused a write for good, when ``exc`` is such a
+    refusal (``refused_write``, permission included), else None."""
+    from maskrcnn.storage import is_local
+
+    refused = refused_write(exc, permission=True)
+    return None if refused is None else f"cannot write to --output {output}: {refusal_reason(refused, is_local(output))}"
+
+
 @contextlib.contextmanager
 def writing_output(output: str):
     """Around a job's writes to its --output: an error by which the storage refused them for good
-    (``refused_write``, permission included) becomes an OutputRefused naming ``output``; other
-    errors pass as they are."""
-    from maskrcnn.storage import is_local
-
+    becomes an OutputRefused naming ``output`` (``refused_output``); other errors pass as they are."""
     try:
         yield
     except Exception as exc:
-        refused = refused_write(exc, permission=True)
-        if refused is None:
+        message = refused_output(output, exc)
+        if message is None:
             raise
-        raise OutputRefused(f"cannot write to --output {output}: {refusal_reason(refused, is_local(output))}") from exc
+        raise OutputRefused(message) from exc
 
 
 NAMESPACE = "maskrcnn-train"  # of the keys in Ray's key-value store

@@ -322,6 +322,10 @@ def test_compressed_rles_of_any_mask_pass_the_check(tmp_path):
     masks.append(np.zeros((height, width), dtype=bool))
     masks[-1][::7, ::3] = True
     rles = encode_masks(np.stack(masks))
+    # and an uncompressed RLE written from floats, as pycocotools takes it: the top row
+    masks.append(np.zeros((height, width), dtype=bool))
+    masks[-1][0] = True
+    rles.append({"size": [height, width], "counts": [0.0] + [1.0, float(height - 1)] * width})
     document = {
         "images": [{"id": 1, "file_name": "a.png", "width": width, "height": height}],
         "categories": [{"id": 1, "name": "thing"}],

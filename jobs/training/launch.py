@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from jobs.autoscaling import wait_for_gpus
 from jobs.common import JobError, init_ray, ray_is_fixed, shutdown_ray
-from jobs.mistakes import OutputRefused, refused_write, writing_output
+from jobs.mistakes import refused_output, refused_write
 from jobs.options import warn_slow_cpu_precision
 from jobs.training.metrics import log, summarize_run
 from jobs.training.spec import MODEL_FILE, RUN_NAME, Hidden, TrainPlan
@@ -65,18 +65,20 @@ def train_on_ray(args: argparse.Namespace, plan: TrainPlan, storage_options: dic
     )
     started = time.perf_counter()
     try:
-        # Ray Train's controller writes its record of the checkpoints to --output after each one
-        with writing_output(plan.output):
-            _fit(trainer, mistake_key)
+        _fit(trainer, mistake_key)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (jobs.common.run_main)
         shutdown_ray()
         exc.args = (f"a rerun of the same command resumes from the last checkpoint in {plan.output}",)
         raise
     except JobError:  # a worker's mistake (_fit)
         raise
-    except OutputRefused as exc:
-        raise JobError(f"training stopped: {exc}{RESUMES_ONCE_WRITABLE}") from None
-    except Exception as exc:  # ray.train.TrainingFailedError: the workers' errors, retries spent
+    except Exception as exc:  # ray.train.TrainingFailedError: the workers' errors, retries spent, or the controller's
+        # Ray Train's controller writes its record of the checkpoints to --output after each one
+        # (the workers say their own refusals, as mistakes); a worker's error is not the output's
+        failure = getattr(exc, "controller_failure", None)
+        refused = refused_output(plan.output, failure) if isinstance(failure, BaseException) else None
+        if refused is not None:
+            raise JobError(f"training stopped: {refused}{RESUMES_ONCE_WRITABLE}") from None
         print(f"error: training failed: {exc}", file=sys.stderr)
         return 1
     summarize_run(plan.output, storage_options)

@@ -376,6 +376,8 @@ def upload_checkpoint(checkpoint, name: str):
     import ray.train
 
     storage = ray.train.get_context().get_storage()
+    if hasattr(storage, "_check_validation_file"):  # as Ray's upload: a local --output the worker's node does not share
+        storage._check_validation_file()
     fs, destination = storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
     fs.create_dir(destination)
     for folder, _, files in os.walk(checkpoint.path):

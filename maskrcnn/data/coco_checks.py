@@ -179,8 +179,8 @@ def check_annotation(
 def _check_runs(counts: list) -> None:
     """Uncompressed RLE counts: run lengths, each a non-negative integer (pycocotools reads them
     as unsigned 32-bit: a negative one overflows)."""
-    for k, run in enumerate(counts):
-        if not _is_int(run) or run < 0:
+    for k, run in enumerate(counts):  # a float of an integer value passes, as pycocotools takes it
+        if not (_is_int(run) or (isinstance(run, float) and run.is_integer())) or run < 0:
             raise ValueError(f"uncompressed RLE counts must be non-negative integers, got {run!r} at counts[{k}]")
 
 
