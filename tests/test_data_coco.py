@@ -340,6 +340,34 @@ def test_compressed_rles_of_any_mask_pass_the_check(tmp_path):
     np.testing.assert_array_equal(target["masks"].numpy(), np.stack(masks).astype(np.uint8))
 
 
+def test_a_files_rle_strings_are_read_at_once_as_pycocotools_reads_each(monkeypatch):
+    """check_rle_strings reads a file's compressed RLEs together, a chunk of characters at a time:
+    each string's runs are the ones pycocotools decodes it to, and a bad string in a later chunk
+    is named as itself."""
+    from pycocotools import mask as mask_utils
+
+    import maskrcnn.data.coco_checks as checks
+
+    rng = np.random.default_rng(3)
+    strings, masks = [], []
+    for k in range(60):
+        height, width = (int(v) for v in rng.integers(1, 60, 2))
+        mask = (rng.random((height, width)) < (0.0, 1.0, rng.random())[k % 3]).astype(np.uint8)
+        masks.append(mask)
+        strings.append(encode_masks(mask[None])[0]["counts"])
+    runs, offsets = checks.rle_strings_runs(strings)
+    for k, mask in enumerate(masks):  # the runs, expanded, are the mask in column order
+        values = np.repeat(np.arange(offsets[k + 1] - offsets[k]) % 2, runs[offsets[k]:offsets[k + 1]])
+        decoded = mask_utils.decode({"size": list(mask.shape), "counts": strings[k]})
+        np.testing.assert_array_equal(values, decoded.flatten(order="F"))
+    monkeypatch.setattr(checks, "RLE_CHUNK_CHARS", 50)  # many chunks
+    items = [(f"annotations[{k}]", counts, *mask.shape) for k, (counts, mask) in enumerate(zip(strings, masks))]
+    checks.check_rle_strings("a.json", items)
+    items[41] = ("annotations[41]", strings[41][:-1] + "!", *masks[41].shape)
+    with pytest.raises(AnnotationError, match=r"^a\.json: annotations\[41\]: bad segmentation: compressed RLE counts have '!'"):
+        checks.check_rle_strings("a.json", items)
+
+
 def test_annotations_without_a_mask_count_for_box_ap_not_mask_ap(tmp_path, caplog):
     """A segmentation [] (box-only exports) or polygons of fewer than 3 points: no mask to train
     or score. Training leaves such an annotation out; evaluation scores its box and leaves it out

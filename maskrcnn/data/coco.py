@@ -42,6 +42,7 @@ from maskrcnn.data.coco_checks import (
     AnnotationError,
     check_annotation,
     check_categories,
+    check_rle_strings,
     check_images,
     check_keypoint_categories,
     load_instances,
@@ -193,9 +194,14 @@ class CocoDataset(torch.utils.data.Dataset):
         short_polygons: list[str] = []  # one entry per polygon of fewer than 3 points in a kept annotation
         maskless_crowds: list[str] = []  # crowd regions whose segmentation has no polygon of 3 or more points
         seen_ids: set = set()
+        rle_strings: list = []  # compressed RLEs, read at once once the others are checked
+        for index, ann in enumerate(data["annotations"]):
+            check_annotation(annotations_uri, ann, where(index, ann), images, categories, seen_ids, len(self._keypoint_names),
+                             rle_strings)
+        check_rle_strings(annotations_uri, rle_strings)
+        del rle_strings
         for index, ann in enumerate(data["annotations"]):
             at = where(index, ann)
-            check_annotation(annotations_uri, ann, at, images, categories, seen_ids, len(self._keypoint_names))
             image = images[ann["image_id"]]
             height, width = image["height"], image["width"]
             ann.setdefault("iscrowd", 0)  # COCOeval reads both

@@ -23,7 +23,9 @@ __all__ = [
     "check_categories",
     "check_keypoint_categories",
     "check_annotation",
+    "check_rle_strings",
     "rle_string_runs",
+    "rle_strings_runs",
 ]
 
 
@@ -133,10 +135,14 @@ def check_keypoint_categories(uri: str, categories: dict[int, dict]) -> tuple[li
 
 
 def check_annotation(
-    uri: str, ann: Any, at: str, images: dict[int, dict], categories: dict[int, dict], seen_ids: set, num_keypoints: int
+    uri: str, ann: Any, at: str, images: dict[int, dict], categories: dict[int, dict], seen_ids: set, num_keypoints: int,
+    rle_strings: list | None = None,
 ) -> None:
     """One annotation: its ids (adding its own to ``seen_ids``), box, segmentation (within its
-    image of ``images``), ``iscrowd``, ``area`` and, where it has them, its ``num_keypoints`` keypoints."""
+    image of ``images``), ``iscrowd``, ``area`` and, where it has them, its ``num_keypoints`` keypoints.
+    A compressed RLE's runs are read here, or, given ``rle_strings``, appended to it as (``at``,
+    counts, height, width) for ``check_rle_strings``, which reads a whole file's at once (a
+    self-training round's pseudo-labels are millions of them)."""
     if not isinstance(ann, dict):
         raise _fail(uri, at, f"expected an object, got {type(ann).__name__}")
     if not _is_int(ann.get("id")):
@@ -166,14 +172,45 @@ def check_annotation(
             _check_runs(segmentation["counts"])
         validate_segmentation(segmentation, image["height"], image["width"])
         if isinstance(segmentation, dict) and isinstance(segmentation["counts"], (str, bytes)):
-            pixels = int(rle_string_runs(segmentation["counts"]).sum())
-            if pixels != image["height"] * image["width"]:
-                raise ValueError(
-                    f"compressed RLE counts cover {pixels} pixels, expected {image['height'] * image['width']} "
-                    f"(its size {image['height']} x {image['width']})"
-                )
+            item = (at, segmentation["counts"], image["height"], image["width"])
+            if rle_strings is None:
+                check_rle_strings(uri, [item])
+            else:
+                rle_strings.append(item)
     except (ValueError, TypeError) as error:
         raise _fail(uri, at, f"bad segmentation: {error}") from None
+
+
+# Characters of compressed RLE strings read at once by check_rle_strings (int64 working arrays:
+# about 8 bytes each, several times over).
+RLE_CHUNK_CHARS = 1 << 23
+
+
+def check_rle_strings(uri: str, items: list) -> None:
+    """Compressed RLE strings (``items``: (``at``, counts, its image's height, width) each, as
+    ``check_annotation`` collects them) read as pycocotools reads them, a few million characters
+    at a time: AnnotationError naming the first that is no such string (``rle_strings_runs``) or
+    whose runs do not cover its image's pixels."""
+    start = 0
+    while start < len(items):
+        stop, chars = start, 0
+        while stop < len(items) and (stop == start or chars + len(items[stop][1]) <= RLE_CHUNK_CHARS):
+            chars += len(items[stop][1])
+            stop += 1
+        chunk = items[start:stop]
+        try:
+            runs, offsets = rle_strings_runs([counts for _, counts, _, _ in chunk])
+        except RLEStringError as error:
+            raise _fail(uri, chunk[error.string][0], f"bad segmentation: {error}") from None
+        total = np.concatenate(([0], np.cumsum(runs)))
+        covered = total[offsets[1:]] - total[offsets[:-1]]
+        expected = np.array([height * width for _, _, height, width in chunk], dtype=np.int64)
+        wrong = np.flatnonzero(covered != expected)
+        if wrong.size:
+            at, _, height, width = chunk[int(wrong[0])]
+            raise _fail(uri, at, f"bad segmentation: compressed RLE counts cover {int(covered[wrong[0]])} pixels, expected "
+                                 f"{height * width} (its size {height} x {width})")
+        start = stop
 
 
 def _check_runs(counts: list) -> None:
@@ -184,43 +221,85 @@ def _check_runs(counts: list) -> None:
             raise ValueError(f"uncompressed RLE counts must be non-negative integers, got {run!r} at counts[{k}]")
 
 
+class RLEStringError(ValueError):
+    """A compressed RLE string that is no such string; ``string``: its index in the batch."""
+
+    def __init__(self, message: str, string: int):
+        super().__init__(message)
+        self.string = string
+
+
 def rle_string_runs(counts: str | bytes) -> np.ndarray:
-    """The run lengths (int64) that a compressed RLE's ``counts`` string holds, read as
-    pycocotools' ``rleFrString`` reads them (6 bits a character from '0', 5 of value and one
-    "more" bit; a run's last character's 0x10 its sign; from the fourth run on, a run is the
-    difference from the run two before it). Raises ``ValueError`` on what is no such string: a
-    character outside '0'..'o', a run cut off at the end, a run that comes out negative (which
-    pycocotools would wrap to some 4 billion pixels). Vectorized: no mask is decoded."""
-    try:
-        raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
-    except UnicodeEncodeError:
-        raise ValueError("compressed RLE counts must be an ASCII string of '0'..'o'") from None
-    codes = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
+    """The run lengths (int64) that one compressed RLE's ``counts`` string holds
+    (``rle_strings_runs``); ValueError when it is no such string."""
+    return rle_strings_runs([counts])[0]
+
+
+def rle_strings_runs(strings: list) -> tuple[np.ndarray, np.ndarray]:
+    """The run lengths (int64) that compressed RLE ``counts`` strings hold, read as pycocotools'
+    ``rleFrString`` reads them (6 bits a character from '0', 5 of value and one "more" bit; a
+    run's last character's 0x10 its sign; from the fourth run on, a run is the difference from
+    the run two before it), all at once, no mask decoded: the runs of every string one after
+    another, and ``offsets`` (string k's runs are ``runs[offsets[k]:offsets[k + 1]]``). Raises
+    RLEStringError on the first that is no such string: a character outside '0'..'o', a run cut
+    off at its end, a run that comes out negative (which pycocotools would wrap to some 4 billion
+    pixels)."""
+    encoded = []
+    for k, counts in enumerate(strings):
+        try:
+            encoded.append(counts.encode("ascii") if isinstance(counts, str) else bytes(counts))
+        except UnicodeEncodeError:
+            raise RLEStringError("compressed RLE counts must be an ASCII string of '0'..'o'", k) from None
+    lengths = np.array([len(raw) for raw in encoded], dtype=np.int64)
+    string_starts = np.concatenate(([0], np.cumsum(lengths)))
+    codes = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.int16) - 48  # small ints: cheap per character
     bad = np.flatnonzero((codes < 0) | (codes > 63))
     if bad.size:
-        raise ValueError(
-            f"compressed RLE counts have {chr(raw[bad[0]])!r} at character {bad[0]}, not a COCO RLE string (characters '0'..'o')"
-        )
-    if codes.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    more = (codes & 0x20) != 0
-    if more[-1]:
-        raise ValueError("compressed RLE counts end inside a run: the string is cut off")
+        k = int(np.searchsorted(string_starts, bad[0], side="right")) - 1
+        at = int(bad[0] - string_starts[k])
+        raise RLEStringError(
+            f"compressed RLE counts have {chr(encoded[k][at])!r} at character {at}, not a COCO RLE string (characters '0'..'o')", k)
+    more = codes >= 32  # the 0x20 bit: the run goes on in the next character
+    last = string_starts[1:][lengths > 0] - 1  # each string's last character ends its last run
+    cut = np.flatnonzero(more[last])
+    if cut.size:
+        raise RLEStringError("compressed RLE counts end inside a run: the string is cut off", int(np.flatnonzero(lengths > 0)[cut[0]]))
     ends = np.flatnonzero(~more)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts + 1
-    if lengths.max() > 7:  # 35 bits: past any run of an image pycocotools can hold
-        raise ValueError(f"compressed RLE counts hold a run of {int(lengths.max())} characters, not a COCO RLE string")
-    shift = 5 * (np.arange(codes.size) - np.repeat(starts, lengths))
-    values = np.add.reduceat((codes & 0x1F) << shift, starts)
-    values -= np.where((codes[ends] & 0x10) != 0, np.left_shift(1, 5 * lengths), 0)  # sign-extended
+    starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64) if ends.size else np.zeros(0, dtype=np.int64)
+    run_lengths = ends - starts + 1
+    string_of_run = np.searchsorted(string_starts, starts, side="right") - 1
+    offsets = np.searchsorted(string_of_run, np.arange(len(strings) + 1), side="left")
+    longest = int(run_lengths.max()) if run_lengths.size else 0
+    if longest > 7:  # 35 bits: past any run of an image pycocotools can hold
+        k = int(string_of_run[np.argmax(run_lengths > 7)])
+        raise RLEStringError(f"compressed RLE counts hold a run of {longest} characters, not a COCO RLE string", k)
+    # a run's value: 5 bits a character, its first character lowest; by character place within
+    # the runs (at most 7), not by character, so the 64-bit work is per run
+    low = codes & 0x1F
+    values = low[starts].astype(np.int64)
+    for place in range(1, longest):
+        longer = np.flatnonzero(run_lengths > place)
+        values[longer] |= low[starts[longer] + place].astype(np.int64) << (5 * place)
+    signed = np.flatnonzero(codes[ends] & 0x10)
+    values[signed] -= np.left_shift(np.int64(1), 5 * run_lengths[signed])  # sign-extended
+    # run m > 2 of a string is stored as the difference from its run m - 2: a cumulative sum over
+    # each string's odd runs, and over its even runs from the third on
+    position = np.arange(values.size) - offsets[string_of_run]
     runs = values.copy()
-    runs[1::2] = np.cumsum(values[1::2])  # run m > 2 is stored as the difference from run m - 2
-    runs[2::2] = np.cumsum(values[2::2])
+    for parity, first in ((1, 1), (0, 2)):
+        chosen = np.flatnonzero((position % 2 == parity) & (position >= first))
+        if chosen.size:
+            summed = np.cumsum(values[chosen])
+            group = string_of_run[chosen]
+            begins = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
+            before = np.where(begins > 0, summed[begins - 1], 0)
+            runs[chosen] = summed - np.repeat(before, np.diff(np.concatenate((begins, [chosen.size]))))
     negative = np.flatnonzero(runs < 0)
     if negative.size:
-        raise ValueError(f"compressed RLE counts decode to a negative run ({int(runs[negative[0]])}) at run {negative[0]}")
-    return runs
+        k = int(string_of_run[negative[0]])
+        raise RLEStringError(
+            f"compressed RLE counts decode to a negative run ({int(runs[negative[0]])}) at run {int(position[negative[0]])}", k)
+    return runs, offsets
 
 
 def _check_keypoints(uri: str, keypoints: Any, at: str, count: int) -> None:
