@@ -10,7 +10,7 @@ import uuid
 import fsspec
 
 from jobs.common import JobError
-from maskrcnn.storage import explain_storage_error, filesystem, is_local
+from maskrcnn.storage import explain_storage_error, filesystem, is_local, same_file
 
 
 def probe_write(fs: fsspec.AbstractFileSystem, folder: str) -> None:
@@ -46,6 +46,14 @@ def check_output_writable(output_uri: str, storage_options: dict | None, probe_d
         raise
     except Exception as exc:
         raise JobError(f"cannot write to --output {output_uri}: {explain_storage_error(exc)}") from None
+
+
+def check_not_an_input(output: str, inputs: dict[str, str | None], shown: str, what: str) -> None:
+    """Refuses, before any work, an ``output`` that is one of the files a job reads (``inputs``:
+    option -> URI): JobError "``shown`` is --option URI: ``what`` would replace it"."""
+    for option, uri in inputs.items():
+        if uri and same_file(output, uri):
+            raise JobError(f"{shown} is {option} {uri}: {what} would replace it; give another --output")
 
 
 class AtomicOutput:

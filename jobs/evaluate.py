@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from jobs.atomic import AtomicOutput
+from jobs.atomic import AtomicOutput, check_not_an_input
 from jobs.common import JobError, run_main
 from jobs.options import (add_precision_options, add_size_options, add_storage_options, add_tta_option, check_tta, parse_storage_options,
                           resolve_uri_options, warn_slow_cpu_precision)
@@ -136,14 +136,10 @@ def output_json_uri(output: str) -> str:
 def check_output_apart(args: argparse.Namespace) -> None:
     """Refuses an --output that is one of the files the job reads: the metrics would replace it.
     Before the model loads, so that the mistake costs no evaluation."""
-    from maskrcnn.storage import same_file
-
     output = output_json_uri(args.output)
-    for option in ("checkpoint", "annotations", "categories"):
-        uri = getattr(args, option)
-        if uri and same_file(output, uri):
-            shown = args.output if output == args.output else f"{args.output} (its {output})"
-            raise JobError(f"--output {shown} is --{option} {uri}: the metrics would replace it; give another --output")
+    shown = f"--output {args.output}" + ("" if output == args.output else f" (its {output})")
+    inputs = {f"--{option}": getattr(args, option) for option in ("checkpoint", "annotations", "categories")}
+    check_not_an_input(output, inputs, shown, "the metrics")
 
 
 def format_table(metrics: dict[str, Any]) -> str:

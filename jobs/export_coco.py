@@ -47,10 +47,10 @@ import pyarrow.parquet as pq
 from jobs.common import JobError, run_main
 from jobs.options import add_storage_options, finite_float, parse_storage_options, resolve_uri_options
 from jobs.common import HelpFormatter
-from jobs.atomic import AtomicOutput
+from jobs.atomic import AtomicOutput, check_not_an_input
 from jobs.labeling.plan import read_plan
 from jobs.labeling.shards import part_files
-from maskrcnn.storage import explain_storage_error, filesystem, open_uri, same_file, uri_key
+from maskrcnn.storage import explain_storage_error, filesystem, open_uri, same_file, within
 
 
 def iter_rows(label_output: str, storage_options: dict | None, columns: list[str]) -> Iterator[dict]:
@@ -110,13 +110,11 @@ def check_outputs_apart(label_output: str, outputs: list[str], inputs: dict[str,
     sit among."""
     for output in outputs:
         what = "--output " + output if output == outputs[0] else f"--output {outputs[0]} writes {output} beside it, which"
-        if same_file(output, label_output) or uri_key(output).startswith(uri_key(label_output) + "/"):
+        if within(output, label_output):
             where = "is" if same_file(output, label_output) else "is inside"
             raise JobError(f"{what} {where} --input {label_output}: it would replace or sit among jobs.label's files; "
                            "give an --output outside the labels")
-        for option, uri in inputs.items():
-            if uri and same_file(output, uri):
-                raise JobError(f"{what} is {option} {uri}: the export would replace it; give another --output")
+        check_not_an_input(output, inputs, what, "the export")
 
 
 def images_sidecar_uri(output: str) -> str:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # Everything that can be wrong with the arguments fails here, before any work.
     from jobs.labeling.inputs import check_output_apart, input_kind
 
-    check_output_apart(args.input, args.output, storage_options)
+    check_output_apart(args.input, args.output)
     if not args.no_new_inputs:  # a run that only finishes its plan needs no listing of --input
         input_kind(args.input, storage_options)
     check_output_writable(args.output, storage_options, PLAN_DIR)  # both before reading the checkpoint, which may be large

@@ -23,8 +23,8 @@ from fsspec.utils import get_protocol
 from maskrcnn import s3
 
 __all__ = [
-    "filesystem", "check_protocol", "open_uri", "join_uri", "absolute_uri", "uri_key", "same_file", "is_local", "explain_storage_error",
-    "put_atomic",
+    "filesystem", "check_protocol", "open_uri", "join_uri", "absolute_uri", "uri_key", "same_file", "within", "is_local",
+    "explain_storage_error", "put_atomic",
 ]
 
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -193,6 +193,12 @@ def same_file(a: str, b: str) -> bool:
         return False
     paths = absolute_uri(a), absolute_uri(b)
     return all(os.path.exists(path) for path in paths) and os.path.samefile(*paths)
+
+
+def within(inner: str, outer: str) -> bool:
+    """Whether the URI ``inner`` is ``outer`` or lies under it (compared as ``uri_key`` gives them)."""
+    inner, outer = uri_key(inner), uri_key(outer)
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
 def is_local(where: str | fsspec.AbstractFileSystem) -> bool:

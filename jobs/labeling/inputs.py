@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from jobs.common import JobError
 from jobs.labeling.plan import PLAN_DIR
-from maskrcnn.storage import explain_storage_error, filesystem
+from maskrcnn.storage import explain_storage_error, filesystem, uri_key, within
 
 # The still-image formats Pillow decodes (an animated GIF's first frame); a folder's other files
 # are left out and counted (``iter_input_uris``' ``not_images``)
@@ -134,16 +134,11 @@ def _input_errors(input_uri: str) -> Iterator[None]:
         raise JobError(f"cannot read --input {input_uri}: {explain_storage_error(exc)}") from None
 
 
-def check_output_apart(input_uri: str, output_uri: str, storage_options: dict | None = None) -> None:
+def check_output_apart(input_uri: str, output_uri: str) -> None:
     """Refuses an --output that is --input's folder or holds it: the labels' bookkeeping would
     sit among the images (an --output inside --input is fine: the listing skips it)."""
-    in_fs, in_path = filesystem(input_uri, storage_options)
-    out_fs, out_path = filesystem(output_uri, storage_options)
-    if type(in_fs) is not type(out_fs):
-        return
-    in_path, out_path = in_path.rstrip("/"), out_path.rstrip("/")
-    if in_path == out_path or in_path.startswith(out_path + "/"):
-        what = "is" if in_path == out_path else "contains"
+    if within(input_uri, output_uri):
+        what = "is" if uri_key(input_uri) == uri_key(output_uri) else "contains"
         raise JobError(
             f"--output {output_uri} {what} --input {input_uri}: the labels would be written among the images; "
             "give an --output outside the input (or in a folder of its own inside it)"
