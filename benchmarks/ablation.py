@@ -144,17 +144,16 @@ def batch_schedule(num_images: int, steps: int, batch_size: int, seed: int) -> l
 
 def train_and_evaluate(cfg: ModelConfig, train_items: list, val_set, args, seed: int) -> dict:
     from maskrcnn.data.transforms import hflip
-    from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, make_optimizer, make_scheduler, train_step
+    from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, make_optimizer, make_scheduler, prepare_for_training, train_step
     from maskrcnn.evaluation import evaluate_model
     from maskrcnn.modeling import build_model
 
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = prepare_for_training(build_model(cfg))
     optimizer = make_optimizer(model, lr=args.lr)
     scheduler = make_scheduler(optimizer, args.steps)  # jobs.train's default warmup and steps down
     schedule = batch_schedule(len(train_items), args.steps, args.batch_size, seed)
     torch.manual_seed(seed + 1)  # the RPN's and RoI heads' sampling starts alike for every variant
-    model.train()
     started = time.perf_counter()
     first = last = None
     recent: list[float] = []

@@ -4,8 +4,8 @@ Both sides run in this process on the same device, the same batch of images and 
 the synthetic shapes dataset) and the same weights, in turns, so that a shared, noisy machine
 slows both alike:
 
-- ours: ``maskrcnn.modeling.build_model(r50_fpn)`` stepped as every Ray Train worker of
-  jobs.train steps it: ``maskrcnn.engine.train_step`` (forward under the job's autocast,
+- ours: ``maskrcnn.modeling.build_model(r50_fpn)`` prepared and stepped as every Ray Train
+  worker of jobs.train does: ``maskrcnn.engine.prepare_for_training`` (NHWC), ``train_step`` (forward under the job's autocast,
   backward, the gradient norm clipped at jobs.train's default) with ``make_optimizer``'s SGD
   (fused on a GPU);
 - peer: torchvision's ``maskrcnn_resnet50_fpn`` assembled as its builder does for a pretrained
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.model_inference import torchvision_model
     from maskrcnn.checkpoint import load_state
     from maskrcnn.config import get_preset
-    from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, autocast_dtype, make_optimizer, train_step
+    from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, autocast_dtype, make_optimizer, prepare_for_training, train_step
     from maskrcnn.modeling import build_model
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config.replace(input=type(config.input)(min_size=min_size, max_size=max_size))
     ours = build_model(config)
     load_state(ours, peer.state_dict(), "torchvision maskrcnn_resnet50_fpn")  # the same weights on both sides
-    ours.to(device).train()
+    prepare_for_training(ours.to(device))  # the recipe's layout: NHWC
     peer.to(device).train()
     ours_optimizer = make_optimizer(ours, lr=0.0)
     peer_optimizer = torch.optim.SGD([p for p in peer.parameters() if p.requires_grad], lr=0.0, momentum=0.9, weight_decay=1e-4)

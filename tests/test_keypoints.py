@@ -378,7 +378,7 @@ def test_keypoint_head_learns_the_corners(kp_data, one_thread):
     """Overfit two images for 40 steps: on the ground-truth boxes, the heatmaps' argmax finds the
     corners to a pixel or two (boxes are 15-45 px here), where a head that learned the wrong
     targets (x and y swapped, or left and right) would be tens of pixels off."""
-    from maskrcnn.engine import make_optimizer, train_step
+    from maskrcnn.engine import make_optimizer, prepare_for_training, train_step
 
     dataset = CocoDataset(*kp_data["train"])
     batch = [dataset[i] for i in range(2)]
@@ -386,8 +386,8 @@ def test_keypoint_head_learns_the_corners(kp_data, one_thread):
     assert sum(int((t["keypoints"][..., 2] > 0).sum()) for t in targets) >= 8
     config = get_preset("small_keypoint", num_classes=dataset.num_classes)
     model = _small_keypoint(num_classes=dataset.num_classes, input=dataclasses.replace(config.input, min_size=160, max_size=240))
+    prepare_for_training(model)  # as jobs.train trains it (NHWC)
     optimizer = make_optimizer(model, lr=0.01)
-    model.train()
     losses = [float(train_step(model, optimizer, images, targets, clip_grad_norm=10.0)["loss_keypoint"]) for _ in range(40)]
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
 

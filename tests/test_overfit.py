@@ -10,10 +10,12 @@ import torch
 from maskrcnn.config import get_preset
 from maskrcnn.data import CocoDataset, collate_fn, make_sample_dataset
 from maskrcnn.data.transforms import RandomHorizontalFlip
-from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, autocast_context, cpu_runs_bf16, default_lr, make_optimizer, make_scheduler, train_step
+from maskrcnn.engine import (
+    DEFAULT_CLIP_GRAD_NORM, autocast_context, cpu_runs_bf16, default_lr, make_optimizer, make_scheduler, prepare_for_training, train_step,
+)
 from maskrcnn.evaluation import evaluate_model
 from maskrcnn.modeling import build_model
-from maskrcnn.modeling.optimize import optimize_for_inference
+from maskrcnn.modeling.optimize import optimize_for_inference, set_channels_last
 
 STEPS = 260
 BATCH = 4
@@ -40,12 +42,11 @@ def overfit(tmp_path_factory):
         ann, image_root = make_sample_dataset(str(tmp_path_factory.mktemp("sample")), splits={"train": 16}, seed=3)["train"]
         dataset = CocoDataset(ann, image_root, transforms=RandomHorizontalFlip(0.5))
         config = get_preset("small", num_classes=dataset.num_classes)
-        model = build_model(config)
+        model = prepare_for_training(build_model(config))
         optimizer = make_optimizer(model, lr=default_lr(BATCH, config.backbone.norm))
         # a longer warmup than the default's tenth of the run: the model the fast-path bounds were set on
         scheduler = make_scheduler(optimizer, STEPS, warmup_steps=50)
         loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, collate_fn=collate_fn)
-        model.train()
         step, first, last = 0, None, []
         while step < STEPS:
             for images, targets in loader:
@@ -55,6 +56,7 @@ def overfit(tmp_path_factory):
                 step += 1
                 if step == STEPS:
                     break
+        set_channels_last(model, False)  # as its checkpoint would load: the reference path runs NCHW
         eval_set = CocoDataset(ann, image_root)
         metrics = evaluate_model(model, eval_set, batch_size=4)
     print(

@@ -13,7 +13,7 @@ import torch
 
 from maskrcnn.checkpoint import CLASS_SPECIFIC, CheckpointError, load_checkpoint, load_state, save_checkpoint
 from maskrcnn.config import InputConfig, ModelConfig, get_preset
-from maskrcnn.engine import make_optimizer, train_step
+from maskrcnn.engine import make_optimizer, prepare_for_training, train_step
 from maskrcnn.modeling import build_model, validate_config
 from maskrcnn.modeling.postprocessing import paste_masks
 
@@ -77,8 +77,8 @@ def test_every_sensible_combination_trains_and_infers(kind, head, loss, agnostic
     images = [torch.rand(3, 120, 160), torch.rand(3, 90, 70)]
     targets = [_target([[10, 20, 60, 80], [50, 5, 120, 60]], [1, 3], (120, 160)), _target([], [], (90, 70))]
 
-    # one optimisation step on a batch with objects and an image without any
-    model.train()
+    # one optimisation step on a batch with objects and an image without any, as jobs.train takes it (NHWC)
+    prepare_for_training(model)
     optimizer = make_optimizer(model, lr=0.01)
     before = {k: v.clone() for k, v in model.roi_heads.mask_predictor.state_dict().items()}
     losses = train_step(model, optimizer, images, targets)

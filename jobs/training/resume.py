@@ -54,7 +54,7 @@ def resume_or_start(plan: TrainPlan, storage_options: dict | None) -> WorkerRun:
     import ray.train.torch
 
     from maskrcnn.config import ModelConfig
-    from maskrcnn.engine import autocast_dtype, make_optimizer, make_scheduler
+    from maskrcnn.engine import autocast_dtype, make_optimizer, make_scheduler, prepare_for_training
     from maskrcnn.modeling import build_model
 
     context = ray.train.get_context()
@@ -83,7 +83,7 @@ def resume_or_start(plan: TrainPlan, storage_options: dict | None) -> WorkerRun:
     # [C, 1, C, C] against [C, 1, 1, 1]: the same memory, as the dimensions of size 1 have no
     # stride that matters, so DDP's warning about it is spurious (pytorch/pytorch#157862).
     warnings.filterwarnings("ignore", message=SPURIOUS_STRIDES_WARNING, category=UserWarning)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(prepare_for_training(model))
     bare_model = model.module if hasattr(model, "module") else model
     optimizer = make_optimizer(bare_model, plan.base_lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
     scheduler = make_scheduler(optimizer, plan.total_steps, plan.warmup_steps, plan.lr_steps, plan.warmup_factor, plan.lr_gamma)

@@ -118,6 +118,17 @@ def hold_weights(model: nn.Module, dtype: torch.dtype) -> int:
     return held
 
 
+def set_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Stores the convolution weights NHWC (``enabled``) or NCHW again, and has the model put its
+    batch in the same layout; returns the same model. The fast path's layout, and training's
+    (``maskrcnn.engine.prepare_for_training``): the same values, float rounding apart. A
+    ``Module.to`` keeps each parameter object, so an optimizer made before still holds them; a
+    DDP wrapper must come after (its gradient buckets take the parameters' strides)."""
+    model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+    model.channels_last = enabled
+    return model
+
+
 def optimize_for_inference(model: nn.Module, *, fold: bool = True, channels_last: bool = True,
                            weights_dtype: torch.dtype | None = None) -> nn.Module:
     """Eval mode, norms folded, NHWC weights and inputs, and with ``weights_dtype`` (bf16, fp16:
@@ -130,8 +141,7 @@ def optimize_for_inference(model: nn.Module, *, fold: bool = True, channels_last
         fold_norms(model.backbone)
         fold_norms(model.roi_heads)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
-        model.channels_last = True
+        set_channels_last(model)
     for module in model.modules():
         # poolers: the CPU's gather RoIAlign (poolers.py); RPN and box head: NMS that stops
         # at the top-k (nms.batched_nms)
