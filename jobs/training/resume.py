@@ -13,15 +13,6 @@ from typing import Any
 from jobs.training.metrics import MetricsLog, log
 from jobs.training.spec import CHECKPOINT_FILE, TrainPlan, check_same_run
 
-# DDP's warning about a (N, C, 1, 1) gradient in channels_last strides against its bucket's
-# contiguous ones: the same memory (``resume_or_start``)
-SPURIOUS_STRIDES_WARNING = (
-    r"(?s)Grad strides do not match bucket view strides.*"
-    r"grad\.sizes\(\) = \[\d+, (\d+), 1, 1\], strides\(\) = \[\1, 1, \1, \1\]\s*"
-    r"bucket_view\.sizes\(\) = \[\d+, \1, 1, 1\], strides\(\) = \[\1, 1, 1, 1\]"
-)
-
-
 @dataclass
 class WorkerRun:
     """One worker's share of the run: what ``resume_or_start`` built, and the step it is at."""
@@ -78,11 +69,9 @@ def resume_or_start(plan: TrainPlan, storage_options: dict | None) -> WorkerRun:
     start_step = int(resume_state["step"]) if resume_state else 0
     log(f"worker rank {rank}/{world_size} pid {os.getpid()} on {device}: starts at step {start_step} of {plan.total_steps}")
 
-    # DDP compares a gradient's strides with its bucket's literally. A 1x1 convolution fed NHWC
-    # (the CPU's gather RoIAlign pools NHWC) gets its weight's gradient in channels_last strides,
-    # [C, 1, C, C] against [C, 1, 1, 1]: the same memory, as the dimensions of size 1 have no
-    # stride that matters, so DDP's warning about it is spurious (pytorch/pytorch#157862).
-    warnings.filterwarnings("ignore", message=SPURIOUS_STRIDES_WARNING, category=UserWarning)
+    # The parameters go to DDP channels_last (``prepare_for_training``), so its gradient buckets
+    # take their strides: no copy between a gradient and its bucket view, and no "grad strides do
+    # not match" warning (tests/test_train_step.py).
     model = ray.train.torch.prepare_model(prepare_for_training(model))
     bare_model = model.module if hasattr(model, "module") else model
     optimizer = make_optimizer(bare_model, plan.base_lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
