@@ -18,11 +18,19 @@ the worst case, and the same work on every side. Before timing, the outputs are 
 detections it reproduces within 0.5 px with the same label, and its mask IoU).
 
     python -m benchmarks.model_inference [--device cpu|cuda] [--batch 1 8] [--min-size 800] [--images 8]
+
+Then, to see where a forward's time goes and what might pay next: ``--stages`` times the fast
+path's stages (each waited for at its end), at every batch size, over the timed images and over
+one padded size (``--batch`` copies of one image: one forward, as most of COCO's images pad to
+800x1088 or 1088x800); ``--cuda-graph`` replays the static part (trunk, FPN, the RPN's convs) of
+that one-size batch from a CUDA graph against running it eagerly; ``--cudnn-benchmark`` lets
+cuDNN time its algorithms for each new shape (``torch.backends.cudnn.benchmark``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 
@@ -126,7 +134,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="then profile the fast path at the largest batch and print its ROWS costliest ops (device and host)")
+    parser.add_argument("--stages", action="store_true", help="then time the fast path's stages (see above)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="then the static part (trunk, FPN, RPN convs) of a one-size batch, eager against a CUDA graph's replay")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -157,7 +170,8 @@ def main(argv=None) -> None:
             exp, got, quick = reference([image])[0], ours([image])[0], full_output(predictor.predict([image])[0])
             assert exp["labels"].tolist() == got["labels"].tolist(), "ours fp32 differs from torchvision: the comparison would be unfair"
             checks.append((float((exp["boxes"] - got["boxes"]).abs().max()) if len(exp["boxes"]) else 0.0, *compare(exp, quick)))
-        print(f"device {device}, threads {torch.get_num_threads()}, {args.images} images at min_size {args.min_size}, "
+        print(f"device {device}, threads {torch.get_num_threads()}, cudnn.benchmark {args.cudnn_benchmark}, "
+              f"{args.images} images at min_size {args.min_size}, "
               f"{len(exp['boxes'])} detections/image")
         print(f"ours fp32 vs torchvision: same labels, max box diff {max(c[0] for c in checks):.2e} px")
         if precision == "fp32":
@@ -186,6 +200,119 @@ def main(argv=None) -> None:
         print_nms_stats(nms_stats)
         if args.profile:
             profile(run_fast, [images[i:i + max(args.batch)] for i in range(0, len(images), max(args.batch))], device, args.profile)
+    if args.stages:
+        for batch_size in args.batch:
+            print_stages(f"batch {batch_size}, the timed images", predictor, device,
+                         [images[i:i + batch_size] for i in range(0, len(images), batch_size)])
+        one_size = [images[0]] * max(args.batch)
+        print_stages(f"batch {len(one_size)}, one padded size", predictor, device, [one_size])
+    if args.cuda_graph:
+        graph_probe(predictor, images[0], max(args.batch), device)
+
+
+@contextlib.contextmanager
+def timed_stages(model, device: torch.device):
+    """Seconds spent in each stage of ``model``'s forwards while inside, a dict filled in place:
+    each stage waits for the device at its start and end."""
+    seconds: dict[str, float] = {}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    stages = {"preprocess": (model.transform, None), "trunk+FPN": (model.backbone, None), "RPN convs": (model.rpn.head, None),
+              "RPN (all)": (model.rpn, None), "box head + NMS": (model.roi_heads, "detect_boxes"),
+              "mask head": (model.roi_heads, "predict_mask_probs"), "forward (all)": (model, None)}
+    undo = []
+    for name, (owner, method) in stages.items():
+        def timed(fn, name=name):
+            def run(*args, **kwargs):
+                sync()
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                sync()
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+                return out
+            return run
+        if method:  # an instance attribute in front of the bound method
+            setattr(owner, method, timed(getattr(owner, method)))
+            undo.append(lambda owner=owner, method=method: delattr(owner, method))
+        else:
+            owner.forward = timed(owner.forward)
+            undo.append(lambda owner=owner: delattr(owner, "forward"))
+    try:
+        yield seconds
+    finally:
+        for fn in undo:
+            fn()
+
+
+def print_stages(title: str, predictor: Predictor, device: torch.device, batches: list[list[torch.Tensor]]) -> None:
+    """Milliseconds an image in each stage of the fast path over one pass of ``batches`` (after a
+    warm-up pass): the rest of ``predict`` is pasting, cropping and the copies to the host."""
+    with torch.inference_mode():
+        for batch in batches:
+            predictor.predict(batch)
+        with timed_stages(predictor.model, device) as seconds:
+            start = time.perf_counter()
+            for batch in batches:
+                predictor.predict(batch)
+            total = time.perf_counter() - start
+    n = sum(len(b) for b in batches)
+    seconds["RPN proposals (RPN less its convs)"] = seconds.pop("RPN (all)") - seconds["RPN convs"]
+    seconds["postprocess, crops, copies to host"] = total - seconds.pop("forward (all)")
+    print(f"stages, {title}: {1e3 * total / n:.1f} ms an image with a sync at each stage's ends; " + ", ".join(
+        f"{name} {1e3 * s / n:.1f} ({s / total:.0%})" for name, s in seconds.items()))
+
+
+def graph_probe(predictor: Predictor, image: torch.Tensor, batch_size: int, device: torch.device, iters: int = 20) -> None:
+    """The static part of one forward (trunk, FPN, RPN convs) on ``batch_size`` copies of
+    ``image``, eager against a CUDA graph's replay; their outputs compared."""
+    if device.type != "cuda":
+        print("cuda graph: needs a GPU")
+        return
+    model = predictor.model
+    dtype = predictor.autocast_dtype
+
+    def static_part(x):
+        features, _ = model.features(x)
+        return [*features, *(t for ts in model.rpn.head(features) for t in ts)]
+
+    def autocast():  # a graph cannot hold autocast's cached casts
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / iters
+
+    try:
+        with torch.no_grad():
+            batch, _ = model.transform([image] * batch_size)
+            static = batch.tensor.clone()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), autocast():
+                for _ in range(3):
+                    static_part(static)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), autocast():
+                graphed = static_part(static)
+            graph.replay()
+            with autocast():
+                eager = static_part(static)
+            diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(graphed, eager))
+            with autocast():
+                eager_s = timed(lambda: static_part(static))
+            graph_s = timed(graph.replay)
+            whole_s = timed(lambda: predictor.predict([image] * batch_size))
+    except Exception as exc:  # a probe: say what failed, do not hide the figures above
+        print(f"cuda graph: failed: {type(exc).__name__}: {str(exc)[:500]}")
+        return
+    print(f"cuda graph, batch {batch_size} at {tuple(static.shape[-2:])}: trunk+FPN+RPN convs eager {1e3 * eager_s:.2f} ms, "
+          f"replayed {1e3 * graph_s:.2f} ms ({eager_s / graph_s:.2f}x; outputs differ by {diff:.2e}); "
+          f"the whole fast-path forward {1e3 * whole_s:.2f} ms, so a graph could save {(eager_s - graph_s) / whole_s:.0%} of it")
 
 
 def print_nms_stats(by_batch: dict[int, dict[str, int]]) -> None:
