@@ -77,13 +77,21 @@ def make_optimizer(model: torch.nn.Module, lr: float, momentum: float = 0.9, wei
     kernel = sgd_kernel(next((p.device for p in decay + no_decay), torch.device("cpu")))
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernel)
 
-    def keep_kernel(optimizer: torch.optim.Optimizer) -> None:
+    def keep_kernel_and_layout(optimizer: torch.optim.Optimizer) -> None:
         # load_state_dict takes the saved groups' flags too: a checkpoint written on a GPU
         # (fused) resumes on a CPU, and one written on a CPU resumes fused on a GPU.
+        # And the saved momentum keeps the strides it was saved with: one saved NCHW beside an
+        # NHWC parameter (``prepare_for_training``) makes the fused kernel stop (CUDA) or
+        # update the wrong elements (CPU), so each state tensor takes its parameter's layout.
         for group in optimizer.param_groups:
             group.update(kernel)
+            for param in group["params"]:
+                state = optimizer.state.get(param, {})
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                        state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
-    optimizer.register_load_state_dict_post_hook(keep_kernel)
+    optimizer.register_load_state_dict_post_hook(keep_kernel_and_layout)
     return optimizer
 
 

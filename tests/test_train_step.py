@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from copy import deepcopy
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ from jobs.training.spec import steps_per_epoch
 from jobs.training.worker import RemainingBatches, load_batch, remaining_batches, shard_batches
 from maskrcnn.config import get_preset
 from maskrcnn.data import CocoDataset, RandomHorizontalFlip, group_by_orientation, landscape_images, make_sample_dataset
-from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, make_optimizer, sgd_kernel, train_step
+from maskrcnn.engine import DEFAULT_CLIP_GRAD_NORM, make_optimizer, prepare_for_training, sgd_kernel, train_step
 from maskrcnn.modeling import build_model
 from tests.test_keypoints import one_thread  # noqa: F401  (a fixture, used by name)
 from tests.test_syncs import as_on_a_gpu, recorded_syncs  # noqa: F401  (as_on_a_gpu: a fixture, used by name)
@@ -183,12 +184,52 @@ def test_sgd_is_fused_on_a_gpu_and_torch_default_on_a_cpu():
     resumed.step()
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_momentum_resumed_takes_its_parameters_layout():
+    """Momentum saved NCHW (a run checkpointed before training ran NHWC) resumed beside the NHWC
+    parameters ``prepare_for_training`` makes: each buffer takes its parameter's strides, so the
+    fused kernel, which walks parameter, gradient and buffer as flat arrays, updates the right
+    elements. torch's CPU fused SGD shows what goes wrong otherwise (a CUDA one refuses)."""
+    torch.manual_seed(0)
+    model = prepare_for_training(build_model(get_preset("small")))
+    optimizer = make_optimizer(model, lr=0.01)
+    images, targets = synthetic_batch(torch.Generator().manual_seed(1), count=2)
+    train_step(model, optimizer, images, targets)
+    saved = optimizer.state_dict()
+    for state in saved["state"].values():
+        state["momentum_buffer"] = state["momentum_buffer"].contiguous()  # as written NCHW
+    nhwc = [p for p in model.parameters() if p.dim() == 4 and not p.is_contiguous()]
+    assert nhwc  # the NHWC convolution weights whose momentum differs in layout
+    models = {}
+    for fused in (None, True):
+        resumed_model = prepare_for_training(build_model(get_preset("small")))
+        resumed_model.load_state_dict(model.state_dict())
+        resumed = make_optimizer(resumed_model, lr=0.01)
+        resumed.load_state_dict(deepcopy(saved))  # as read from a file: buffers of its own
+        for param, state in resumed.state.items():
+            assert state["momentum_buffer"].stride() == param.stride()
+            assert torch.equal(state["momentum_buffer"], saved["state"][_index(resumed, param)]["momentum_buffer"])
+        for group in resumed.param_groups:
+            group["fused"] = fused  # torch's CPU fused kernel stands in for the GPU's
+        torch.manual_seed(2)
+        train_step(resumed_model, resumed, images, targets)
+        models[fused] = resumed_model
+    for (name, a), b in zip(models[True].named_parameters(), models[None].parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+
+
+def _index(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    """``param``'s index in ``optimizer.state_dict()``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return next(i for i, p in enumerate(params) if p is param)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_sgd_steps_as_the_per_parameter_loop_does():
-    torch.manual_seed(0)
-    model = build_model(get_preset("small")).cuda().train()
-    reference = build_model(get_preset("small")).cuda().train()
+    torch.manual_seed(0)  # the model as jobs.train steps it: NHWC
+    model = prepare_for_training(build_model(get_preset("small")).cuda())
+    reference = prepare_for_training(build_model(get_preset("small")).cuda())
     reference.load_state_dict(model.state_dict())
     fused = make_optimizer(model, lr=0.01)
     assert all(group["fused"] for group in fused.param_groups)
