@@ -48,7 +48,7 @@ for s in $steps; do
         infer32) step infer32 150 $PY -m benchmarks.model_inference --device cuda --batch 1 8 --images 16 --repeats 2 --precision fp32 ;;
         probes) step cudnn 150 $PY -m benchmarks.model_inference --device cuda --batch 8 --images 16 --repeats 3 --precision bf16 --cudnn-benchmark --stages
                 step decode 60 $PY -m benchmarks.decode --images 64 --batch 8 32 ;;
-        tests) step tests 420 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_overfit.py tests/test_job_train.py ;;
+        tests) step tests 420 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_overfit.py tests/test_train_step.py tests/test_job_train.py ;;
         *) echo "unknown step $s"; exit 2 ;;
     esac
 done
