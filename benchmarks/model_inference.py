@@ -277,14 +277,9 @@ def graph_probe(predictor: Predictor, image: torch.Tensor, batch_size: int, devi
     def autocast():  # a graph cannot hold autocast's cached casts
         return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
 
-    def timed(fn) -> float:
+    def timed(fn) -> float:  # seconds a call: a warm-up, then the best of 3 passes of ``iters`` calls
         fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / iters
+        return _time(lambda _: fn(), range(iters), 3, device) / iters
 
     try:
         with torch.no_grad():
