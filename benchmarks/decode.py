@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -24,20 +23,15 @@ import torchvision
 from torchvision.io import decode_jpeg
 
 from benchmarks.label_pipeline import resize_to_jpeg
+from benchmarks.model_inference import _time
 from maskrcnn.data.synthetic import make_sample_dataset
 from maskrcnn.inference import prepare_image
 
 
-def _best(fn, repeats: int, sync=lambda: None) -> float:
-    fn()  # warm-up
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _best(fn, repeats: int, device: str = "cpu") -> float:
+    """Seconds of one call of ``fn`` after a warm-up, the best of ``repeats``."""
+    fn()
+    return _time(lambda _: fn(), [None], repeats, torch.device(device))
 
 
 def main(argv=None) -> None:
@@ -68,7 +62,8 @@ def main(argv=None) -> None:
     tv_s = _best(lambda: [decode_jpeg(t) for t in tensors], args.repeats)
     print(f"jobs.label's decode (Pillow, prepare_image): {1e3 * job_s / n:.2f} ms an image, {n / job_s:.0f} images/s a core: "
           f"{args.gpu_rate * job_s / n:.1f} cores a GPU at {args.gpu_rate:g} images/s")
-    print(f"torchvision decode_jpeg on the CPU: {1e3 * tv_s / n:.2f} ms an image ({job_s / tv_s:.2f}x Pillow's speed)")
+    print(f"torchvision decode_jpeg on the CPU: {1e3 * tv_s / n:.2f} ms an image "
+          f"({job_s / tv_s:.2f}x as fast as jobs.label's whole decode)")
     cpu_diff = max(int((a.int() - decode_jpeg(t).int()).abs().max()) for a, t in zip(ours, tensors))
     print(f"  pixels against Pillow's: at most {cpu_diff} levels apart")
 
@@ -78,7 +73,7 @@ def main(argv=None) -> None:
     for batch in args.batch:
         chunks = [tensors[i:i + batch] for i in range(0, n, batch)]
         try:
-            gpu_s = _best(lambda: [decode_jpeg(c, device="cuda") for c in chunks], args.repeats, torch.cuda.synchronize)
+            gpu_s = _best(lambda: [decode_jpeg(c, device="cuda") for c in chunks], args.repeats, "cuda")
         except Exception as exc:  # an older torchvision: no batched GPU decode
             print(f"decode_jpeg on the GPU, batch {batch}: failed: {type(exc).__name__}: {str(exc)[:300]}")
             continue
