@@ -199,34 +199,35 @@ def export(
         images_root = _default_images_root(label_output, storage_options)
     ground_truth = _ground_truth_ids(annotations, storage_options) if annotations else None
     counts = {"images": 0, "detections": 0, "failed": 0, "unmatched": 0, "repeated": 0, "outside_root": 0}
-    counting = [True]  # the first pass over the rows (each image once); --format annotations makes a second
 
-    def file_name_of(image_uri: str) -> str:
-        name = relative_name(image_uri, images_root)
-        if given_root and name == image_uri and counting[0]:  # a --images-root the images are not under
-            counts["outside_root"] += 1
-        return name
+    def labelled(columns: list[str], counting: bool = True) -> Iterator[tuple[dict, str, int]]:
+        """(row, file name, image id) of each image labelled without error and given an id, each
+        image once, numbered alike on every pass; the first pass (``counting``) fills ``counts``."""
+        ids = _ImageIds(ground_truth)
+        for row in first_rows(iter_rows(label_output, storage_options, ["image_uri", "error", *columns]), counts if counting else None):
+            if row["error"] is not None:
+                counts["failed"] += counting
+                continue
+            file_name = relative_name(row["image_uri"], images_root)
+            if given_root and file_name == row["image_uri"]:  # a --images-root the images are not under
+                counts["outside_root"] += counting
+            image_id = ids(file_name)
+            if image_id is not None:
+                yield row, file_name, image_id
+        if counting:
+            counts["unmatched"] = ids.unmatched
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(AtomicOutput(output, storage_options))
         # beside it, committed just before it (ExitStack unwinds in reverse)
         side = stack.enter_context(AtomicOutput(images_sidecar_uri(output), storage_options)) if numbered_here else None
         if fmt == "results":
             out.write("[")
-            ids = _ImageIds(ground_truth)
             first = True
             categories: dict[int, str] = {}
             if side is not None:
                 info = {"description": f"the images of the COCO results {output} (jobs.export_coco)", "source": label_output}
                 side.write('{"info": ' + json.dumps(info) + ',\n"images": [')
-            columns = ["image_uri", "instances", "error"] + (["width", "height"] if side is not None else [])
-            for row in first_rows(iter_rows(label_output, storage_options, columns), counts):
-                if row["error"] is not None:
-                    counts["failed"] += 1
-                    continue
-                file_name = file_name_of(row["image_uri"])
-                image_id = ids(file_name)
-                if image_id is None:
-                    continue
+            for row, file_name, image_id in labelled(["instances"] + (["width", "height"] if side is not None else [])):
                 if side is not None:
                     image = {"id": image_id, "file_name": file_name, "width": row["width"], "height": row["height"]}
                     side.write(("" if counts["images"] == 0 else ",\n") + json.dumps(image))
@@ -250,40 +251,23 @@ def export(
                     first = False
                     counts["detections"] += 1
             out.write("]\n")
-            counts["unmatched"] = ids.unmatched
             if side is not None:
                 cats = [{"id": k, "name": v, "supercategory": ""} for k, v in sorted(categories.items())]
                 side.write('],\n"annotations": [],\n"categories": ' + json.dumps(cats) + "}\n")
         elif fmt == "annotations":
             out.write('{"info": {"description": "Mask R-CNN labels (jobs.label)", "source": ' + json.dumps(label_output) + '},\n')
             out.write('"licenses": [],\n"images": [')
-            ids = _ImageIds(ground_truth)
             first = True
-            for row in first_rows(iter_rows(label_output, storage_options, ["image_uri", "width", "height", "error"]), counts):
-                if row["error"] is not None:
-                    counts["failed"] += 1
-                    continue
-                file_name = file_name_of(row["image_uri"])
-                image_id = ids(file_name)
-                if image_id is None:
-                    continue
+            for row, file_name, image_id in labelled(["width", "height"]):
                 item = {"id": image_id, "file_name": file_name, "width": row["width"], "height": row["height"]}
                 out.write(("" if first else ",\n") + json.dumps(item))
                 first = False
                 counts["images"] += 1
-            counts["unmatched"] = ids.unmatched
             out.write('],\n"annotations": [')
-            ids = _ImageIds(ground_truth)  # the same numbering, second pass
-            counting[0] = False
             categories: dict[int, str] = {}
             keypoint_counts: dict[int, int] = {}
             first = True
-            for row in first_rows(iter_rows(label_output, storage_options, ["image_uri", "instances", "error"])):
-                if row["error"] is not None:
-                    continue
-                image_id = ids(file_name_of(row["image_uri"]))
-                if image_id is None:
-                    continue
+            for row, _, image_id in labelled(["instances"], counting=False):  # the same numbering, second pass
                 for inst in row["instances"]:
                     if inst["score"] < min_score:
                         continue
