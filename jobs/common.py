@@ -271,14 +271,25 @@ def install_sigterm_handler() -> None:
 # (docs/performance.md, "glibc's malloc on CPUs").
 CPU_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 
+# Ray starts its workers at nice 15 (its worker_niceness), below its own processes and the driver
+# (nice 0). A CPU model actor whose torch threads hold all of a node's CPUs then yields to each of
+# them, and one of its threads descheduled stalls the others at the next barrier. Started at nice
+# 0 (as Ray's job supervisor starts itself), the model runs first and the job's other tasks (decode,
+# encode, write: nice 15) fill the gaps where it runs one thread (docs/performance.md, "Priorities
+# on a CPU node").
+CPU_MODEL_NICENESS = {"RAY_worker_niceness": "0"}
 
-def cpu_malloc_runtime_env() -> dict:
-    """A Ray ``runtime_env`` (merged with the job's) that starts a CPU model process with
-    ``CPU_MALLOC_ENV``; any MALLOC_ variable set where the job runs wins over all of them
-    (a user's own allocator settings are kept as they are)."""
-    if any(name.startswith("MALLOC_") for name in os.environ):
-        return {}
-    return {"env_vars": dict(CPU_MALLOC_ENV)}
+
+def cpu_model_runtime_env() -> dict:
+    """A Ray ``runtime_env`` (merged with the job's) for an actor that runs a model on the CPU:
+    ``CPU_MALLOC_ENV`` and ``CPU_MODEL_NICENESS``. Where the job runs with a variable of either
+    set (any ``MALLOC_`` one for the first), the user's settings stand and that part is left out."""
+    env = {}
+    if not any(name.startswith("MALLOC_") for name in os.environ):
+        env.update(CPU_MALLOC_ENV)
+    if not any(name in os.environ for name in CPU_MODEL_NICENESS):
+        env.update(CPU_MODEL_NICENESS)
+    return {"env_vars": env} if env else {}
 
 
 def format_duration(seconds: float) -> str:

@@ -98,17 +98,42 @@ def test_actors_leaving_no_cpu_to_decode_ask_the_autoscaler_then_stop_naming_the
     assert "the Ray cluster has 3 CPUs after" in proc.stdout
 
 
-def test_cpu_model_actors_get_the_malloc_settings_unless_the_job_sets_its_own(monkeypatch):
+def test_cpu_model_actors_get_the_malloc_settings_and_niceness_unless_the_job_sets_its_own(monkeypatch):
     """The CPU model actors start with one arena, no mmap'd blocks and no trimming
-    (jobs.common.CPU_MALLOC_ENV); a MALLOC_ variable where the job runs keeps every one of them out."""
-    from jobs.common import CPU_MALLOC_ENV, cpu_malloc_runtime_env
+    (jobs.common.CPU_MALLOC_ENV) and at nice 0; a MALLOC_ variable where the job runs keeps every
+    malloc setting out, a RAY_worker_niceness the niceness."""
+    from jobs.common import CPU_MALLOC_ENV, CPU_MODEL_NICENESS, cpu_model_runtime_env
 
-    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
+    for name in [n for n in os.environ if n.startswith("MALLOC_") or n in CPU_MODEL_NICENESS]:
         monkeypatch.delenv(name)
-    assert cpu_malloc_runtime_env() == {"env_vars": CPU_MALLOC_ENV}
+    assert cpu_model_runtime_env() == {"env_vars": {**CPU_MALLOC_ENV, "RAY_worker_niceness": "0"}}
     assert CPU_MALLOC_ENV["MALLOC_ARENA_MAX"] == "1" and CPU_MALLOC_ENV["MALLOC_MMAP_MAX_"] == "0"
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert cpu_malloc_runtime_env() == {}
+    assert cpu_model_runtime_env() == {"env_vars": {"RAY_worker_niceness": "0"}}
+    monkeypatch.setenv("RAY_worker_niceness", "5")
+    assert cpu_model_runtime_env() == {}
+
+
+def test_a_cpu_model_actor_runs_ahead_of_the_jobs_other_workers(ray_local, monkeypatch):
+    """On a real local Ray: the actor started with jobs.label's CPU runtime env runs at nice 0 and
+    with the malloc settings, a task beside it at Ray's worker niceness (lower priority), as the
+    decoding, encoding and writing tasks do."""
+    from jobs.common import CPU_MALLOC_ENV, CPU_MODEL_NICENESS, cpu_model_runtime_env
+
+    for name in [n for n in os.environ if n.startswith("MALLOC_") or n in CPU_MODEL_NICENESS]:
+        monkeypatch.delenv(name)
+
+    def seen() -> tuple[int, dict]:
+        return os.getpriority(os.PRIO_PROCESS, 0), {name: os.environ.get(name) for name in CPU_MALLOC_ENV}
+
+    model = ray_local.remote(num_cpus=0)(type("Model", (), {"seen": lambda self: seen()})).options(runtime_env=cpu_model_runtime_env())
+    actor = model.remote()
+    model_nice, model_env = ray_local.get(actor.seen.remote(), timeout=120)
+    task_nice, _ = ray_local.get(ray_local.remote(num_cpus=0)(seen).remote(), timeout=120)
+    ray_local.kill(actor)
+    assert model_nice == 0, f"the CPU model actor runs at nice {model_nice}"
+    assert model_env == CPU_MALLOC_ENV
+    assert task_nice > model_nice, f"the job's other tasks run at nice {task_nice}, not below the model"
 
 
 ONE_TEAM = r"""

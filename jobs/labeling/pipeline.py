@@ -28,7 +28,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from jobs.common import configure_data_context, cpu_malloc_runtime_env, format_duration
+from jobs.common import configure_data_context, cpu_model_runtime_env, format_duration
 from jobs.labeling.decode import decode_batch
 from jobs.labeling.predict import LabelActor
 from jobs.labeling.rows import rows_table
@@ -106,9 +106,9 @@ def build_dataset(plan: Plan, pending_shards: list[int], settings: LabelSettings
     # stage followed by an actor stage would otherwise run inside the actors).
     window = settings.batch_size * SIZE_GROUPING_WINDOW
     ds = ds.repartition(target_num_rows_per_block=window)
-    # CPU actors keep the heap their images need (jobs.common.CPU_MALLOC_ENV); GPU actors' host
-    # allocations are small
-    runtime_env = cpu_malloc_runtime_env() if settings.gpus_per_actor == 0 else {}
+    # CPU actors keep the heap their images need (jobs.common.CPU_MALLOC_ENV) and run ahead of the
+    # job's other workers (CPU_MODEL_NICENESS); GPU actors' host allocations are small
+    runtime_env = cpu_model_runtime_env() if settings.gpus_per_actor == 0 else {}
     ds = ds.map_batches(
         LabelActor,
         fn_constructor_kwargs={
