@@ -3,12 +3,11 @@ and a synthetic shapes dataset for demos and tests."""
 
 from maskrcnn.data.coco import (
     CocoDataset,
-    DegenerateAnnotationWarning,
     collate_fn,
     missing_images,
     read_image,
 )
-from maskrcnn.data.coco_checks import AnnotationError
+from maskrcnn.data.coco_checks import AnnotationError, DegenerateAnnotationWarning
 from maskrcnn.data.grouping import group_by_orientation, landscape_images
 from maskrcnn.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from maskrcnn.data.transforms import Compose, RandomHorizontalFlip

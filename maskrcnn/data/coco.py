@@ -39,12 +39,16 @@ from pycocotools.coco import COCO
 from torchvision.ops import box_convert
 
 from maskrcnn.data.coco_checks import (
+    NO_MASK,
     AnnotationError,
+    DegenerateAnnotationWarning,
     check_annotation,
     check_categories,
     check_rle_strings,
     check_images,
     check_keypoint_categories,
+    degenerate_message,
+    has_no_mask,
     load_instances,
     where,
 )
@@ -69,11 +73,6 @@ Target = dict[str, Any]
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
 
-class DegenerateAnnotationWarning(UserWarning):
-    """Annotations left out of training targets because their box or mask is empty (or their
-    polygons have fewer than 3 points), and polygons of fewer than 3 points that others lose."""
-
-
 def read_image(uri: str, storage_options: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Read and decode one image from any URI (``maskrcnn.data.images.decode_image``); an image
     it refuses raises ``ImageDecodeError`` naming ``uri``."""
@@ -90,48 +89,6 @@ def collate_fn(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch
     images = [image for image, _ in batch]
     targets = [target for _, target in batch]
     return images, targets
-
-
-def _examples(ats: list[str]) -> str:
-    unique = list(dict.fromkeys(ats))
-    return ", ".join(unique[:3]) + (", ..." if len(unique) > 3 else "")
-
-
-# Reasons an annotation has no mask: its segmentation is [] (a box-only export) or its polygons
-# enclose nothing. Evaluation scores such an annotation's box but leaves it out of mask AP.
-_NO_MASK = ("an empty segmentation", "no polygon of 3 or more points")
-
-
-def _degenerate_message(uri: str, dropped: dict[str, list[str]], short_polygons: list[str], maskless_crowds: list[str]) -> str:
-    """One line: the annotations left out of the targets by reason, the polygons of fewer than 3
-    points that kept annotations lose, and the crowd regions without a mask, each with examples
-    (always saying "degenerate annotations": jobs/training/resume.py's workers filter on it, the
-    driver having said it)."""
-    parts = []
-    if dropped:
-        total = sum(len(ats) for ats in dropped.values())
-        reasons = "; ".join(f"{len(ats)} with {reason}, e.g. {_examples(ats)}" for reason, ats in dropped.items())
-        maskless = sum(len(dropped.get(reason, [])) for reason in _NO_MASK)
-        stay = "they stay in the evaluation ground truth"
-        if maskless:
-            stay += f", the {maskless} without a mask for box AP only (mask AP leaves them out: it has no mask to score)"
-        parts.append(f"dropped {total} degenerate annotations in {uri} ({reasons}); {stay}")
-    if short_polygons:
-        parts.append(
-            f"ignored {len(short_polygons)} polygons of fewer than 3 points (they enclose nothing) in "
-            f"{uri}, e.g. in {_examples(short_polygons)}; these partly degenerate annotations keep their other polygons"
-        )
-    if maskless_crowds:
-        parts.append(
-            f"{len(maskless_crowds)} crowd regions without a mask (no polygon of 3 or more points) in {uri}, e.g. "
-            f"{_examples(maskless_crowds)}: degenerate annotations that mask AP leaves out (box AP keeps them)"
-        )
-    return "; ".join(parts)
-
-
-def _has_no_mask(segmentation: Any) -> bool:
-    """Polygons (checked) none of which has 3 points: nothing to rasterize."""
-    return isinstance(segmentation, list) and all(len(polygon) < 6 for polygon in segmentation)
 
 
 def _mask_pixels(segmentation: Any, height: int, width: int) -> float:
@@ -209,7 +166,7 @@ class CocoDataset(torch.utils.data.Dataset):
             if "area" not in ann:
                 pixels = ann["area"] = _mask_pixels(ann["segmentation"], height, width)
             if ann["iscrowd"]:
-                if _has_no_mask(ann["segmentation"]):
+                if has_no_mask(ann["segmentation"]):
                     maskless_crowds.append(at)
                 continue
             x, y, w, h = ann["bbox"]
@@ -223,7 +180,7 @@ class CocoDataset(torch.utils.data.Dataset):
                 # As detectron2's load_coco_json, an instance without one is left out of training.
                 short = sum(1 for polygon in ann["segmentation"] if len(polygon) < 6)
                 if short == len(ann["segmentation"]):
-                    dropped.setdefault(_NO_MASK[0] if not ann["segmentation"] else _NO_MASK[1], []).append(at)
+                    dropped.setdefault(NO_MASK[0] if not ann["segmentation"] else NO_MASK[1], []).append(at)
                     continue
                 short_polygons += [at] * short
             # Only small or unsized masks are rasterized here, not every polygon of a large file
@@ -238,7 +195,7 @@ class CocoDataset(torch.utils.data.Dataset):
             self._targets[ann["image_id"]].append(ann)
         self.num_dropped = sum(len(ats) for ats in dropped.values())
         if dropped or short_polygons or maskless_crowds:
-            message = _degenerate_message(annotations_uri, dropped, short_polygons, maskless_crowds)
+            message = degenerate_message(annotations_uri, dropped, short_polygons, maskless_crowds)
             warnings.warn(message, DegenerateAnnotationWarning, stacklevel=2)
 
         coco = COCO()

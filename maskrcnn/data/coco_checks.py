@@ -2,6 +2,9 @@
 
 Each check raises ``AnnotationError`` naming the file (``uri``), the offending entry
 (``annotations[3] (id 17)``) and what is wrong with it, so that a user can fix the file.
+Annotations that are well formed but degenerate (an empty box or mask) are not errors: the
+dataset leaves them out of its targets and says so in one ``DegenerateAnnotationWarning``
+(``degenerate_message``).
 """
 
 from __future__ import annotations
@@ -310,3 +313,50 @@ def _check_keypoints(uri: str, keypoints: Any, at: str, count: int) -> None:
         raise _fail(uri, at, f"'keypoints' must be {3 * count} finite numbers (x, y, v for each of {count} keypoints), got {length}")
     if any(v not in (0, 1, 2) for v in keypoints[2::3]):
         raise _fail(uri, at, f"keypoint visibilities must be 0, 1 or 2, got {sorted(set(keypoints[2::3]))}")
+
+
+class DegenerateAnnotationWarning(UserWarning):
+    """Annotations left out of training targets because their box or mask is empty (or their
+    polygons have fewer than 3 points), and polygons of fewer than 3 points that others lose."""
+
+
+def _examples(ats: list[str]) -> str:
+    unique = list(dict.fromkeys(ats))
+    return ", ".join(unique[:3]) + (", ..." if len(unique) > 3 else "")
+
+
+# Reasons an annotation has no mask: its segmentation is [] (a box-only export) or its polygons
+# enclose nothing. Evaluation scores such an annotation's box but leaves it out of mask AP.
+NO_MASK = ("an empty segmentation", "no polygon of 3 or more points")
+
+
+def degenerate_message(uri: str, dropped: dict[str, list[str]], short_polygons: list[str], maskless_crowds: list[str]) -> str:
+    """One line: the annotations left out of the targets by reason, the polygons of fewer than 3
+    points that kept annotations lose, and the crowd regions without a mask, each with examples
+    (always saying "degenerate annotations": jobs/training/resume.py's workers filter on it, the
+    driver having said it)."""
+    parts = []
+    if dropped:
+        total = sum(len(ats) for ats in dropped.values())
+        reasons = "; ".join(f"{len(ats)} with {reason}, e.g. {_examples(ats)}" for reason, ats in dropped.items())
+        maskless = sum(len(dropped.get(reason, [])) for reason in NO_MASK)
+        stay = "they stay in the evaluation ground truth"
+        if maskless:
+            stay += f", the {maskless} without a mask for box AP only (mask AP leaves them out: it has no mask to score)"
+        parts.append(f"dropped {total} degenerate annotations in {uri} ({reasons}); {stay}")
+    if short_polygons:
+        parts.append(
+            f"ignored {len(short_polygons)} polygons of fewer than 3 points (they enclose nothing) in "
+            f"{uri}, e.g. in {_examples(short_polygons)}; these partly degenerate annotations keep their other polygons"
+        )
+    if maskless_crowds:
+        parts.append(
+            f"{len(maskless_crowds)} crowd regions without a mask (no polygon of 3 or more points) in {uri}, e.g. "
+            f"{_examples(maskless_crowds)}: degenerate annotations that mask AP leaves out (box AP keeps them)"
+        )
+    return "; ".join(parts)
+
+
+def has_no_mask(segmentation: Any) -> bool:
+    """Polygons (checked) none of which has 3 points: nothing to rasterize."""
+    return isinstance(segmentation, list) and all(len(polygon) < 6 for polygon in segmentation)
