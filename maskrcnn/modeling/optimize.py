@@ -22,6 +22,11 @@
   the full NMS instead, counted in ``nms.stats`` (``benchmarks/model_inference.py`` prints it).
   The RPN's levels go through ``nms.grouped_batched_nms`` the same way.
 
+- **Winograd 3x3 convolutions on AVX2 CPUs** (fp32): the FPN's, the RPN's and the mask and
+  keypoint heads' 3x3 convolutions run as NNPACK's Winograd F(6x6, 3x3) where that pays, 2-3x
+  oneDNN's direct convolutions on large maps; each image's result independent of its batch
+  (``maskrcnn.modeling.winograd``). Float rounding only (about 1e-5 of the outputs' scale).
+
 - **Weights held in the autocast dtype** (``weights_dtype``: bf16 or fp16, the precision the
   forward will run under ``torch.autocast``): every convolution and linear layer that autocast
   runs in that dtype stores its weights in it, once. Autocast caches its casts only for weights
@@ -41,6 +46,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
+
+from maskrcnn.modeling.winograd import use_winograd, winograd_available
 
 _FOLDABLE = (FrozenBatchNorm2d, nn.BatchNorm2d)
 
@@ -130,10 +137,12 @@ def set_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
 
 
 def optimize_for_inference(model: nn.Module, *, fold: bool = True, channels_last: bool = True,
-                           weights_dtype: torch.dtype | None = None) -> nn.Module:
+                           weights_dtype: torch.dtype | None = None, winograd: bool | None = None) -> nn.Module:
     """Eval mode, norms folded, NHWC weights and inputs, and with ``weights_dtype`` (bf16, fp16:
     the autocast dtype the model will run under) the weights held in it; returns the same
-    (changed) model."""
+    (changed) model. ``winograd``: the FPN, RPN and RoI heads' 3x3 convolutions by NNPACK's
+    Winograd transform (``winograd.use_winograd``); None: where it pays, an fp32 model on an
+    AVX2 CPU (``winograd.winograd_available``)."""
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -147,6 +156,16 @@ def optimize_for_inference(model: nn.Module, *, fold: bool = True, channels_last
         # at the top-k (nms.batched_nms)
         if hasattr(module, "exact_inference"):
             module.exact_inference = False
-    if weights_dtype is not None and weights_dtype != torch.float32:
+    fp32 = weights_dtype in (None, torch.float32)
+    if winograd is None:
+        device = next(model.parameters()).device
+        winograd = fp32 and winograd_available(device)
+    if winograd:
+        if not fp32:
+            raise ValueError("winograd=True runs fp32 models only: NNPACK has no bf16 or fp16 convolutions")
+        if not torch.backends.nnpack.is_available():
+            raise ValueError("winograd=True needs a torch built with NNPACK (torch.backends.nnpack.is_available())")
+        use_winograd(model)
+    if not fp32:
         hold_weights(model, weights_dtype)
     return model
