@@ -24,7 +24,9 @@ path's stages (each waited for at its end), at every batch size, over the timed 
 one padded size (``--batch`` copies of one image: one forward, as most of COCO's images pad to
 800x1088 or 1088x800); ``--cuda-graph`` replays the static part (trunk, FPN, the RPN's convs) of
 that one-size batch from a CUDA graph against running it eagerly; ``--cudnn-benchmark`` lets
-cuDNN time its algorithms for each new shape (``torch.backends.cudnn.benchmark``).
+cuDNN time its algorithms for each new shape (``torch.backends.cudnn.benchmark``);
+``--direct-convs`` adds the fast path without its Winograd convolutions (AVX2 CPUs, fp32) as a
+fourth contender and prints the fast path's ratio to it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from maskrcnn.checkpoint import convert_torchvision_state_dict
 from maskrcnn.config import InputConfig, get_preset
 from maskrcnn.modeling import build_model, nms
 from maskrcnn.inference import Detections, Predictor
+from maskrcnn.modeling.optimize import optimize_for_inference
 from tests.tv_reference import calibrate_trunk_batch_norm
 
 
@@ -138,6 +141,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="then the static part (trunk, FPN, RPN convs) of a one-size batch, eager against a CUDA graph's replay")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--direct-convs", action="store_true",
+                        help="also time the fast path without its Winograd convolutions (maskrcnn/modeling/winograd.py; "
+                        "AVX2 CPUs), as a fourth contender")
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.threads:
@@ -164,6 +170,9 @@ def main(argv=None) -> None:
         return predictor.predict(batch)
 
     contenders = {"torchvision": reference, "ours fp32": ours, f"ours fast ({precision})": run_fast}
+    if args.direct_convs:  # the same fast path, every convolution oneDNN's (cuDNN's) direct one
+        direct = Predictor(optimize_for_inference(copy.deepcopy(ours), winograd=False), device=device, fast=False, precision=precision)
+        contenders["ours fast, direct convs"] = direct.predict
     with torch.inference_mode():
         checks = []
         for image in images[:2]:
@@ -181,7 +190,8 @@ def main(argv=None) -> None:
             print(f"ours fast ({precision}): outputs differ beyond rounding; its accuracy is checked as COCO AP "
                   f"(tests/test_overfit.py: within 0.3 points of fp32)")
         names = list(contenders)
-        print(f"{'batch':>5} " + " ".join(f"{n + ' img/s':>24}" for n in names) + f" {'fp32/tv':>8} {'fast/tv':>8}")
+        print(f"{'batch':>5} " + " ".join(f"{n + ' img/s':>24}" for n in names) + f" {'fp32/tv':>8} {'fast/tv':>8}"
+              + (f" {'fast/direct':>11}" if args.direct_convs else ""))
         nms_stats = {}
         for batch_size in args.batch:
             nms.stats.clear()
@@ -195,7 +205,8 @@ def main(argv=None) -> None:
             ips = {name: len(images) / s for name, s in seconds.items()}
             tv = ips["torchvision"]
             print(f"{batch_size:>5} " + " ".join(f"{ips[n]:>24.2f}" for n in names)
-                  + f" {ips[names[1]] / tv:>7.2f}x {ips[names[2]] / tv:>7.2f}x")
+                  + f" {ips[names[1]] / tv:>7.2f}x {ips[names[2]] / tv:>7.2f}x"
+                  + (f" {ips[names[2]] / ips[names[3]]:>10.2f}x" if args.direct_convs else ""))
             nms_stats[batch_size] = dict(nms.stats)
         print_nms_stats(nms_stats)
         if args.profile:

@@ -52,7 +52,7 @@ def winograd_available(device: torch.device | str = "cpu") -> bool:
 
 def _eligible(conv: nn.Conv2d) -> bool:
     return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple))
 
 
 def _pointwise(conv: nn.Module) -> bool:
@@ -69,13 +69,13 @@ class WinogradConv2d(nn.Module):
         super().__init__()
         if not _eligible(conv):
             raise ValueError(f"WinogradConv2d takes a 3x3 stride-1 undilated convolution, got {conv}")
-        torch.backends.nnpack.is_available()  # initializes NNPACK
+        self.available = torch.backends.nnpack.is_available()  # which also initializes NNPACK
         self.conv = conv
         self.per_image = per_image
 
     def _takes(self, x: Tensor) -> bool:
         weight = self.conv.weight
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 4
+        if (not self.available or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 4
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return False
         if self.per_image:
