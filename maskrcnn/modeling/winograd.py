@@ -16,7 +16,7 @@ What the wrappers here guarantee, beyond the arithmetic:
   algorithm and several with another (4x slower on large maps, and other roundings): an image
   convolution (``per_image``) calls it once per image, and a RoI convolution, whose batch is
   every RoI of every image, at least 2 RoIs at a time (one alone is run beside a zero RoI). Its
-  batched algorithm gives each RoI the same bits whatever the others (``tests/test_fast_path.py``).
+  batched algorithm gives each RoI the same bits whatever the others (``tests/test_winograd.py``).
 - **It runs where it pays and nowhere else**: an image convolution takes NNPACK when its work per
   image (in x out channels x pixels) is at least ``MIN_IMAGE_WORK``; a RoI convolution when it has
   at least ``MIN_ROI_CHANNELS`` input channels. Both decisions depend on the image and the model
@@ -55,6 +55,12 @@ def _eligible(conv: nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple))
 
 
+def _cpu_fp32_inference(x: Tensor, weight: Tensor) -> bool:
+    """An fp32 forward on the CPU that records no gradient: what both wrappers replace."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
 def _pointwise(conv: nn.Module) -> bool:
     return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding == (0, 0))
@@ -74,9 +80,7 @@ class WinogradConv2d(nn.Module):
         self.per_image = per_image
 
     def _takes(self, x: Tensor) -> bool:
-        weight = self.conv.weight
-        if (not self.available or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 4
-                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        if not (self.available and x.dim() == 4 and _cpu_fp32_inference(x, self.conv.weight)):
             return False
         if self.per_image:
             return self.conv.in_channels * self.conv.out_channels * x.shape[-2] * x.shape[-1] >= MIN_IMAGE_WORK
@@ -85,11 +89,10 @@ class WinogradConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self._takes(x):
             return self.conv(x)
-        weight = self.conv.weight.contiguous()
         padding = list(self.conv.padding)
 
-        def run(inputs: Tensor) -> Tensor:
-            return torch._nnpack_spatial_convolution(inputs.contiguous(), weight, self.conv.bias, padding, [1, 1])
+        def run(inputs: Tensor) -> Tensor:  # the op makes its input and weight NCHW-contiguous itself
+            return torch._nnpack_spatial_convolution(inputs, self.conv.weight, self.conv.bias, padding, [1, 1])
 
         if self.per_image:
             return torch.cat([run(x[i : i + 1]) for i in range(x.shape[0])]) if x.shape[0] > 1 else run(x)
@@ -111,8 +114,7 @@ class Conv1x1NCHW(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.conv.weight
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        if not _cpu_fp32_inference(x, weight):
             return self.conv(x)
         n, _, h, w = x.shape
         out = torch.matmul(weight.reshape(weight.shape[0], -1), x.flatten(2))
