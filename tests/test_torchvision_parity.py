@@ -134,7 +134,7 @@ def test_same_detections_as_torchvision(tv_state, min_size, max_size, layout):
 def test_fast_path_same_detections_as_torchvision(tv_state):
     """optimize_for_inference (frozen BN folded into the convs, channels_last) changes only
     float rounding. Every confident detection (score >= 0.3) of torchvision's has its twin on
-    the fast path and back (boxes within 0.01 px, scores within 1e-4), and at least 90% of all
+    the fast path and back (boxes within 0.01 px, scores within ``FAST_SCORE_TOL``), and at least 90% of all
     of them do: with these briefly trained weights many weak proposals tie, and rounding can
     tip an RPN top-k or NMS decision that adds or drops a weak detection. The pairs' masks
     against the reference path's: median IoU >= 0.99, none under 0.8."""
@@ -142,6 +142,12 @@ def test_fast_path_same_detections_as_torchvision(tv_state):
     fast = optimize_for_inference(copy.deepcopy(ours))
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules()), "every frozen BN follows a conv and folds"
     _check_fast_path(reference, ours, fast)
+
+
+# The fast path's scores against torchvision's: on an AVX2 EPYC all within 1e-4; on an AVX512
+# Xeon, whose oneDNN kernels round otherwise, one confident detection's folded-BN, NHWC score is
+# 1.3e-4 off (its box 1.4e-3 px), the float rounding of some 60 layers.
+FAST_SCORE_TOL = 2e-4
 
 
 def _check_fast_path(reference, ours, fast, min_pairs=4):
@@ -158,7 +164,7 @@ def _check_fast_path(reference, ours, fast, min_pairs=4):
     paired = total = 0
     ious, box_diff, score_diff = [], 0.0, 0.0
     for exp, ref, out in zip(expected, exact, got):
-        pairs = _pairs(exp, out)
+        pairs = _pairs(exp, out, score_tol=FAST_SCORE_TOL)
         for i, j in pairs:
             box_diff = max(box_diff, float((out["boxes"][j] - exp["boxes"][i]).abs().max()))
             score_diff = max(score_diff, abs(float(out["scores"][j] - exp["scores"][i])))

@@ -103,7 +103,7 @@ class WinogradConv2d(nn.Module):
 
 class Conv1x1NCHW(nn.Module):
     """A 1x1 convolution (stride 1, no groups) whose output is NCHW whatever its input's layout, as
-    one matmul per batch (weight (O, I) times the input's (I, H*W) view, which an NHWC input gives
+    one matmul per image (weight (O, I) times the input's (I, H*W) view, which an NHWC input gives
     without a copy); on other devices, dtypes or with gradients, ``conv`` itself."""
 
     def __init__(self, conv: nn.Conv2d):
@@ -117,7 +117,13 @@ class Conv1x1NCHW(nn.Module):
         if not _cpu_fp32_inference(x, weight):
             return self.conv(x)
         n, _, h, w = x.shape
-        out = torch.matmul(weight.reshape(weight.shape[0], -1), x.flatten(2))
+        weight = weight.reshape(weight.shape[0], -1)
+        inputs = x.flatten(2)
+        # one matmul per image: a batched one rounds otherwise than a single image's on some CPUs
+        # (AVX512, 2048 channels: up to 3e-6), and an image's result must not depend on its batch
+        out = x.new_empty(n, weight.shape[0], h * w)
+        for i in range(n):
+            torch.mm(weight, inputs[i], out=out[i])
         if self.conv.bias is not None:
             out += self.conv.bias[:, None]
         return out.view(n, -1, h, w)
