@@ -11,12 +11,14 @@ it talks to them through the ``ray`` CLI, as a user does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -33,12 +35,21 @@ VENV_BIN = Path(sys.executable).parent  # the venv running the tests: its ray an
 OBJECT_STORE = str(200 * 2**20)  # per node; the jobs here move a few MB
 
 
+@functools.cache
+def ray_home() -> Path:
+    """The HOME of the ``ray`` commands here: a new folder, without the ~/.ray/auth_token this
+    machine may have, as on a fresh machine (start_head.sh makes the token there)."""
+    return Path(tempfile.mkdtemp(prefix="ray-home-"))
+
+
 def ray_env(**settings: str) -> dict[str, str]:
     """The environment of the ``ray`` commands: this venv first on PATH (so a job's ``python`` is
-    its python), Ray's token authentication as start_head.sh sets it, and no RAY_ADDRESS of another
-    Ray (an in-process ``ray.init`` of this session may have set one)."""
-    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=sys.prefix, RAY_AUTH_MODE="token")
-    env.pop("RAY_ADDRESS", None)
+    its python), Ray's token authentication as start_head.sh sets it, ``ray_home()`` as HOME, and no
+    RAY_ADDRESS or token of another Ray (an in-process ``ray.init`` of this session may have set one)."""
+    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=sys.prefix, RAY_AUTH_MODE="token",
+               HOME=str(ray_home()))
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
     env.update(settings)
     return env
 
@@ -150,6 +161,8 @@ def test_label_job_submitted_to_a_local_head(tmp_path_factory, short_dir, checkp
     make_sample_dataset(str(data / "images"), {"part": 8}, seed=0)
     output = data / "labels"
     with local_head(short_dir("head"), 2) as head:
+        # start_head.sh made the token that ray start needs, as on a fresh machine
+        assert (ray_home() / ".ray" / "auth_token").stat().st_size > 0
         # The job's interpreter is the venv's (the head's PATH) and `jobs` is the uploaded copy.
         code, _, text = submit(head, ["python", "-c", "import sys, jobs; print('job python:', sys.prefix, jobs.__file__)"])
         assert code == 0, text[-3000:]

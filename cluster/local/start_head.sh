@@ -42,9 +42,14 @@ client_port=${RAY_CLIENT_SERVER_PORT:-$(free_port)}
 # token is ~/.ray/auth_token, made on first use) and the submit line below sets it too.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 # `ray start` does not make the token: on a machine that has none yet (no RAY_AUTH_TOKEN, no
-# RAY_AUTH_TOKEN_PATH file, no ~/.ray/auth_token), Ray's own command makes ~/.ray/auth_token.
-if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
-    if ! ray get-auth-token --generate > /dev/null; then
+# RAY_AUTH_TOKEN_PATH, no ~/.ray/auth_token), Ray's own command makes ~/.ray/auth_token.
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+    if [ -n "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+        if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
+            echo "error: RAY_AUTH_TOKEN_PATH is $RAY_AUTH_TOKEN_PATH, which is missing or empty: put the cluster's token there, or unset it to use ~/.ray/auth_token (made here if missing)" >&2
+            exit 1
+        fi
+    elif [ ! -s "$HOME/.ray/auth_token" ] && ! ray get-auth-token --generate > /dev/null; then
         echo "error: no Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and 'ray get-auth-token --generate' could not make one" >&2
         exit 1
     fi
